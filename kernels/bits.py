@@ -1,0 +1,162 @@
+"""Float16 and bfloat16 as uint16 bit patterns: exact decoding, and truncation onto their grids.
+
+Numba has no half-precision types on the CPU, so we reinterpret bits with an LLVM bitcast.
+"""
+
+import numba
+import numpy as np
+from numba import types
+from numba.core.errors import TypingError
+from numba.extending import intrinsic, overload
+
+from weightmark.kernels.config import INLINE
+
+FLOAT = 0  # the array holds float32 or float64 values
+BF16 = 1  # the array holds bfloat16 bit patterns (uint16)
+F16 = 2  # the array holds IEEE float16 bit patterns (uint16)
+
+
+@intrinsic
+def u32_as_f32(typingctx, bits):
+    """Reinterpret the low 32 bits of an unsigned integer as float32 (no conversion)."""
+    if not isinstance(bits, types.Integer) or bits.signed:
+        raise TypingError("u32_as_f32 takes an unsigned integer")
+
+    def codegen(context, builder, signature, args):
+        low = args[0]
+        if bits.bitwidth > 32:
+            low = builder.trunc(low, context.get_value_type(types.uint32))
+        elif bits.bitwidth < 32:
+            low = builder.zext(low, context.get_value_type(types.uint32))
+        return builder.bitcast(low, context.get_value_type(types.float32))
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def f32_as_u32(typingctx, value):
+    """Reinterpret a float32 as uint32 (no conversion)."""
+    if value != types.float32:
+        raise TypingError("f32_as_u32 takes a float32")
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return types.uint32(types.float32), codegen
+
+
+_SIGN16 = np.uint16(0x8000)
+_TWO_M24 = 2.0**-24
+_TWO_P24 = 2.0**24
+_F16_MIN_NORMAL = 2.0**-14
+_F16_MAX = 65504.0
+_F16_MAX_BITS = 0x7BFF
+_BF16_MAX_BITS = 0x7F7F
+
+
+@numba.njit(**INLINE)
+def bf16_to_f64(b):
+    """Exact value of a bfloat16 bit pattern."""
+    return np.float64(u32_as_f32(np.uint32(b) << np.uint32(16)))
+
+
+@numba.njit(**INLINE)
+def f16_to_f64(b):
+    """Exact value of an IEEE float16 bit pattern (subnormals, inf and NaN included)."""
+    b32 = np.uint32(b)
+    sign = (b32 & np.uint32(0x8000)) << np.uint32(16)
+    exp = (b32 >> np.uint32(10)) & np.uint32(0x1F)
+    mant = b32 & np.uint32(0x3FF)
+    if exp == 0:
+        v = np.float64(mant) * _TWO_M24
+        return -v if sign else v
+    if exp == 31:
+        bits = sign | np.uint32(0x7F800000) | (mant << np.uint32(13))
+    else:
+        bits = sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13))
+    return np.float64(u32_as_f32(bits))
+
+
+@numba.njit(**INLINE)
+def _floor_f32_bits(a):
+    """Bits of the largest float32 <= a, for finite a >= 0."""
+    t = np.float32(a)
+    return f32_as_u32(t) - np.uint32(np.float64(t) > a)
+
+
+@numba.njit(**INLINE)
+def bf16_floor(a):
+    """Bits of the largest bfloat16 <= a, for a >= 0 (clamped to the largest finite)."""
+    return min(_floor_f32_bits(a) >> np.uint32(16), np.uint32(_BF16_MAX_BITS))
+
+
+@numba.njit(**INLINE)
+def f16_floor(a):
+    """Bits of the largest float16 <= a, for a >= 0 (clamped to the largest finite)."""
+    if a >= _F16_MAX:
+        return np.uint32(_F16_MAX_BITS)
+    if a < _F16_MIN_NORMAL:
+        return np.uint32(np.int64(a * _TWO_P24))
+    bits = _floor_f32_bits(a)
+    exp16 = ((bits >> np.uint32(23)) & np.uint32(0xFF)) - np.uint32(112)
+    return (exp16 << np.uint32(10)) | ((bits >> np.uint32(13)) & np.uint32(0x3FF))
+
+
+@numba.njit(**INLINE)
+def _round_magnitude(x, lo, hi, mag, u, original, w):
+    """Finish a stochastic rounding: pick lo or hi for |x|, restore the sign, keep non-finite w."""
+    a = abs(x)
+    # Up with probability (a - lo) / (hi - lo); never onto inf. No data-dependent branch:
+    # the decision is a coin flip the CPU could not predict.
+    step_up = (u * (hi - lo) < a - lo) & (hi < np.inf)
+    bits = np.uint16((mag + np.uint32(step_up)) | (np.uint32(x < 0.0) << np.uint32(15)))
+    return bits if np.isfinite(w) else original
+
+
+@numba.njit(**INLINE)
+def bf16_stochastic_round(bits, delta, u):
+    """bfloat16 w (bits) plus delta, stochastically rounded so the expectation is w + delta."""
+    w = bf16_to_f64(bits)
+    x = w + delta
+    mag = bf16_floor(abs(x))
+    lo = bf16_to_f64(mag)
+    hi = bf16_to_f64(mag + np.uint32(1))
+    return _round_magnitude(x, lo, hi, mag, u, bits, w)
+
+
+@numba.njit(**INLINE)
+def f16_stochastic_round(bits, delta, u):
+    """float16 w (bits) plus delta, stochastically rounded so the expectation is w + delta."""
+    w = f16_to_f64(bits)
+    x = w + delta
+    mag = f16_floor(abs(x))
+    lo = f16_to_f64(mag)
+    hi = f16_to_f64(mag + np.uint32(1))
+    return _round_magnitude(x, lo, hi, mag, u, bits, w)
+
+
+@numba.njit(**INLINE)
+def stochastic_round(bits, delta, u, kind):
+    """Stochastic rounding of w + delta on the grid named by `kind` (BF16 or F16)."""
+    if kind == BF16:
+        return bf16_stochastic_round(bits, delta, u)
+    return f16_stochastic_round(bits, delta, u)
+
+
+def as_f64(x, kind):
+    """Value of an element: a float as it is, a uint16 as a bf16 or f16 pattern (by `kind`)."""
+
+
+@overload(as_f64)
+def _as_f64_overload(x, kind):
+    if isinstance(x, types.Float):
+        return lambda x, kind: np.float64(x)
+    if x == types.uint16:
+
+        def impl(x, kind):
+            if kind == BF16:
+                return bf16_to_f64(x)
+            return f16_to_f64(x)
+
+        return impl
+    raise TypingError(f"as_f64: unsupported element type {x}")

@@ -1,0 +1,188 @@
+"""Embed and extract the spread-spectrum watermark over dense carriers (f32/f64, bf16, f16 bits).
+
+A carrier is viewed as a 2-D [out, in] array, element j = row * in + column. Element j gets
+hash h = H(seed, j), chip r_j = +-1 and code position p_j; its amplitude is alpha * s_row.
+"""
+
+import numba
+import numpy as np
+
+from weightmark.kernels.bits import (
+    BF16,
+    F16,
+    FLOAT,
+    as_f64,
+    bf16_stochastic_round,
+    f16_stochastic_round,
+)
+from weightmark.kernels.config import PARALLEL
+from weightmark.kernels.prng import chip_of, element_hash, position_of, uniform_of
+
+__all__ = ["FLOAT", "BF16", "F16", "embed", "extract"]
+
+
+@numba.njit(**PARALLEL)
+def _embed_float(w, out, row_scale, codeword, seed, alpha):
+    rows, cols = w.shape
+    code_length = codeword.shape[0]
+    for r in numba.prange(rows):
+        amplitude = alpha * np.float64(row_scale[r])
+        base = r * cols
+        for c in range(cols):
+            h = element_hash(seed, base + c)
+            delta = amplitude * chip_of(h) * np.float64(codeword[position_of(h, code_length)])
+            out[r, c] = np.float64(w[r, c]) + delta
+
+
+@numba.njit(**PARALLEL)
+def _embed_bf16(w, out, row_scale, codeword, seed, alpha):
+    rows, cols = w.shape
+    code_length = codeword.shape[0]
+    for r in numba.prange(rows):
+        amplitude = alpha * np.float64(row_scale[r])
+        base = r * cols
+        for c in range(cols):
+            h = element_hash(seed, base + c)
+            delta = amplitude * chip_of(h) * np.float64(codeword[position_of(h, code_length)])
+            out[r, c] = bf16_stochastic_round(w[r, c], delta, uniform_of(h))
+
+
+@numba.njit(**PARALLEL)
+def _embed_f16(w, out, row_scale, codeword, seed, alpha):
+    rows, cols = w.shape
+    code_length = codeword.shape[0]
+    for r in numba.prange(rows):
+        amplitude = alpha * np.float64(row_scale[r])
+        base = r * cols
+        for c in range(cols):
+            h = element_hash(seed, base + c)
+            delta = amplitude * chip_of(h) * np.float64(codeword[position_of(h, code_length)])
+            out[r, c] = f16_stochastic_round(w[r, c], delta, uniform_of(h))
+
+
+@numba.njit(**PARALLEL)
+def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, row_scale, seed, num, den):
+    rows, cols = suspect.shape
+    threads, code_length = num.shape
+    chunk = (rows + threads - 1) // threads
+    for t in numba.prange(threads):
+        stop = min(rows, (t + 1) * chunk)
+        for r in range(t * chunk, stop):
+            scale = np.float64(row_scale[r])
+            if not scale > 0.0 or not np.isfinite(scale):
+                continue
+            inv = 1.0 / scale
+            base = r * cols
+            for c in range(cols):
+                d = as_f64(suspect[r, c], suspect_kind)
+                if has_reference:
+                    d -= as_f64(reference[r, c], reference_kind)
+                # Branch-free: zero differences add nothing, non-finite ones are dropped.
+                e = d * inv if np.isfinite(d) else 0.0
+                h = element_hash(seed, base + c)
+                p = position_of(h, code_length)
+                num[t, p] += chip_of(h) * e
+                den[t, p] += e * e
+
+_GRID_DTYPE = np.dtype(np.uint16)
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_carrier(name: str, array: np.ndarray, kind: int) -> None:
+    if array.ndim != 2:
+        raise ValueError(f"{name}: carriers are 2-D [out, in] views, got shape {array.shape}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name}: carrier must be C-contiguous")
+    if kind == FLOAT:
+        if array.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}: kind FLOAT needs float32 or float64, got {array.dtype}")
+    elif kind in (BF16, F16):
+        if array.dtype != _GRID_DTYPE:
+            raise ValueError(f"{name}: bf16/f16 carriers are uint16 bit patterns, got {array.dtype}")
+    else:
+        raise ValueError(f"{name}: unknown kind {kind}")
+
+
+def _check_scale_and_code(rows: int, row_scale: np.ndarray, codeword: np.ndarray | None) -> None:
+    if row_scale.shape != (rows,):
+        raise ValueError(f"row_scale has shape {row_scale.shape}, carrier has {rows} rows")
+    if codeword is not None:
+        if codeword.ndim != 1 or codeword.size == 0 or codeword.dtype != np.int8:
+            raise ValueError("codeword must be a non-empty 1-D int8 array of +-1")
+
+
+def embed(
+    weights: np.ndarray,
+    kind: int,
+    row_scale: np.ndarray,
+    codeword: np.ndarray,
+    seed: int,
+    alpha: float,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Return the stamped carrier: w + alpha * s_row * r_j * c[p_j], on w's own grid.
+
+    float32/float64 weights get the perturbation added (computed in float64, rounded once);
+    bf16/f16 bit patterns get keyed stochastic rounding so the expected value is w + delta.
+    """
+    _check_carrier("weights", weights, kind)
+    _check_scale_and_code(weights.shape[0], row_scale, codeword)
+    if out is None:
+        out = np.empty_like(weights)
+    elif out.shape != weights.shape or out.dtype != weights.dtype or not out.flags.c_contiguous:
+        raise ValueError("out must be a C-contiguous array of the weights' shape and dtype")
+    if weights.size == 0:
+        return out
+    seed64 = np.uint64(seed)
+    if kind == FLOAT:
+        _embed_float(weights, out, row_scale, codeword, seed64, float(alpha))
+    elif kind == BF16:
+        _embed_bf16(weights, out, row_scale, codeword, seed64, float(alpha))
+    else:
+        _embed_f16(weights, out, row_scale, codeword, seed64, float(alpha))
+    return out
+
+
+def extract(
+    suspect: np.ndarray,
+    suspect_kind: int,
+    reference: np.ndarray | None,
+    reference_kind: int,
+    row_scale: np.ndarray,
+    seed: int,
+    num: np.ndarray,
+    den: np.ndarray,
+) -> None:
+    """Add this carrier's per-position sums into num and den (float64, length L).
+
+    num_i += sum r_j d_j / s_j and den_i += sum (d_j / s_j)^2 over the elements at position i,
+    with d = suspect - reference (non-blind) or d = suspect (blind, reference None).
+    Rows whose scale is zero and non-finite differences are skipped.
+    """
+    _check_carrier("suspect", suspect, suspect_kind)
+    _check_scale_and_code(suspect.shape[0], row_scale, None)
+    if reference is not None:
+        _check_carrier("reference", reference, reference_kind)
+        if reference.shape != suspect.shape:
+            raise ValueError(f"reference shape {reference.shape} != suspect shape {suspect.shape}")
+    if num.shape != den.shape or num.ndim != 1 or num.dtype != np.float64 or den.dtype != np.float64:
+        raise ValueError("num and den must be float64 vectors of the code length")
+    if suspect.size == 0:
+        return
+    threads = max(1, min(numba.get_num_threads(), suspect.shape[0]))
+    part_num = np.zeros((threads, num.shape[0]))
+    part_den = np.zeros((threads, num.shape[0]))
+    has_reference = reference is not None
+    _extract(
+        suspect,
+        suspect_kind,
+        reference if has_reference else suspect,
+        reference_kind if has_reference else suspect_kind,
+        has_reference,
+        row_scale,
+        np.uint64(seed),
+        part_num,
+        part_den,
+    )
+    num += part_num.sum(axis=0)
+    den += part_den.sum(axis=0)
