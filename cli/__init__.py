@@ -1,0 +1,31 @@
+"""The `weightmark` command line: one typer sub-app per file, errors mapped to exit codes here."""
+
+from __future__ import annotations
+
+import sys
+
+# Exit codes, one table for every command.
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_KEY_OR_REGISTRY = 4
+EXIT_POLICY = 5
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app, turn library errors into `Error: ...` lines."""
+    from weightmark.cli.app import app
+    from weightmark.errors import WeightmarkError
+
+    try:
+        app(args=argv, prog_name="weightmark")
+    except WeightmarkError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"Error: {where}{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        sys.exit(130)

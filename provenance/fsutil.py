@@ -55,7 +55,9 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 class Staging:
     """A temp path next to `final`; `publish()` moves it to the final name."""
 
-    def __init__(self, final: pathlib.Path, path: pathlib.Path, is_dir: bool, overwrite: bool):
+    def __init__(
+        self, final: pathlib.Path, path: pathlib.Path, is_dir: bool, overwrite: bool
+    ) -> None:
         self.final = final
         self.path = path
         self.is_dir = is_dir

@@ -59,6 +59,8 @@ HEADER_LIMIT = 100 * 1024 * 1024
 WEIGHT_INDEX = "model.safetensors.index.json"
 
 _METADATA_KEY = "__metadata__"
+_MAX_NDIM = 64  # numpy's limit on array dimensions
+_MAX_BYTES = 2**64  # no tensor that a file can hold is larger
 _LEN = struct.Struct("<Q")
 
 # numpy dtype -> safetensors name for save_file's dict form. uint16 is deliberately absent:
@@ -110,7 +112,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return math.prod(self.shape)
+        return 0 if 0 in self.shape else math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -167,6 +169,18 @@ def _check_metadata(path: object, metadata: Any) -> dict[str, str] | None:
     return dict(metadata)
 
 
+def _needed_bytes(shape: list[int], itemsize: int) -> int:
+    """numel * itemsize, but stops once past _MAX_BYTES so hostile shapes cannot stall us."""
+    if 0 in shape:
+        return 0
+    needed = itemsize
+    for dim in shape:
+        needed *= dim
+        if needed > _MAX_BYTES:
+            break
+    return needed
+
+
 def _check_entry(path: object, name: str, entry: Any, data_start: int) -> TensorInfo:
     """Validate one tensor's header entry on its own (layout is checked afterwards)."""
     where = f"tensor {_show(name)}"
@@ -188,6 +202,10 @@ def _check_entry(path: object, name: str, entry: Any, data_start: int) -> Tensor
             raise FormatError(path, f"{where}: shape {_show(shape)} has a non-integer dimension")
         if dim < 0:
             raise FormatError(path, f"{where}: shape {_show(shape)} has a negative dimension")
+    if len(shape) > _MAX_NDIM:
+        raise FormatError(
+            path, f"{where}: shape has {len(shape)} dimensions, more than the {_MAX_NDIM} allowed"
+        )
     offsets = entry["data_offsets"]
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
         raise FormatError(
@@ -198,12 +216,13 @@ def _check_entry(path: object, name: str, entry: Any, data_start: int) -> Tensor
         raise FormatError(path, f"{where}: data_offsets {_show(offsets)} are negative")
     if begin > end:
         raise FormatError(path, f"{where}: data_offsets {_show(offsets)} end before they begin")
-    needed = math.prod(shape) * DTYPES[dtype].itemsize
+    needed = _needed_bytes(shape, DTYPES[dtype].itemsize)
     if end - begin != needed:
+        needs = f"more than {_MAX_BYTES}" if needed > _MAX_BYTES else str(needed)
         raise FormatError(
             path,
             f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes "
-            f"but shape {_show(shape)} of {dtype} needs {needed}",
+            f"but shape {_show(shape)} of {dtype} needs {needs}",
         )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
@@ -692,6 +711,7 @@ class Checkpoint:
                 if full.is_symlink():
                     target = full.resolve()
                     if not target.is_relative_to(real_root):
+                        self.skipped_files.append(rel)
                         continue
                 if not full.is_file():
                     continue

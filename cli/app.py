@@ -1,0 +1,26 @@
+"""The root typer app: wires the sub-apps together."""
+
+from __future__ import annotations
+
+import typer
+
+from weightmark.cli import init, licensee, model, registry, scan, stamp
+
+app = typer.Typer(
+    name="weightmark",
+    help=(
+        "Stamp per-licensee watermarks into model weights, keep a signed registry of who got "
+        "which copy, and trace leaked checkpoints back to the licensee.\n\n"
+        "Example: weightmark init --home ./lab && weightmark model register ./my-model --name m1"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("init")(init.init)
+app.command("stamp")(stamp.stamp)
+app.command("scan")(scan.scan)
+app.add_typer(model.app, name="model")
+app.add_typer(licensee.app, name="licensee")
+app.add_typer(registry.app, name="registry")

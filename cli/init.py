@@ -1,0 +1,44 @@
+"""`weightmark init`: create a lab home with keys and an empty registry."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from typing import Annotated
+
+import typer
+
+from weightmark.cli.common import HomeOption, err
+from weightmark.errors import KeyProblem, UsageError
+from weightmark.lab import PASSPHRASE_ENV, Lab, passphrase_from_env
+
+
+def init(
+    home: HomeOption = None,
+    insecure_no_passphrase: Annotated[
+        bool, typer.Option("--insecure-no-passphrase", help="Store the lab keys UNENCRYPTED (demos and tests only).")
+    ] = False,
+) -> None:
+    """Create a lab home: an Ed25519 signing key, a watermark master secret, an empty registry.
+
+    The secrets are encrypted with a passphrase from $WEIGHTMARK_PASSPHRASE or a prompt.
+
+    Example: WEIGHTMARK_PASSPHRASE=... weightmark init --home ~/lab
+    """
+    if insecure_no_passphrase:
+        passphrase = None
+        err.print("[bold red]WARNING: lab keys will be stored UNENCRYPTED (--insecure-no-passphrase). "
+                  "Use this for demos and tests only.[/]")
+    else:
+        passphrase = passphrase_from_env()
+        if passphrase is None:
+            if not sys.stdin.isatty():
+                raise KeyProblem(f"set {PASSPHRASE_ENV} (or run on a terminal) to encrypt the lab keys")
+            passphrase = getpass.getpass("New passphrase for the lab keys: ")
+            if getpass.getpass("Repeat it: ") != passphrase:
+                raise UsageError("the two passphrases differ")
+        if len(passphrase) < 8:
+            raise UsageError("the passphrase must have at least 8 characters")
+    lab = Lab.init(home, passphrase)
+    err.print(f"Lab home ready at {lab.home} (key id {lab.keys.key_id}).")
+    typer.echo(str(lab.home))

@@ -1,0 +1,51 @@
+"""`weightmark model ...`: register base models and list them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from weightmark.cli.common import BarProgress, HomeOption, JsonOption, open_lab, print_json
+
+app = typer.Typer(help="Register and list base models.", no_args_is_help=True)
+
+
+@app.command("register")
+def register(
+    path: Annotated[Path, typer.Argument(help="The base weights: a .safetensors file or a model folder.")],
+    name: Annotated[str, typer.Option("--name", help="Name to stamp and scan by.")],
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Register a base model: its manifest id, carrier tensors and per-row RMS table.
+
+    Example: weightmark model register ./all-MiniLM-L6-v2 --name minilm
+    """
+    with open_lab(home) as lab:
+        model = lab.register_model(path, name, progress=BarProgress())
+        carriers = lab.registry.carriers(model.model_id)
+    if json_out:
+        print_json({"name": model.name, "model_id": model.model_id, "base_path": model.base_path,
+                    "carriers": len(carriers), "entry_id": model.entry_idx})
+    else:
+        typer.echo(f"Registered {model.name}: model id {model.model_id}, {len(carriers)} carrier tensors "
+                   f"(entry {model.entry_idx}).")
+
+
+@app.command("list")
+def list_models(home: HomeOption = None, json_out: JsonOption = False) -> None:
+    """List registered models.
+
+    Example: weightmark model list --json
+    """
+    with open_lab(home) as lab:
+        models = lab.registry.models()
+    rows = [{"name": m.name, "model_id": m.model_id, "base_path": m.base_path, "format": m.format,
+             "registered_at": m.created_at, "entry_id": m.entry_idx} for m in models]
+    if json_out:
+        print_json(rows)
+        return
+    for r in rows:
+        typer.echo(f"{r['name']}\t{r['model_id'][:16]}\t{r['base_path']}")

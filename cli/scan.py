@@ -1,0 +1,53 @@
+"""`weightmark scan`: name the licensee a suspect checkpoint came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from weightmark.cli.common import BarProgress, HomeOption, JsonOption, format_p, open_lab, print_json
+from weightmark.registry.store import country_name
+from weightmark.scheme import DEFAULT_THRESHOLD
+
+
+def scan(
+    suspect: Annotated[Path, typer.Argument(help="The suspect checkpoint: a .safetensors file or a folder.")],
+    model: Annotated[str | None, typer.Option("--model", help="Registered model (default: found by tensor names and shapes).")] = None,
+    reference: Annotated[Path | None, typer.Option("--reference", help="Unstamped reference weights (default: the registered base).")] = None,
+    blind: Annotated[bool, typer.Option("--blind", help="Scan without any reference weights.")] = False,
+    threshold: Annotated[float, typer.Option("--threshold", help="Accuse when the family-wise p-value is at most this.")] = DEFAULT_THRESHOLD,
+    assume_licensees: Annotated[int, typer.Option("--assume-licensees", help="Correct for at least this many licensees.")] = 0,
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Scan SUSPECT, score every copy issued of its model, and accuse only on a sound p-value.
+
+    Exit 0 whenever the scan ran, whatever it found.
+
+    Example: weightmark scan ./leaked-model --json
+    """
+    with open_lab(home) as lab:
+        report = lab.scan(suspect, model, reference, blind, threshold, assume_licensees, progress=BarProgress())
+    if json_out:
+        print_json(report.to_json())
+        return
+    echo = typer.echo
+    against = f"non-blind, against {report.reference}" if report.reference else "blind"
+    echo(f"Suspect:  {report.suspect} ({against})")
+    echo(f"Model:    {report.model} ({report.model_id[:16]}), {report.carriers_used}/{report.carriers_total} carriers")
+    present = "yes" if report.watermark_present else "not shown"
+    echo(f"Watermark of this model's key present: {present} (p = {format_p(report.presence_log10_p)})")
+    if report.accused:
+        for c in report.accused:
+            echo(f"ACCUSED:  {c.name} ({c.licensee_id}), jurisdiction {c.jurisdiction} "
+                 f"({country_name(c.jurisdiction)}), registry entry {c.entry_id}")
+            echo(f"          score {c.score:.1f}, p = {format_p(c.log10_p)}, family-wise p = "
+                 f"{format_p(c.log10_family_wise_p)} over {report.family_size} issued codewords")
+    else:
+        echo(f"No licensee accused (threshold: family-wise p <= {report.threshold:g}).")
+    if report.candidates:
+        echo("Best scores:")
+        for c in report.candidates[:5]:
+            echo(f"  {c.score:8.2f}  family-wise p = {format_p(c.log10_family_wise_p):>10}  {c.name} ({c.licensee_id}, {c.jurisdiction})")

@@ -1,0 +1,35 @@
+"""`weightmark stamp`: write a licensee's watermarked copy of a registered model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from weightmark.cli.common import BarProgress, HomeOption, JsonOption, err, open_lab, print_json
+from weightmark.scheme import DEFAULT_ALPHA
+
+
+def stamp(
+    model_name: Annotated[str, typer.Argument(metavar="MODEL_NAME", help="Registered model to copy.")],
+    licensee: Annotated[str, typer.Option("--licensee", help="Licensee id (from `licensee add`).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the copy (file or folder, like the base).")],
+    alpha: Annotated[float, typer.Option("--alpha", help="Watermark strength relative to each row's RMS.")] = DEFAULT_ALPHA,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Write a licensee's copy of MODEL_NAME, in the base's own format and dtypes, and record it.
+
+    Example: weightmark stamp minilm --licensee lic-1a2b3c4d --out ./acme-copy
+    """
+    with open_lab(home) as lab:
+        copy = lab.stamp(model_name, licensee, out, alpha=alpha, overwrite=force, progress=BarProgress())
+        lic = lab.registry.licensee(licensee)
+    if json_out:
+        print_json(copy.to_json())
+        return
+    err.print(f"Stamped {model_name} for {lic.name} ({lic.jurisdiction}): entry {copy.entry_idx}, "
+              f"codeword {copy.codeword_index}, {copy.scheme}")
+    typer.echo(copy.out_path)

@@ -1,0 +1,5 @@
+"""`python -m weightmark` runs the command line."""
+
+from weightmark.cli import main
+
+main()

@@ -1,0 +1,162 @@
+"""Lab keys: the Ed25519 signing key and the watermark master secret, encrypted at rest."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from weightmark.errors import KeyProblem
+from weightmark.fsutil import write_bytes_atomic
+
+KEY_FILE = "lab-keys.json"
+PUBLIC_KEY_FILE = "lab.pub"
+_AAD = b"weightmark/lab-keys/v1"
+_SCRYPT = {"n": 2**15, "r": 8, "p": 1}
+MODEL_KEY_INFO = b"weightmark/v1/model"
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """First 4 bytes of SHA-256 of the raw public key, hex (the C2SP signed-note key id)."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).digest()[:4].hex()
+
+
+def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@dataclass(frozen=True)
+class LabKeys:
+    """The unlocked secrets of a lab. Never written anywhere unencrypted but with --insecure."""
+
+    signing_key: Ed25519PrivateKey
+    master_secret: bytes
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.signing_key.public_key()
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.public_key)
+
+    def sign(self, message: bytes) -> bytes:
+        return self.signing_key.sign(message)
+
+    def model_key(self, model_id: str) -> bytes:
+        """HKDF-SHA256(master, salt=model_id, info='weightmark/v1/model'): one key per model."""
+        hkdf = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=bytes.fromhex(model_id), info=MODEL_KEY_INFO
+        )
+        return hkdf.derive(self.master_secret)
+
+    @classmethod
+    def generate(cls) -> LabKeys:
+        return cls(Ed25519PrivateKey.generate(), secrets.token_bytes(32))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _scrypt_key(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
+
+
+def seal(keys: LabKeys, passphrase: str | None) -> bytes:
+    """Serialise keys for disk: AES-256-GCM under a scrypt key, or plain when passphrase is None."""
+    secret = keys.signing_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    ) + keys.master_secret
+    doc: dict[str, object] = {"format": "weightmark-lab-keys", "version": 1, "key_id": keys.key_id}
+    if passphrase is None:
+        doc.update(kdf="none", warning="UNENCRYPTED: created with --insecure-no-passphrase", secret=_b64(secret))
+    else:
+        salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
+        key = _scrypt_key(passphrase, salt, **_SCRYPT)
+        doc.update(
+            kdf="scrypt",
+            scrypt=dict(_SCRYPT, salt=_b64(salt)),
+            cipher="aes-256-gcm",
+            nonce=_b64(nonce),
+            ciphertext=_b64(AESGCM(key).encrypt(nonce, secret, _AAD)),
+        )
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def unseal(data: bytes, passphrase: str | None, source: str = KEY_FILE) -> LabKeys:
+    """Inverse of seal(). Raises KeyProblem on a wrong passphrase or a damaged file."""
+    try:
+        doc = json.loads(data)
+        if doc.get("format") != "weightmark-lab-keys" or doc.get("version") != 1:
+            raise KeyProblem(f"{source}: not a weightmark lab key file")
+        if doc["kdf"] == "none":
+            secret = base64.b64decode(doc["secret"], validate=True)
+        elif doc["kdf"] == "scrypt":
+            if passphrase is None:
+                raise KeyProblem(
+                    "the lab keys are passphrase-protected: set WEIGHTMARK_PASSPHRASE "
+                    "or run the command on a terminal"
+                )
+            sc = doc["scrypt"]
+            key = _scrypt_key(passphrase, base64.b64decode(sc["salt"]), sc["n"], sc["r"], sc["p"])
+            nonce = base64.b64decode(doc["nonce"], validate=True)
+            secret = AESGCM(key).decrypt(nonce, base64.b64decode(doc["ciphertext"]), _AAD)
+        else:
+            raise KeyProblem(f"{source}: unknown key encryption {doc['kdf']!r}")
+    except InvalidTag:
+        raise KeyProblem(f"{source}: wrong passphrase (or the key file was altered)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise KeyProblem(f"{source}: damaged key file ({exc})") from None
+    if len(secret) != 64:
+        raise KeyProblem(f"{source}: damaged key file (secret has {len(secret)} bytes, expected 64)")
+    keys = LabKeys(Ed25519PrivateKey.from_private_bytes(secret[:32]), secret[32:])
+    if doc.get("key_id") != keys.key_id:
+        raise KeyProblem(f"{source}: key id does not match the stored key")
+    return keys
+
+
+def create(home: Path, passphrase: str | None) -> LabKeys:
+    """Generate lab keys in `home` (0600 secret file, PEM public key). Refuses to overwrite."""
+    path = home / KEY_FILE
+    if path.exists():
+        raise KeyProblem(f"{path}: lab keys already exist; refusing to replace them")
+    keys = LabKeys.generate()
+    write_bytes_atomic(path, seal(keys, passphrase), mode=0o600)
+    write_bytes_atomic(home / PUBLIC_KEY_FILE, public_key_pem(keys.public_key), mode=0o644)
+    return keys
+
+
+def load(home: Path, passphrase: str | None) -> LabKeys:
+    path = home / KEY_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise KeyProblem(f"{path}: no lab keys here; run `weightmark init` first") from None
+    except OSError as exc:
+        raise KeyProblem(f"{path}: cannot read lab keys ({exc.strerror})") from None
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise KeyProblem(f"{path}: lab key file is readable by others (mode {mode:o}); chmod 600 it")
+    return unseal(data, passphrase, str(path))
+
+
+def is_encrypted(home: Path) -> bool:
+    try:
+        return json.loads((home / KEY_FILE).read_bytes()).get("kdf") != "none"
+    except (OSError, ValueError):
+        return True

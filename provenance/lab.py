@@ -1,0 +1,114 @@
+"""The lab's home: keys, registry and the operations on them (the library's front door)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from weightmark import keys as _keys
+from weightmark.errors import InputFileError, KeyProblem
+from weightmark.model import carriers_of, file_stats, manifest_id, open_base
+from weightmark.progress import NO_PROGRESS, Progress
+from weightmark.registry.store import IssuedCopy, Licensee, Model, Registry
+from weightmark.scan import ScanReport, scan
+from weightmark.scheme import DEFAULT_ALPHA, DEFAULT_THRESHOLD
+from weightmark.stamp import stamp
+
+HOME_ENV = "WEIGHTMARK_HOME"
+PASSPHRASE_ENV = "WEIGHTMARK_PASSPHRASE"
+
+PassphraseSource = Callable[[], str | None]
+
+
+def default_home() -> Path:
+    """--home, else $WEIGHTMARK_HOME, else the per-user data folder."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV])
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(data) / "weightmark"
+
+
+def passphrase_from_env() -> str | None:
+    return os.environ.get(PASSPHRASE_ENV)
+
+
+class Lab:
+    """A lab home folder. Keys are unlocked on first use, with the passphrase from `passphrase`."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None,
+                 passphrase: PassphraseSource = passphrase_from_env) -> None:
+        self.home = Path(home) if home is not None else default_home()
+        self._passphrase = passphrase
+        self._registry: Registry | None = None
+        self._keys: _keys.LabKeys | None = None
+
+    @classmethod
+    def init(cls, home: str | os.PathLike[str] | None, passphrase: str | None) -> Lab:
+        """Create a home: keys (encrypted unless passphrase is None) and an empty registry."""
+        lab = cls(home, passphrase=lambda: passphrase)
+        lab.home.mkdir(parents=True, exist_ok=True)
+        os.chmod(lab.home, 0o700)
+        lab._keys = _keys.create(lab.home, passphrase)
+        lab._registry = Registry.create(lab.home)
+        return lab
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry.open(self.home)
+        return self._registry
+
+    @property
+    def keys(self) -> _keys.LabKeys:
+        if self._keys is None:
+            if not (self.home / _keys.KEY_FILE).exists():
+                raise KeyProblem(f"{self.home}: no lab keys here; run `weightmark init` first")
+            phrase = self._passphrase() if _keys.is_encrypted(self.home) else None
+            self._keys = _keys.load(self.home, phrase)
+        return self._keys
+
+    def close(self) -> None:
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- operations --------------------------------------------------------------------------
+
+    def register_model(self, path: str | os.PathLike[str], name: str, progress: Progress = NO_PROGRESS) -> Model:
+        """Register a base model: manifest id, carriers and their row-RMS table, signed."""
+        keys = self.keys
+        path = Path(path).resolve()
+        with open_base(path) as ckpt:
+            total = sum(info.nbytes for _, info in ckpt.tensors.values())
+            progress.begin(f"registering {name}", 2 * total)
+            try:
+                model_id = manifest_id(ckpt, progress.advance)
+                carriers = carriers_of(ckpt, progress.advance)
+            finally:
+                progress.end()
+            stats = file_stats(ckpt)
+        if not carriers:
+            raise InputFileError(path, "no tensor can carry a watermark")
+        return self.registry.add_model(model_id, name, str(path), "safetensors", stats, carriers, keys)
+
+    def add_licensee(self, name: str, jurisdiction: str, email: str | None = None) -> Licensee:
+        return self.registry.add_licensee(name, jurisdiction, email, self.keys)
+
+    def stamp(self, model_name: str, licensee_id: str, out: str | os.PathLike[str],
+              alpha: float = DEFAULT_ALPHA, overwrite: bool = False,
+              progress: Progress = NO_PROGRESS) -> IssuedCopy:
+        return stamp(self.registry, self.keys, model_name, licensee_id, out, alpha, overwrite, progress)
+
+    def scan(self, suspect: str | os.PathLike[str], model_name: str | None = None,
+             reference: str | os.PathLike[str] | None = None, blind: bool = False,
+             threshold: float = DEFAULT_THRESHOLD, assume_licensees: int = 0,
+             progress: Progress = NO_PROGRESS) -> ScanReport:
+        return scan(self.registry, self.keys, suspect, model_name, reference, blind, threshold,
+                    assume_licensees, progress)

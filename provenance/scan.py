@@ -1,0 +1,265 @@
+"""Scanning a suspect checkpoint: extract the z statistics, score every issued codeword, accuse.
+
+The only p-values reported are those the scheme supports: for an innocent licensee, whose
+codeword is uniform and independent of the suspect, P(S >= t) <= exp(-t^2/2) (Hoeffding);
+over the N codewords of the model the family-wise bound is min(1, N p).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weightmark.canonical import as_2d, kind_of
+from weightmark.errors import InputFileError, UsageError
+from weightmark.formats.safetensors import Checkpoint
+from weightmark.kernels import extract, score_codewords
+from weightmark.keys import LabKeys
+from weightmark.model import file_stats
+from weightmark.progress import NO_PROGRESS, Progress
+from weightmark.registry.store import Carrier, Model, Registry
+from weightmark.scheme import (
+    DEFAULT_CODE_LENGTH,
+    DEFAULT_THRESHOLD,
+    FLOAT_CARRIER_DTYPES,
+    SchemeParams,
+    carrier_seed,
+    log10_family_wise,
+    log10_hoeffding,
+    log10_presence,
+    p_from_log10,
+    packed_codeword,
+    z_statistics,
+)
+
+CANDIDATES_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Candidate:
+    licensee_id: str
+    name: str
+    jurisdiction: str
+    entry_id: int
+    codeword_index: int
+    scheme: str
+    score: float
+    log10_p: float
+    log10_family_wise_p: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "licensee_id": self.licensee_id,
+            "name": self.name,
+            "jurisdiction": self.jurisdiction,
+            "entry_id": self.entry_id,
+            "codeword_index": self.codeword_index,
+            "score": round(self.score, 6),
+            "p_value": p_from_log10(self.log10_p),
+            "log10_p_value": round(self.log10_p, 4),
+            "family_wise_p_value": p_from_log10(self.log10_family_wise_p),
+            "log10_family_wise_p_value": round(self.log10_family_wise_p, 4),
+        }
+
+
+@dataclass
+class ScanReport:
+    suspect: str
+    model: str
+    model_id: str
+    scheme: str
+    mode: str  # "non-blind" or "blind"
+    reference: str | None
+    threshold: float
+    family_size: int
+    carriers_used: int
+    carriers_total: int
+    carriers_skipped: list[str]
+    presence_statistic: float
+    presence_log10_p: float
+    positions_used: int
+    candidates: list[Candidate] = field(default_factory=list)  # every codeword, best first
+
+    @property
+    def accused(self) -> list[Candidate]:
+        limit = math.log10(self.threshold)
+        return [c for c in self.candidates if c.log10_family_wise_p <= limit]
+
+    @property
+    def watermark_present(self) -> bool:
+        return self.presence_log10_p <= math.log10(self.threshold)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "suspect": self.suspect,
+            "model": self.model,
+            "model_id": self.model_id,
+            "scheme": self.scheme,
+            "mode": self.mode,
+            "reference": self.reference,
+            "carriers": {"used": self.carriers_used, "registered": self.carriers_total,
+                         "skipped": self.carriers_skipped},
+            "watermark_present": {
+                "present": self.watermark_present,
+                "statistic": round(self.presence_statistic, 4),
+                "degrees_of_freedom": self.positions_used,
+                "p_value": p_from_log10(self.presence_log10_p),
+                "log10_p_value": round(self.presence_log10_p, 4),
+            },
+            "accused": [c.to_json() for c in self.accused],
+            "candidates": [c.to_json() for c in self.candidates[:CANDIDATES_SHOWN]],
+            "threshold": self.threshold,
+            "family_size": self.family_size,
+        }
+
+
+def identify_model(registry: Registry, suspect: Checkpoint) -> Model:
+    """The registered model most of whose carriers the suspect holds by name and shape."""
+    shapes = {name: tuple(info.shape) for name, (_, info) in suspect.tensors.items()}
+    best: tuple[float, str] | None = None
+    for model_id, carriers in registry.carrier_shapes().items():
+        matched = sum(1 for name, shape in carriers.items() if shapes.get(name) == shape)
+        fraction = matched / len(carriers)
+        if fraction >= 0.5 and (best is None or fraction > best[0]):
+            best = (fraction, model_id)
+    if best is None:
+        raise InputFileError(suspect.root, "matches no registered model by tensor names and shapes; pass --model NAME")
+    return registry.model_by_id(best[1])
+
+
+def _same_base(model: Model) -> Checkpoint | None:
+    """The registered base as reference, when its files are still there and unchanged."""
+    path = Path(model.base_path)
+    if not path.exists():
+        return None
+    try:
+        ckpt = Checkpoint.open(path)
+    except InputFileError:
+        return None
+    if file_stats(ckpt) != model.files:
+        ckpt.close()
+        return None
+    return ckpt
+
+
+def _extract_all(
+    suspect: Checkpoint,
+    reference: Checkpoint | None,
+    carriers: list[Carrier],
+    model_key: bytes,
+    code_lengths: list[int],
+    progress: Progress,
+) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, list[str]]:
+    sums = {L: (np.zeros(L), np.zeros(L)) for L in code_lengths}
+    used, skipped = 0, []
+    for carrier in carriers:
+        entry = suspect.tensors.get(carrier.name)
+        if entry is None:
+            skipped.append(f"{carrier.name}: missing")
+            continue
+        info = entry[1]
+        if tuple(info.shape) != carrier.shape or info.dtype not in FLOAT_CARRIER_DTYPES:
+            skipped.append(f"{carrier.name}: {info.dtype} {list(info.shape)} instead of {carrier.dtype} {list(carrier.shape)}")
+            continue
+        ref_raw, ref_kind = None, 0
+        if reference is not None:
+            ref_entry = reference.tensors.get(carrier.name)
+            if ref_entry is None or tuple(ref_entry[1].shape) != carrier.shape or ref_entry[1].dtype not in FLOAT_CARRIER_DTYPES:
+                skipped.append(f"{carrier.name}: not in the reference")
+                continue
+            ref_raw, ref_kind = as_2d(reference.raw(carrier.name)), kind_of(ref_entry[1].dtype)
+        sus_raw = as_2d(suspect.raw(carrier.name))
+        seed = carrier_seed(model_key, carrier.name)
+        for L, (num, den) in sums.items():
+            extract(sus_raw, kind_of(info.dtype), ref_raw, ref_kind, carrier.row_scale, seed, num, den)
+        del sus_raw, ref_raw
+        suspect.release(carrier.name)
+        if reference is not None:
+            reference.release(carrier.name)
+        used += 1
+        progress.advance(info.nbytes)
+    return sums, used, skipped
+
+
+def scan(
+    registry: Registry,
+    keys: LabKeys,
+    suspect_path: str | os.PathLike[str],
+    model_name: str | None = None,
+    reference: str | os.PathLike[str] | None = None,
+    blind: bool = False,
+    threshold: float = DEFAULT_THRESHOLD,
+    assume_licensees: int = 0,
+    progress: Progress = NO_PROGRESS,
+) -> ScanReport:
+    """Scan a suspect checkpoint and name the licensees whose codeword it carries."""
+    if blind and reference is not None:
+        raise UsageError("--blind and --reference exclude each other")
+    if not 0.0 < threshold < 1.0:
+        raise UsageError(f"threshold must be in (0, 1), got {threshold}")
+    with Checkpoint.open(suspect_path) as suspect:
+        model = registry.model(model_name) if model_name else identify_model(registry, suspect)
+        carriers = registry.carriers(model.model_id)
+        issued = registry.issued(model.model_id)
+        params = {copy.entry_idx: SchemeParams.parse(copy.scheme) for copy in issued}
+        code_lengths = sorted({p.code_length for p in params.values()}) or [DEFAULT_CODE_LENGTH]
+        ref = None
+        if reference is not None:
+            ref = Checkpoint.open(reference)
+        elif not blind:
+            ref = _same_base(model)
+        try:
+            model_key = keys.model_key(model.model_id)
+            total = sum(suspect.tensors[c.name][1].nbytes for c in carriers if c.name in suspect.tensors)
+            progress.begin(f"scanning {Path(suspect_path).name}", total)
+            sums, used, skipped = _extract_all(suspect, ref, carriers, model_key, code_lengths, progress)
+            progress.end()
+            mode = "non-blind" if ref is not None else "blind"
+            ref_path = str(Path(reference if reference is not None else model.base_path).resolve()) if ref else None
+        finally:
+            if ref is not None:
+                ref.close()
+    if used == 0:
+        raise InputFileError(suspect_path, f"holds none of model {model.name!r}'s carriers with matching shapes")
+
+    family = max(len(issued), assume_licensees, 1)
+    by_length: dict[int, list] = defaultdict(list)
+    for copy in issued:
+        by_length[params[copy.entry_idx].code_length].append(copy)
+    licensees = {lic.id: lic for lic in registry.licensees()}
+    candidates: list[Candidate] = []
+    presence = None
+    for L in code_lengths:
+        num, den = sums[L]
+        z = z_statistics(num, den)
+        stat, log_p, k = log10_presence(z)
+        # One presence test per code length in use: Bonferroni over them.
+        log_p = min(0.0, log_p + math.log10(len(code_lengths)))
+        if presence is None or log_p < presence[1]:
+            presence = (stat, log_p, k)
+        copies = by_length.get(L, [])
+        if not copies:
+            continue
+        norm = float(np.linalg.norm(z))
+        packed = np.stack([packed_codeword(model_key, c.codeword_index, L) for c in copies])
+        raw_scores = score_codewords(packed, z)
+        for copy, raw in zip(copies, raw_scores, strict=True):
+            score = float(raw) / norm if norm > 0 else 0.0
+            lp = log10_hoeffding(score)
+            lic = licensees[copy.licensee_id]
+            candidates.append(Candidate(lic.id, lic.name, lic.jurisdiction, copy.entry_idx, copy.codeword_index,
+                                        copy.scheme, score, lp, log10_family_wise(lp, family)))
+    candidates.sort(key=lambda c: -c.score)
+    scheme = candidates[0].scheme if candidates else str(SchemeParams(code_length=code_lengths[0]))
+    return ScanReport(
+        suspect=str(Path(suspect_path).resolve()), model=model.name, model_id=model.model_id, scheme=scheme,
+        mode=mode, reference=ref_path, threshold=threshold, family_size=family, carriers_used=used,
+        carriers_total=len(carriers), carriers_skipped=skipped, presence_statistic=presence[0],
+        presence_log10_p=presence[1], positions_used=presence[2], candidates=candidates,
+    )

@@ -1,0 +1,91 @@
+"""Stamping: write a licensee's copy of a registered base with its codeword embedded."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from weightmark.canonical import as_2d, kind_of
+from weightmark.errors import InputFileError
+from weightmark.formats.safetensors import Checkpoint, TensorInfo, write_like
+from weightmark.fsutil import staged_output
+from weightmark.kernels import embed
+from weightmark.keys import LabKeys
+from weightmark.model import file_stats, manifest_id
+from weightmark.progress import NO_PROGRESS, Progress
+from weightmark.registry.store import IssuedCopy, Model, Registry
+from weightmark.scheme import DEFAULT_ALPHA, SchemeParams, carrier_seed, codeword
+
+
+def open_registered_base(model: Model) -> Checkpoint:
+    """Open the base a model was registered from, refusing it if its weights changed since."""
+    path = Path(model.base_path)
+    if not path.exists():
+        raise InputFileError(path, f"the registered base of model {model.name!r} is no longer there")
+    ckpt = Checkpoint.open(path)
+    try:
+        if file_stats(ckpt) != model.files and manifest_id(ckpt) != model.model_id:
+            raise InputFileError(path, f"weights changed since model {model.name!r} was registered")
+    except BaseException:
+        ckpt.close()
+        raise
+    return ckpt
+
+
+def variant_of(ckpt: Checkpoint, carrier_names: set[str]) -> str:
+    """'full-precision:<dtype>' from the carriers' dtypes (e.g. full-precision:BF16)."""
+    dtypes = Counter(info.dtype for name, (_, info) in ckpt.tensors.items() if name in carrier_names)
+    return "full-precision:" + "+".join(sorted(dtypes))
+
+
+def stamp(
+    registry: Registry,
+    keys: LabKeys,
+    model_name: str,
+    licensee_id: str,
+    out: str | os.PathLike[str],
+    alpha: float = DEFAULT_ALPHA,
+    overwrite: bool = False,
+    progress: Progress = NO_PROGRESS,
+) -> IssuedCopy:
+    """Write the licensee's stamped copy at `out` (same format, layout and dtypes as the base).
+
+    The copy is written to a temporary name, synced, recorded as a signed registry entry, and
+    only then moved to `out`: a crash leaves neither a half-written copy nor an unrecorded one.
+    """
+    model = registry.model(model_name)
+    licensee = registry.licensee(licensee_id)
+    params = SchemeParams(alpha=alpha)
+    carriers = {c.name: c for c in registry.carriers(model.model_id)}
+    out = Path(out)
+    with open_registered_base(model) as base:
+        model_key = keys.model_key(model.model_id)
+        index = registry.reserve_codeword(model.model_id)
+        code = codeword(model_key, index, params.code_length)
+
+        def transform(name: str, info: TensorInfo, raw: np.ndarray) -> np.ndarray:
+            carrier = carriers.get(name)
+            if carrier is None:
+                return raw
+            if (info.dtype, tuple(info.shape)) != (carrier.dtype, carrier.shape):
+                raise InputFileError(base.root, f"tensor {name!r} is not the registered {carrier.dtype} {list(carrier.shape)}")
+            stamped = embed(as_2d(raw), kind_of(info.dtype), carrier.row_scale, code,
+                            carrier_seed(model_key, name), params.alpha)
+            return stamped.reshape(info.shape)
+
+        total = sum(info.nbytes for _, info in base.tensors.values())
+        progress.begin(f"stamping {model.name} for {licensee.name}", total)
+        try:
+            with staged_output(out, is_dir=base.is_folder, overwrite=overwrite) as staging:
+                files = write_like(base, staging.path, transform, progress.advance)
+                issued = registry.record_issue(
+                    model, licensee, index, str(params), "safetensors",
+                    variant_of(base, set(carriers)), str(out.resolve()), files, keys,
+                )
+                staging.publish()
+        finally:
+            progress.end()
+    return issued
