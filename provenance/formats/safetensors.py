@@ -759,13 +759,15 @@ def _write_shard(
     target: pathlib.Path,
     transform: Callable[[str, TensorInfo, np.ndarray], np.ndarray],
     progress: Callable[[int], None] | None,
+    out_dtype: Callable[[TensorInfo], str] | None = None,
 ) -> str:
-    specs = [(info.name, info.dtype, info.shape) for info in shard.tensors.values()]
+    dtype_of = out_dtype or (lambda info: info.dtype)
+    specs = [(info.name, dtype_of(info), info.shape) for info in shard.tensors.values()]
     with open(target, "xb") as fh:
         writer = SafetensorsWriter(fh, specs, shard.metadata, shard.header_order)
         for name, info in shard.tensors.items():
             out = np.asarray(transform(name, info, shard.raw(name)))
-            want = DTYPES[info.dtype]
+            want = DTYPES[dtype_of(info)]
             if out.dtype != want or out.shape != info.shape:
                 raise ValueError(
                     f"tensor {name!r}: transform returned {out.dtype} {list(out.shape)}, "
@@ -786,22 +788,24 @@ def write_like(
     staging: pathlib.Path,
     transform: Callable[[str, TensorInfo, np.ndarray], np.ndarray],
     progress: Callable[[int], None] | None = None,
+    out_dtype: Callable[[TensorInfo], str] | None = None,
 ) -> dict[str, str]:
     """Write a copy of `src` at `staging` with each tensor passed through `transform`.
 
     Returns {relative file name: sha256 hex} for every file written. For a single file the
-    key is the source file's name.
+    key is the source file's name. `out_dtype` gives each tensor's output dtype (default: its
+    own); the transform must then return arrays of that dtype's storage type.
     """
     staging = pathlib.Path(staging)
     manifest: dict[str, str] = {}
     if not src.is_folder:
         (shard,) = src.shards
-        manifest[shard.path.name] = _write_shard(src, shard, staging, transform, progress)
+        manifest[shard.path.name] = _write_shard(src, shard, staging, transform, progress, out_dtype)
         return manifest
     staging.mkdir(exist_ok=True)
     for shard in src.shards:
         manifest[shard.path.name] = _write_shard(
-            src, shard, staging / shard.path.name, transform, progress
+            src, shard, staging / shard.path.name, transform, progress, out_dtype
         )
     if src.index is not None:
         blob = json.dumps(src.index, indent=2).encode("utf-8")
