@@ -85,6 +85,7 @@ class ScanReport:
     presence_log10_p: float
     positions_used: int
     candidates: list[Candidate] = field(default_factory=list)  # every codeword, best first
+    z: np.ndarray | None = field(default=None, repr=False)  # z statistics of the first code length
 
     @property
     def accused(self) -> list[Candidate]:
@@ -235,9 +236,12 @@ def scan(
     licensees = {lic.id: lic for lic in registry.licensees()}
     candidates: list[Candidate] = []
     presence = None
+    first_z = None
     for L in code_lengths:
         num, den = sums[L]
         z = z_statistics(num, den)
+        if first_z is None:
+            first_z = z
         stat, log_p, k = log10_presence(z)
         # One presence test per code length in use: Bonferroni over them.
         log_p = min(0.0, log_p + math.log10(len(code_lengths)))
@@ -261,5 +265,5 @@ def scan(
         suspect=str(Path(suspect_path).resolve()), model=model.name, model_id=model.model_id, scheme=scheme,
         mode=mode, reference=ref_path, threshold=threshold, family_size=family, carriers_used=used,
         carriers_total=len(carriers), carriers_skipped=skipped, presence_statistic=presence[0],
-        presence_log10_p=presence[1], positions_used=presence[2], candidates=candidates,
+        presence_log10_p=presence[1], positions_used=presence[2], candidates=candidates, z=first_z,
     )

