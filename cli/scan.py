@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from weightmark.cli.common import BarProgress, HomeOption, JsonOption, format_p, open_lab, print_json
+from weightmark.cli.common import (
+    BarProgress,
+    HomeOption,
+    JsonOption,
+    format_p,
+    open_lab,
+    print_json,
+)
 from weightmark.registry.store import country_name
 from weightmark.scheme import DEFAULT_THRESHOLD
 

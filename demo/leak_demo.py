@@ -50,7 +50,7 @@ def main() -> None:
         run(env, "init", "--insecure-no-passphrase")
         print(run(env, "model", "register", str(minilm_dir()), "--name", "minilm").strip())
         ids = [run(env, "licensee", "add", name, "--jurisdiction", cc).strip() for name, cc in LICENSEES]
-        for (name, _), lid in zip(LICENSEES, ids, strict=True):
+        for lid in ids:
             run(env, "stamp", "minilm", "--licensee", lid, "--out", str(work / f"copy-{lid}"))
 
         leaked = work / "suspicious-upload"

@@ -177,7 +177,7 @@ def _extract_all(
             ref_raw, ref_kind = as_2d(reference.raw(carrier.name)), kind_of(ref_entry[1].dtype)
         sus_raw = as_2d(suspect.raw(carrier.name))
         seed = carrier_seed(model_key, carrier.name)
-        for L, (num, den) in sums.items():
+        for num, den in sums.values():
             extract(sus_raw, kind_of(info.dtype), ref_raw, ref_kind, carrier.row_scale, seed, num, den)
         del sus_raw, ref_raw
         suspect.release(carrier.name)
