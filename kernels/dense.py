@@ -15,10 +15,19 @@ from weightmark.kernels.bits import (
     bf16_stochastic_round,
     f16_stochastic_round,
 )
-from weightmark.kernels.config import PARALLEL
+from weightmark.kernels.config import INLINE, PARALLEL
 from weightmark.kernels.prng import chip_of, element_hash, position_of, uniform_of
 
 __all__ = ["FLOAT", "BF16", "F16", "embed", "extract"]
+
+
+@numba.njit(**INLINE)
+def _amplitude(alpha, scale):
+    """alpha * s_row; rows whose scale is zero, negative or not finite are left untouched."""
+    s = np.float64(scale)
+    if s > 0.0 and np.isfinite(s):
+        return alpha * s
+    return 0.0
 
 
 @numba.njit(**PARALLEL)
@@ -26,8 +35,12 @@ def _embed_float(w, out, row_scale, codeword, seed, alpha):
     rows, cols = w.shape
     code_length = codeword.shape[0]
     for r in numba.prange(rows):
-        amplitude = alpha * np.float64(row_scale[r])
+        amplitude = _amplitude(alpha, row_scale[r])
         base = r * cols
+        if amplitude == 0.0:
+            for c in range(cols):
+                out[r, c] = w[r, c]
+            continue
         for c in range(cols):
             h = element_hash(seed, base + c)
             delta = amplitude * chip_of(h) * np.float64(codeword[position_of(h, code_length)])
@@ -39,8 +52,12 @@ def _embed_bf16(w, out, row_scale, codeword, seed, alpha):
     rows, cols = w.shape
     code_length = codeword.shape[0]
     for r in numba.prange(rows):
-        amplitude = alpha * np.float64(row_scale[r])
+        amplitude = _amplitude(alpha, row_scale[r])
         base = r * cols
+        if amplitude == 0.0:
+            for c in range(cols):
+                out[r, c] = w[r, c]
+            continue
         for c in range(cols):
             h = element_hash(seed, base + c)
             delta = amplitude * chip_of(h) * np.float64(codeword[position_of(h, code_length)])
@@ -52,8 +69,12 @@ def _embed_f16(w, out, row_scale, codeword, seed, alpha):
     rows, cols = w.shape
     code_length = codeword.shape[0]
     for r in numba.prange(rows):
-        amplitude = alpha * np.float64(row_scale[r])
+        amplitude = _amplitude(alpha, row_scale[r])
         base = r * cols
+        if amplitude == 0.0:
+            for c in range(cols):
+                out[r, c] = w[r, c]
+            continue
         for c in range(cols):
             h = element_hash(seed, base + c)
             delta = amplitude * chip_of(h) * np.float64(codeword[position_of(h, code_length)])
