@@ -18,6 +18,7 @@ import safetensors
 import safetensors.numpy as hf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from weightmark.errors import FormatError, InputFileError
 from weightmark.formats.safetensors import (
     DTYPES,
