@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from weightmark.canonical import to_float32
 from weightmark.formats.safetensors import load_file
 
-__all__ = ["Config", "Encoder", "decode", "erf", "gelu", "load_encoder", "load_weights"]
+__all__ = ["Config", "Encoder", "erf", "gelu", "load_encoder", "load_weights"]
 
 MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
@@ -62,19 +63,6 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 
-def decode(dtype: str, array: np.ndarray) -> np.ndarray:
-    """A safetensors tensor as float32 (F16 and BF16 arrive as uint16 bit patterns)."""
-    if dtype == "F32":
-        return array.astype(np.float32, copy=False)
-    if dtype == "F64":
-        return array.astype(np.float32)
-    if dtype == "F16":
-        return array.view(np.float16).astype(np.float32)
-    if dtype == "BF16":
-        return (array.astype(np.uint32) << 16).view(np.float32)
-    raise ValueError(f"cannot decode a {dtype} tensor as floating point")
-
-
 def _weight_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -90,7 +78,7 @@ def load_weights(folder_or_file: str | os.PathLike[str]) -> dict[str, np.ndarray
     for file in _weight_files(Path(folder_or_file)):
         for name, (dtype, array) in load_file(file).items():
             if dtype in ("F32", "F64", "F16", "BF16"):
-                weights[name.removeprefix("bert.")] = decode(dtype, array)
+                weights[name.removeprefix("bert.")] = to_float32(dtype, array)
     return weights
 
 
