@@ -28,8 +28,17 @@ from weightmark.errors import (
     WeightmarkError,
 )
 from weightmark.lab import Lab
-from weightmark.scan import Candidate, ScanReport
 from weightmark.scheme import SchemeParams
+
+
+def __getattr__(name: str) -> object:
+    # The scan types pull in the numba kernels: import them only when asked for.
+    if name in ("ScanReport", "Candidate"):
+        from weightmark import scan
+
+        return getattr(scan, name)
+    raise AttributeError(f"module 'weightmark' has no attribute {name!r}")
+
 
 __all__ = [
     "Lab",

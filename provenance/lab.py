@@ -5,15 +5,19 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from weightmark import keys as _keys
 from weightmark.errors import InputFileError, KeyProblem
-from weightmark.model import carriers_of, file_stats, manifest_id, open_base
 from weightmark.progress import NO_PROGRESS, Progress
 from weightmark.registry.store import IssuedCopy, Licensee, Model, Registry
-from weightmark.scan import ScanReport, scan
 from weightmark.scheme import DEFAULT_ALPHA, DEFAULT_THRESHOLD
-from weightmark.stamp import stamp
+
+if TYPE_CHECKING:
+    from weightmark.scan import ScanReport
+
+# Model registration, stamping and scanning import the numba kernels; they are imported when
+# first used, so that registry and licensee commands start fast.
 
 HOME_ENV = "WEIGHTMARK_HOME"
 PASSPHRASE_ENV = "WEIGHTMARK_PASSPHRASE"
@@ -83,6 +87,8 @@ class Lab:
 
     def register_model(self, path: str | os.PathLike[str], name: str, progress: Progress = NO_PROGRESS) -> Model:
         """Register a base model: manifest id, carriers and their row-RMS table, signed."""
+        from weightmark.model import carriers_of, file_stats, manifest_id, open_base
+
         keys = self.keys
         path = Path(path).resolve()
         with open_base(path) as ckpt:
@@ -104,11 +110,15 @@ class Lab:
     def stamp(self, model_name: str, licensee_id: str, out: str | os.PathLike[str],
               alpha: float = DEFAULT_ALPHA, overwrite: bool = False,
               progress: Progress = NO_PROGRESS) -> IssuedCopy:
+        from weightmark.stamp import stamp
+
         return stamp(self.registry, self.keys, model_name, licensee_id, out, alpha, overwrite, progress)
 
     def scan(self, suspect: str | os.PathLike[str], model_name: str | None = None,
              reference: str | os.PathLike[str] | None = None, blind: bool = False,
              threshold: float = DEFAULT_THRESHOLD, assume_licensees: int = 0,
              progress: Progress = NO_PROGRESS) -> ScanReport:
+        from weightmark.scan import scan
+
         return scan(self.registry, self.keys, suspect, model_name, reference, blind, threshold,
                     assume_licensees, progress)

@@ -12,6 +12,7 @@ import shutil
 import stat
 import struct
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -763,8 +764,18 @@ def _write_shard(
 ) -> str:
     dtype_of = out_dtype or (lambda info: info.dtype)
     specs = [(info.name, dtype_of(info), info.shape) for info in shard.tensors.values()]
-    with open(target, "xb") as fh:
+
+    def emit(name: str, info: TensorInfo, out: np.ndarray) -> None:
+        writer.write(name, out)
+        src.release(name)
+        if progress is not None:
+            progress(info.nbytes)
+
+    # Tensor i is hashed and written on a worker thread while tensor i + 1 is transformed:
+    # the kernels, hashlib and file writes all release the GIL. At most two outputs are alive.
+    with open(target, "xb") as fh, ThreadPoolExecutor(max_workers=1) as pool:
         writer = SafetensorsWriter(fh, specs, shard.metadata, shard.header_order)
+        pending: Future[None] | None = None
         for name, info in shard.tensors.items():
             out = np.asarray(transform(name, info, shard.raw(name)))
             want = DTYPES[dtype_of(info)]
@@ -773,11 +784,12 @@ def _write_shard(
                     f"tensor {name!r}: transform returned {out.dtype} {list(out.shape)}, "
                     f"expected {want} {list(info.shape)}"
                 )
-            writer.write(name, out)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(emit, name, info, out)
             del out
-            src.release(name)
-            if progress is not None:
-                progress(info.nbytes)
+        if pending is not None:
+            pending.result()
         writer.finish()
         _fsync(fh)
     return writer.sha256
