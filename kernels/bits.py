@@ -160,3 +160,31 @@ def _as_f64_overload(x, kind):
 
         return impl
     raise TypingError(f"as_f64: unsupported element type {x}")
+
+
+def decode_row(array, r, kind, out):
+    """out[:] = values of row r of a carrier (floats as they are, uint16 by `kind`)."""
+
+
+@overload(decode_row)
+def _decode_row_overload(array, r, kind, out):
+    if isinstance(array.dtype, types.Float):
+
+        def impl_float(array, r, kind, out):
+            for c in range(out.shape[0]):
+                out[c] = np.float64(array[r, c])
+
+        return impl_float
+    if array.dtype == types.uint16:
+
+        def impl_bits(array, r, kind, out):
+            # The format test sits outside the loops so each loop is a plain, vectorisable map.
+            if kind == BF16:
+                for c in range(out.shape[0]):
+                    out[c] = bf16_to_f64(array[r, c])
+            else:
+                for c in range(out.shape[0]):
+                    out[c] = f16_to_f64(array[r, c])
+
+        return impl_bits
+    raise TypingError(f"decode_row: unsupported element type {array.dtype}")

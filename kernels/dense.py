@@ -11,8 +11,8 @@ from weightmark.kernels.bits import (
     BF16,
     F16,
     FLOAT,
-    as_f64,
     bf16_stochastic_round,
+    decode_row,
     f16_stochastic_round,
 )
 from weightmark.kernels.config import INLINE, PARALLEL
@@ -87,6 +87,13 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
     threads, code_length = num.shape
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
+        # Per row: decode, then hash and weigh every element (vectorisable maps), then
+        # scatter into this thread's own sums (the only part with random access).
+        d = np.empty(cols)
+        ref = np.empty(cols)
+        weighted = np.empty(cols)
+        squared = np.empty(cols)
+        position = np.empty(cols, dtype=np.int64)
         stop = min(rows, (t + 1) * chunk)
         for r in range(t * chunk, stop):
             scale = np.float64(row_scale[r])
@@ -94,16 +101,23 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
                 continue
             inv = 1.0 / scale
             base = r * cols
+            decode_row(suspect, r, suspect_kind, d)
+            if has_reference:
+                decode_row(reference, r, reference_kind, ref)
+                for c in range(cols):
+                    d[c] -= ref[c]
             for c in range(cols):
-                d = as_f64(suspect[r, c], suspect_kind)
-                if has_reference:
-                    d -= as_f64(reference[r, c], reference_kind)
-                # Branch-free: zero differences add nothing, non-finite ones are dropped.
-                e = d * inv if np.isfinite(d) else 0.0
+                # Zero differences add nothing; non-finite ones are dropped.
+                e = d[c] * inv if np.isfinite(d[c]) else 0.0
                 h = element_hash(seed, base + c)
-                p = position_of(h, code_length)
-                num[t, p] += chip_of(h) * e
-                den[t, p] += e * e
+                position[c] = position_of(h, code_length)
+                weighted[c] = chip_of(h) * e
+                squared[c] = e * e
+            for c in range(cols):
+                p = position[c]
+                num[t, p] += weighted[c]
+                den[t, p] += squared[c]
+
 
 _GRID_DTYPE = np.dtype(np.uint16)
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))

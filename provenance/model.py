@@ -47,8 +47,8 @@ def carriers_of(ckpt: Checkpoint, progress: Progress | None = None) -> list[Carr
     for name, (_, info) in ckpt.tensors.items():
         if not is_carrier(info.dtype, info.shape):
             continue
-        rows = as_2d(to_float32(info.dtype, ckpt.raw(name)))
-        out.append(Carrier(name, info.dtype, tuple(info.shape), row_rms(rows)))
+        rms = row_rms(as_2d(ckpt.raw(name)), lambda block, dtype=info.dtype: to_float32(dtype, block))
+        out.append(Carrier(name, info.dtype, tuple(info.shape), rms))
         ckpt.release(name)
         if progress:
             progress(info.nbytes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,12 +130,16 @@ def p_from_log10(log10_p: float) -> float:
     return 10.0**log10_p if log10_p > -320 else 0.0
 
 
-def row_rms(rows: np.ndarray) -> np.ndarray:
-    """RMS of each row of a 2-D float view, float32, computed in float64 (non-finite -> 0)."""
+def row_rms(rows: np.ndarray, decode: Callable[[np.ndarray], np.ndarray] = np.asarray) -> np.ndarray:
+    """RMS of each row of a 2-D view, float32, computed in float64 (non-finite -> 0).
+
+    `decode` turns a block of stored rows into values (e.g. bf16 bits into floats); rows are
+    processed in blocks of about 16M elements so memory stays bounded.
+    """
     out = np.empty(rows.shape[0], dtype=np.float32)
     block = max(1, (1 << 24) // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], block):
-        part = rows[start : start + block].astype(np.float64)
+        part = decode(rows[start : start + block]).astype(np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
             rms = np.sqrt(np.mean(part * part, axis=1))
         out[start : start + block] = np.where(np.isfinite(rms), rms, 0.0)
