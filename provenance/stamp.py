@@ -66,21 +66,21 @@ def stamp(
         index = registry.reserve_codeword(model.model_id)
         code = codeword(model_key, index, params.code_length)
 
-        def transform(name: str, info: TensorInfo, raw: np.ndarray) -> np.ndarray:
+        def transform(name: str, info: TensorInfo, raw: np.ndarray, out: np.ndarray) -> np.ndarray:
             carrier = carriers.get(name)
             if carrier is None:
                 return raw
             if (info.dtype, tuple(info.shape)) != (carrier.dtype, carrier.shape):
                 raise InputFileError(base.root, f"tensor {name!r} is not the registered {carrier.dtype} {list(carrier.shape)}")
-            stamped = embed(as_2d(raw), kind_of(info.dtype), carrier.row_scale, code,
-                            carrier_seed(model_key, name), params.alpha)
-            return stamped.reshape(info.shape)
+            embed(as_2d(raw), kind_of(info.dtype), carrier.row_scale, code,
+                  carrier_seed(model_key, name), params.alpha, out=as_2d(out))
+            return out
 
         total = sum(info.nbytes for _, info in base.tensors.values())
         progress.begin(f"stamping {model.name} for {licensee.name}", total)
         try:
             with staged_output(out, is_dir=base.is_folder, overwrite=overwrite) as staging:
-                files = write_like(base, staging.path, transform, progress.advance)
+                files = write_like(base, staging.path, transform, progress.advance, scratch=True)
                 issued = registry.record_issue(
                     model, licensee, index, str(params), "safetensors",
                     variant_of(base, set(carriers)), str(out.resolve()), files, keys,

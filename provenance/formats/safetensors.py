@@ -754,13 +754,36 @@ class Checkpoint:
         self.close()
 
 
+class _ScratchBuffers:
+    """Output buffers reused across tensors of the same size.
+
+    A fresh multi-megabyte array costs a page fault per 4 KiB page on every tensor; with at
+    most one tensor being written while the next is transformed, two buffers per size suffice.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[np.ndarray]] = {}
+
+    def take(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        nbytes = math.prod(shape) * dtype.itemsize
+        free = self._free.get(nbytes)
+        raw = free.pop() if free else np.empty(nbytes, dtype=np.uint8)
+        return raw.view(dtype).reshape(shape)
+
+    def give(self, array: np.ndarray | None) -> None:
+        if array is not None:
+            raw = array.reshape(-1).view(np.uint8)
+            self._free.setdefault(raw.size, []).append(raw)
+
+
 def _write_shard(
     src: Checkpoint,
     shard: SafetensorsFile,
     target: pathlib.Path,
-    transform: Callable[[str, TensorInfo, np.ndarray], np.ndarray],
+    transform: Callable[..., np.ndarray],
     progress: Callable[[int], None] | None,
     out_dtype: Callable[[TensorInfo], str] | None = None,
+    scratch: _ScratchBuffers | None = None,
 ) -> str:
     dtype_of = out_dtype or (lambda info: info.dtype)
     specs = [(info.name, dtype_of(info), info.shape) for info in shard.tensors.values()]
@@ -776,9 +799,18 @@ def _write_shard(
     with open(target, "xb") as fh, ThreadPoolExecutor(max_workers=1) as pool:
         writer = SafetensorsWriter(fh, specs, shard.metadata, shard.header_order)
         pending: Future[None] | None = None
+        pending_buffer: np.ndarray | None = None
         for name, info in shard.tensors.items():
-            out = np.asarray(transform(name, info, shard.raw(name)))
             want = DTYPES[dtype_of(info)]
+            if scratch is None:
+                buffer = None
+                out = np.asarray(transform(name, info, shard.raw(name)))
+            else:
+                buffer = scratch.take(want, tuple(info.shape))
+                out = np.asarray(transform(name, info, shard.raw(name), buffer))
+                if not np.shares_memory(out, buffer):
+                    scratch.give(buffer)
+                    buffer = None
             if out.dtype != want or out.shape != info.shape:
                 raise ValueError(
                     f"tensor {name!r}: transform returned {out.dtype} {list(out.shape)}, "
@@ -786,7 +818,9 @@ def _write_shard(
                 )
             if pending is not None:
                 pending.result()
-            pending = pool.submit(emit, name, info, out)
+                if scratch is not None:
+                    scratch.give(pending_buffer)
+            pending, pending_buffer = pool.submit(emit, name, info, out), buffer
             del out
         if pending is not None:
             pending.result()
@@ -798,26 +832,32 @@ def _write_shard(
 def write_like(
     src: Checkpoint,
     staging: pathlib.Path,
-    transform: Callable[[str, TensorInfo, np.ndarray], np.ndarray],
+    transform: Callable[..., np.ndarray],
     progress: Callable[[int], None] | None = None,
     out_dtype: Callable[[TensorInfo], str] | None = None,
+    scratch: bool = False,
 ) -> dict[str, str]:
     """Write a copy of `src` at `staging` with each tensor passed through `transform`.
 
     Returns {relative file name: sha256 hex} for every file written. For a single file the
     key is the source file's name. `out_dtype` gives each tensor's output dtype (default: its
-    own); the transform must then return arrays of that dtype's storage type.
+    own); the transform must then return arrays of that dtype's storage type. With
+    `scratch=True` the transform gets a fourth argument, an uninitialised output array of the
+    right dtype and shape that it may fill and return (it is reused for later tensors).
     """
+    buffers = _ScratchBuffers() if scratch else None
     staging = pathlib.Path(staging)
     manifest: dict[str, str] = {}
     if not src.is_folder:
         (shard,) = src.shards
-        manifest[shard.path.name] = _write_shard(src, shard, staging, transform, progress, out_dtype)
+        manifest[shard.path.name] = _write_shard(
+            src, shard, staging, transform, progress, out_dtype, buffers
+        )
         return manifest
     staging.mkdir(exist_ok=True)
     for shard in src.shards:
         manifest[shard.path.name] = _write_shard(
-            src, shard, staging / shard.path.name, transform, progress, out_dtype
+            src, shard, staging / shard.path.name, transform, progress, out_dtype, buffers
         )
     if src.index is not None:
         blob = json.dumps(src.index, indent=2).encode("utf-8")
