@@ -11,6 +11,7 @@ import pathlib
 import shutil
 import stat
 import struct
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ _METADATA_KEY = "__metadata__"
 _MAX_NDIM = 64  # numpy's limit on array dimensions
 _MAX_BYTES = 2**64  # no tensor that a file can hold is larger
 _LEN = struct.Struct("<Q")
+_PARALLEL_HASH_BYTES = 4 << 20  # tensors at least this large are hashed while being written
 
 # numpy dtype -> safetensors name for save_file's dict form. uint16 is deliberately absent:
 # it could mean U16, F16 bits or BF16 bits, so the caller must say which.
@@ -458,8 +460,17 @@ class SafetensorsWriter:
         self._digest: str | None = None
 
     def _emit(self, data: memoryview | bytes) -> None:
-        self._hash.update(data)
-        _write_all(self._file, data)
+        if len(data) < _PARALLEL_HASH_BYTES:
+            self._hash.update(data)
+            _write_all(self._file, data)
+            return
+        # Hash on a second thread while this one writes: both release the GIL.
+        hasher = threading.Thread(target=self._hash.update, args=(data,))
+        hasher.start()
+        try:
+            _write_all(self._file, data)
+        finally:
+            hasher.join()
 
     def write(self, name: str, array: np.ndarray) -> None:
         """Write the next tensor's bytes; tensors must come in spec (data) order."""
