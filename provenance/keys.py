@@ -21,6 +21,7 @@ from weightmark.errors import KeyProblem
 from weightmark.fsutil import write_bytes_atomic
 
 KEY_FILE = "lab-keys.json"
+NEXT_KEY_FILE = "lab-keys.next.json"  # a rotation in progress
 PUBLIC_KEY_FILE = "lab.pub"
 _AAD = b"weightmark/lab-keys/v1"
 _SCRYPT = {"n": 2**15, "r": 8, "p": 1}
@@ -28,7 +29,11 @@ MODEL_KEY_INFO = b"weightmark/v1/model"
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
-    """First 4 bytes of SHA-256 of the raw public key, hex (the C2SP signed-note key id)."""
+    """First 4 bytes of SHA-256 of the raw public key, hex: the key id of DSSE signatures.
+
+    (Signed-note checkpoints use the C2SP key id instead, which also hashes the key's name:
+    see weightmark.registry.note.note_key_id.)
+    """
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).digest()[:4].hex()
 
@@ -67,6 +72,14 @@ class LabKeys:
     @classmethod
     def generate(cls) -> LabKeys:
         return cls(Ed25519PrivateKey.generate(), secrets.token_bytes(32))
+
+    def rotated(self) -> LabKeys:
+        """A new signing key with the same watermark master secret (copies stay traceable)."""
+        return LabKeys(Ed25519PrivateKey.generate(), self.master_secret)
+
+    @property
+    def public_pem(self) -> str:
+        return public_key_pem(self.public_key).decode("ascii")
 
 
 def _b64(data: bytes) -> str:
@@ -141,8 +154,8 @@ def create(home: Path, passphrase: str | None) -> LabKeys:
     return keys
 
 
-def load(home: Path, passphrase: str | None) -> LabKeys:
-    path = home / KEY_FILE
+def load(home: Path, passphrase: str | None, name: str = KEY_FILE) -> LabKeys:
+    path = home / name
     try:
         data = path.read_bytes()
     except FileNotFoundError:

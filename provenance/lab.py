@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightmark import keys as _keys
-from weightmark.errors import InputFileError, KeyProblem
+from weightmark.errors import InputFileError, KeyProblem, RegistryError
+from weightmark.fsutil import write_bytes_atomic
 from weightmark.progress import NO_PROGRESS, Progress
-from weightmark.registry.store import IssuedCopy, Licensee, Model, Registry
+from weightmark.registry.log import (
+    LogVerificationError,
+    Trust,
+    VerifiedLog,
+    trust_from_entries,
+    verify_log,
+)
+from weightmark.registry.store import DB_FILE, IssuedCopy, Licensee, Model, Registry
 from weightmark.scheme import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 
 if TYPE_CHECKING:
@@ -49,12 +58,16 @@ class Lab:
 
     @classmethod
     def init(cls, home: str | os.PathLike[str] | None, passphrase: str | None) -> Lab:
-        """Create a home: keys (encrypted unless passphrase is None) and an empty registry."""
+        """Create a home: keys (encrypted unless passphrase is None) and a log with its genesis."""
         lab = cls(home, passphrase=lambda: passphrase)
         lab.home.mkdir(parents=True, exist_ok=True)
         os.chmod(lab.home, 0o700)
-        lab._keys = _keys.create(lab.home, passphrase)
+        if (lab.home / DB_FILE).exists():
+            raise RegistryError(f"{lab.home / DB_FILE}: a registry already exists here")
+        keys = _keys.create(lab.home, passphrase)
+        lab._keys = keys
         lab._registry = Registry.create(lab.home)
+        lab._registry.init_log(f"weightmark.lab/{keys.key_id}-{secrets.token_hex(4)}", keys.public_pem, keys)
         return lab
 
     @property
@@ -70,7 +83,48 @@ class Lab:
                 raise KeyProblem(f"{self.home}: no lab keys here; run `weightmark init` first")
             phrase = self._passphrase() if _keys.is_encrypted(self.home) else None
             self._keys = _keys.load(self.home, phrase)
+            if (self.home / _keys.NEXT_KEY_FILE).exists():
+                self._finish_rotation(phrase)
         return self._keys
+
+    def _finish_rotation(self, phrase: str | None) -> None:
+        """A rotation was interrupted: complete it if the log recorded it, else drop it."""
+        pending = _keys.load(self.home, phrase, _keys.NEXT_KEY_FILE)
+        if self.trust().current.key_id == pending.key_id:
+            os.replace(self.home / _keys.NEXT_KEY_FILE, self.home / _keys.KEY_FILE)
+            write_bytes_atomic(self.home / _keys.PUBLIC_KEY_FILE, pending.public_pem.encode(), mode=0o644)
+            self._keys = pending
+        else:
+            (self.home / _keys.NEXT_KEY_FILE).unlink()
+
+    # -- the transparency log ---------------------------------------------------------------
+
+    def trust(self) -> Trust:
+        """The lab's signing keys and their validity, as the log's key chain records them."""
+        return trust_from_entries(self.registry.log_entries())
+
+    def verify_log(self) -> VerifiedLog:
+        """Recompute the whole log from the database; the current key must be this home's lab.pub."""
+        registry = self.registry
+        entries = registry.log_entries()
+        try:
+            trust = trust_from_entries(entries)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LogVerificationError(f"entry 0: unreadable genesis or rotation entry ({exc})") from None
+        pub = (self.home / _keys.PUBLIC_KEY_FILE).read_bytes().decode("ascii")
+        if pub.strip() != trust.current.pem.strip():
+            raise LogVerificationError(f"{self.home / _keys.PUBLIC_KEY_FILE}: is not the log's current signing key")
+        return verify_log(entries, registry.checkpoints(), trust)
+
+    def rotate_keys(self) -> _keys.LabKeys:
+        """New signing key, same watermark secret; the handover checkpoint is signed by both."""
+        old = self.keys
+        phrase = self._passphrase() if _keys.is_encrypted(self.home) else None
+        new = old.rotated()
+        write_bytes_atomic(self.home / _keys.NEXT_KEY_FILE, _keys.seal(new, phrase), mode=0o600)
+        self.registry.rotate_key(old, new.key_id, new.public_pem, new.signing_key)
+        self._finish_rotation(phrase)
+        return self.keys
 
     def close(self) -> None:
         if self._registry is not None:

@@ -20,15 +20,21 @@ from typing import Any, Protocol
 
 import numpy as np
 import pycountry
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from weightmark.errors import NotFound, RegistryError, UsageError
 from weightmark.registry.envelope import PAYLOAD_TYPE, canonical_json, pae, statement
+from weightmark.registry.log import LogEntry, entry_bytes
+from weightmark.registry.merkle import CompactRange, leaf_hash
+from weightmark.registry.note import Checkpoint as NoteCheckpoint
+from weightmark.registry.note import sign_note
 
 DB_FILE = "registry.db"
 
 
 class Signer(Protocol):
     key_id: str
+    signing_key: Ed25519PrivateKey
 
     def sign(self, message: bytes) -> bytes: ...
 
@@ -94,6 +100,23 @@ MIGRATIONS: list[tuple[int, str]] = [
             UNIQUE (model_id, codeword_index)
         );
         CREATE INDEX issued_by_licensee ON issued_copies(licensee_id);
+        """,
+    ),
+    (
+        2,
+        """
+        ALTER TABLE entries ADD COLUMN leaf_hash BLOB;
+        CREATE TABLE log_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE checkpoints (
+            size INTEGER PRIMARY KEY,
+            root BLOB NOT NULL,
+            note BLOB NOT NULL,
+            frontier TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        ALTER TABLE issued_copies ADD COLUMN jurisdiction TEXT;
+        ALTER TABLE issued_copies ADD COLUMN policy TEXT;
+        CREATE INDEX entries_created ON entries(created_at);
         """,
     ),
 ]
@@ -167,6 +190,8 @@ class IssuedCopy:
     out_path: str
     digest: str
     issued_at: str
+    jurisdiction: str | None = None
+    policy: str | None = None  # JSON of the policy decision recorded with the issue
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -180,6 +205,8 @@ class IssuedCopy:
             "out_path": self.out_path,
             "digest": self.digest,
             "issued_at": self.issued_at,
+            "jurisdiction": self.jurisdiction,
+            "policy": json.loads(self.policy) if self.policy else None,
         }
 
 
@@ -266,20 +293,111 @@ class Registry:
     def schema_version(self) -> int:
         return self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]
 
-    def _append(self, db: sqlite3.Connection, kind: str, stmt: dict[str, Any], signer: Signer) -> int:
+    def _append(self, db: sqlite3.Connection, kind: str, stmt: dict[str, Any], signer: Signer,
+                cosigner: Ed25519PrivateKey | None = None) -> int:
+        """Append a signed entry and the signed checkpoint over it, in the caller's transaction.
+
+        The statement carries its own log index, so a moved or swapped entry fails its signature.
+        """
+        idx = db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM entries").fetchone()[0]
+        if idx > 0 and self.origin is None:
+            raise RegistryError(f"{self.path}: this registry has no log genesis entry")
+        stmt["predicate"]["log_index"] = idx
         payload = canonical_json(stmt)
         signature = signer.sign(pae(PAYLOAD_TYPE, payload))
-        idx = db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM entries").fetchone()[0]
+        leaf = leaf_hash(entry_bytes(payload, signer.key_id, signature))
         db.execute(
-            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (idx, kind, PAYLOAD_TYPE, payload, signer.key_id, signature, now()),
+            "INSERT INTO entries (idx, kind, payload_type, payload, key_id, signature, created_at, leaf_hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (idx, kind, PAYLOAD_TYPE, payload, signer.key_id, signature, now(), leaf),
         )
+        self._seal(db, idx, leaf, signer, cosigner)
         return idx
+
+    def _seal(self, db: sqlite3.Connection, idx: int, leaf: bytes, signer: Signer,
+              cosigner: Ed25519PrivateKey | None) -> None:
+        """Sign the checkpoint of size idx + 1, extending the previous one (never contradicting it)."""
+        prev = db.execute("SELECT size, root, frontier FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+        if prev is None:
+            tree = CompactRange()
+        else:
+            tree = CompactRange(prev[0], [bytes.fromhex(h) for h in json.loads(prev[2])])
+            if tree.root() != prev[1]:
+                raise RegistryError(f"checkpoint {prev[0]}: stored frontier does not match its root; "
+                                    "run `weightmark registry verify`")
+        if tree.size != idx:
+            raise RegistryError(f"checkpoint {tree.size}: the latest checkpoint does not end where entry {idx} "
+                                "begins; run `weightmark registry verify`")
+        tree.append(leaf)
+        origin = self.origin or ""
+        signers = [(origin, signer.signing_key)] + ([(origin, cosigner)] if cosigner is not None else [])
+        note = sign_note(NoteCheckpoint(origin, idx + 1, tree.root()).body(), signers)
+        db.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                   (idx + 1, tree.root(), note, json.dumps([h.hex() for h in tree.hashes]), now()))
+
+    # -- the log -----------------------------------------------------------------------------
+
+    @property
+    def origin(self) -> str | None:
+        row = self._db.execute("SELECT value FROM log_meta WHERE key = 'origin'").fetchone()
+        return None if row is None else row[0]
+
+    def init_log(self, origin: str, public_key_pem: str, signer: Signer) -> int:
+        """Append the genesis entry: the log's origin and its first signing key."""
+        with self._write() as db:
+            if db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]:
+                raise RegistryError(f"{self.path}: the log already has entries")
+            db.execute("INSERT INTO log_meta VALUES ('origin', ?)", (origin,))
+            predicate = {"origin": origin, "key_id": signer.key_id, "public_key": public_key_pem,
+                         "created_at": now()}
+            digest = hashlib.sha256(public_key_pem.encode()).hexdigest()
+            return self._append(db, "log-genesis", statement("log-genesis", origin, digest, predicate), signer)
+
+    def rotate_key(self, old: Signer, new_key_id: str, new_public_key_pem: str,
+                   new_signing_key: Ed25519PrivateKey) -> int:
+        """Record a signing-key rotation: signed by the old key, checkpoint signed by both."""
+        predicate = {"old_key_id": old.key_id, "new_key_id": new_key_id, "new_public_key": new_public_key_pem,
+                     "rotated_at": now()}
+        digest = hashlib.sha256(new_public_key_pem.encode()).hexdigest()
+        with self._write() as db:
+            return self._append(db, "key-rotation", statement("key-rotation", new_key_id, digest, predicate),
+                                old, cosigner=new_signing_key)
+
+    def log_entries(self, start: int = 0, stop: int | None = None) -> list[LogEntry]:
+        sql = "SELECT idx, payload_type, payload, key_id, signature, leaf_hash FROM entries WHERE idx >= ?"
+        args: list[Any] = [start]
+        if stop is not None:
+            sql += " AND idx < ?"
+            args.append(stop)
+        return [LogEntry(*row) for row in self._db.execute(sql + " ORDER BY idx", args)]
+
+    def leaf_hashes(self, size: int) -> list[bytes]:
+        rows = self._db.execute("SELECT idx, leaf_hash FROM entries WHERE idx < ? ORDER BY idx", (size,)).fetchall()
+        if len(rows) != size or any(r[0] != i for i, r in enumerate(rows)):
+            raise RegistryError("the log's entries are not contiguous; run `weightmark registry verify`")
+        return [r[1] for r in rows]
+
+    def checkpoints(self) -> list[tuple[int, bytes]]:
+        return [(s, n) for s, n in self._db.execute("SELECT size, note FROM checkpoints ORDER BY size")]
+
+    def latest_checkpoint(self) -> tuple[int, bytes, bytes]:
+        row = self._db.execute("SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+        if row is None:
+            raise RegistryError(f"{self.path}: no signed checkpoint yet")
+        return row[0], row[1], row[2]
+
+    def checkpoint(self, size: int) -> tuple[bytes, bytes]:
+        row = self._db.execute("SELECT root, note FROM checkpoints WHERE size = ?", (size,)).fetchone()
+        if row is None:
+            raise NotFound(f"no checkpoint of size {size}")
+        return row[0], row[1]
 
     # -- entries ----------------------------------------------------------------------------
 
     def entry(self, idx: int) -> Entry:
-        row = self._db.execute("SELECT * FROM entries WHERE idx = ?", (idx,)).fetchone()
+        row = self._db.execute(
+            "SELECT idx, kind, payload_type, payload, key_id, signature, created_at FROM entries WHERE idx = ?",
+            (idx,)).fetchone()
         if row is None:
             raise NotFound(f"no registry entry {idx}")
         return Entry(*row)
@@ -425,8 +543,13 @@ class Registry:
         out_path: str,
         files: dict[str, str],
         signer: Signer,
+        policy: dict[str, Any] | None = None,
     ) -> IssuedCopy:
-        """Append the signed issued-copy entry (call once the copy is fully written)."""
+        """Append the signed issued-copy entry (call once the copy is fully written).
+
+        `policy` is the jurisdiction-policy decision (version, date, tier, rule, any override
+        reason); it goes into the signed statement.
+        """
         digest = hashlib.sha256(canonical_json(files)).hexdigest()
         issued = now()
         predicate = {
@@ -442,14 +565,16 @@ class Registry:
             "files": files,
             "issuer_key_id": signer.key_id,
             "issued_at": issued,
+            "policy": policy,
         }
         subject = Path(out_path).name
         with self._write() as db:
             idx = self._append(db, "issued-copy", statement("issued-copy", subject, digest, predicate), signer)
             db.execute(
-                "INSERT INTO issued_copies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO issued_copies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (idx, model.model_id, licensee.id, codeword_index, scheme, output_format, variant,
-                 out_path, digest, issued),
+                 out_path, digest, issued, licensee.jurisdiction,
+                 None if policy is None else json.dumps(policy, sort_keys=True)),
             )
             db.execute("DELETE FROM codeword_reservations WHERE model_id = ? AND codeword_index = ?",
                        (model.model_id, codeword_index))
@@ -468,14 +593,25 @@ class Registry:
         return [IssuedCopy(*r) for r in rows]
 
     def find_issued(
-        self, licensee_id: str | None = None, jurisdiction: str | None = None, model_id: str | None = None
+        self,
+        licensee_id: str | None = None,
+        jurisdiction: str | None = None,
+        model_id: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        jurisdictions: frozenset[str] | None = None,
     ) -> list[tuple[IssuedCopy, Licensee]]:
-        sql = ("SELECT i.*, l.* FROM issued_copies i JOIN licensees l ON l.id = i.licensee_id WHERE 1=1")
+        """Issued copies matching every given filter; since/until compare ISO 8601 UTC times."""
+        sql = "SELECT i.*, l.* FROM issued_copies i JOIN licensees l ON l.id = i.licensee_id WHERE 1=1"
         args: list[Any] = []
-        for column, value in (("i.licensee_id", licensee_id), ("l.jurisdiction", jurisdiction),
-                              ("i.model_id", model_id)):
+        for clause, value in (("i.licensee_id = ?", licensee_id), ("l.jurisdiction = ?", jurisdiction),
+                              ("i.model_id = ?", model_id), ("i.issued_at >= ?", since),
+                              ("i.issued_at < ?", until)):
             if value is not None:
-                sql += f" AND {column} = ?"
+                sql += f" AND {clause}"
                 args.append(value)
+        if jurisdictions is not None:
+            sql += f" AND l.jurisdiction IN ({','.join('?' * len(jurisdictions))})" if jurisdictions else " AND 0"
+            args.extend(sorted(jurisdictions))
         n = len(IssuedCopy.__dataclass_fields__)
         return [(IssuedCopy(*r[:n]), Licensee(*r[n:])) for r in self._db.execute(sql + " ORDER BY i.entry_idx", args)]
