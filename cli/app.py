@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from weightmark.cli import init, licensee, model, registry, scan, stamp
+from weightmark.cli import evidence, init, keys, licensee, model, policy, registry, scan, stamp
 
 app = typer.Typer(
     name="weightmark",
@@ -24,3 +24,6 @@ app.command("scan")(scan.scan)
 app.add_typer(model.app, name="model")
 app.add_typer(licensee.app, name="licensee")
 app.add_typer(registry.app, name="registry")
+app.add_typer(keys.app, name="keys")
+app.add_typer(policy.app, name="policy")
+app.add_typer(evidence.app, name="evidence")

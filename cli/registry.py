@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from weightmark.cli.common import HomeOption, JsonOption, open_lab, print_json
+from weightmark.cli.common import HomeOption, JsonOption, err, open_lab, print_json
+from weightmark.errors import UsageError
 from weightmark.keys import PUBLIC_KEY_FILE, key_id
+from weightmark.registry import policy
 from weightmark.registry.envelope import envelope, verify
+from weightmark.registry.log import b64
+from weightmark.registry.merkle import consistency_proof, inclusion_proof, leaf_hash
 from weightmark.registry.store import validate_jurisdiction
 
 app = typer.Typer(help="Look up the signed registry.", no_args_is_help=True)
@@ -56,19 +62,29 @@ def find(
     licensee: Annotated[str | None, typer.Option("--licensee", help="Licensee id.")] = None,
     jurisdiction: Annotated[str | None, typer.Option("--jurisdiction", help="ISO 3166-1 alpha-2 code.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model name.")] = None,
+    tier: Annotated[str | None, typer.Option("--tier", help="Jurisdiction-policy tier name.")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Issued at or after (ISO 8601 date or time, UTC).")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Issued before (ISO 8601 date or time, UTC).")] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Find issued copies by licensee, jurisdiction or model.
+    """Find issued copies by licensee, jurisdiction, policy tier, model or issue time.
 
-    Example: weightmark registry find --jurisdiction DE --json
+    Example: weightmark registry find --jurisdiction DE --since 2026-01-01 --json
     """
     if jurisdiction:
         validate_jurisdiction(jurisdiction)
     with open_lab(home) as lab:
         model_id = lab.registry.model(model).model_id if model else None
+        countries = None
+        if tier is not None:
+            installed = policy.current(lab.home)
+            if installed is None:
+                raise UsageError("--tier needs a jurisdiction policy (weightmark policy set FILE)")
+            countries = installed.countries_in(tier)
         names = {m.model_id: m.name for m in lab.registry.models()}
-        hits = lab.registry.find_issued(licensee, jurisdiction, model_id)
+        hits = lab.registry.find_issued(licensee, jurisdiction, model_id, _utc(since, "--since"),
+                                        _utc(until, "--until"), countries)
     rows = [{**copy.to_json(), "model": names.get(copy.model_id), "licensee_name": lic.name,
              "jurisdiction": lic.jurisdiction} for copy, lic in hits]
     if json_out:
@@ -77,3 +93,118 @@ def find(
     for r in rows:
         typer.echo(f"entry {r['entry_id']}\t{r['model']}\t{r['licensee_id']}\t{r['jurisdiction']}\t"
                    f"{r['licensee_name']}\t{r['issued_at']}")
+
+
+def _utc(text: str | None, option: str) -> str | None:
+    """An ISO 8601 date or time as the registry's UTC timestamp text (for comparisons)."""
+    if text is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not an ISO 8601 date or time (e.g. 2026-11-01)") from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(dt.UTC).replace(tzinfo=None)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@app.command("verify")
+def verify_cmd(
+    from_dir: Annotated[Path | None, typer.Option("--from", help="Verify an exported log folder (no database).")] = None,
+    trust: Annotated[Path | None, typer.Option("--trust", help="With --from: the trust file you pinned.")] = None,
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Recompute every leaf, the tree and every checkpoint, and check every signature.
+
+    Exit 0 when everything holds; exit 4 naming the first bad entry or checkpoint otherwise.
+
+    Example: weightmark registry verify   |   weightmark registry verify --from ./log-export
+    """
+    if from_dir is not None:
+        from weightmark.evidence import verify_export
+
+        result = verify_export(from_dir, trust)
+    else:
+        if trust is not None:
+            raise UsageError("--trust goes with --from")
+        with open_lab(home) as lab:
+            result = lab.verify_log()
+    doc = {"ok": True, "entries": result.size, "checkpoints": result.checkpoints, "root": b64(result.root),
+           "origin": result.trust.origin, "keys": [k.key_id for k in result.trust.keys]}
+    if json_out:
+        print_json(doc)
+    else:
+        typer.echo(f"Log verified: {result.size} entries, {result.checkpoints} signed checkpoints, "
+                   f"root {doc['root']} ({result.trust.origin})")
+
+
+@app.command("proof")
+def proof(
+    entry_id: Annotated[int, typer.Argument(help="Registry entry number.")],
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Inclusion proof of an entry in the latest signed checkpoint (RFC 9162 audit path).
+
+    Example: weightmark registry proof 4 --json
+    """
+    with open_lab(home) as lab:
+        size, root, note = lab.registry.latest_checkpoint()
+        (entry,) = lab.registry.log_entries(entry_id, entry_id + 1) or [None]
+        if entry is None:
+            raise UsageError(f"no registry entry {entry_id}")
+        path = inclusion_proof(lab.registry.leaf_hashes(size), entry_id, size)
+    doc = {"entry_id": entry_id, "tree_size": size, "root": b64(root), "leaf_hash": b64(leaf_hash(entry.data)),
+           "proof": [b64(h) for h in path], "checkpoint": note.decode()}
+    if json_out:
+        print_json(doc)
+        return
+    typer.echo(f"entry {entry_id} in tree of {size}: leaf {doc['leaf_hash']}")
+    for h in doc["proof"]:
+        typer.echo(f"  {h}")
+    typer.echo(f"root {doc['root']}")
+
+
+@app.command("consistency")
+def consistency(
+    old_size: Annotated[int, typer.Argument(help="Size of the older checkpoint.")],
+    new_size: Annotated[int | None, typer.Argument(help="Size of the newer one (default: latest).")] = None,
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Consistency proof between two signed checkpoints: the older log is a prefix of the newer.
+
+    Example: weightmark registry consistency 10 25
+    """
+    with open_lab(home) as lab:
+        latest = lab.registry.latest_checkpoint()[0]
+        new = latest if new_size is None else new_size
+        if not 0 < old_size <= new <= latest:
+            raise UsageError(f"need 0 < OLD_SIZE <= NEW_SIZE <= {latest}")
+        root1, _ = lab.registry.checkpoint(old_size)
+        root2, note2 = lab.registry.checkpoint(new)
+        path = consistency_proof(lab.registry.leaf_hashes(new), old_size, new)
+    doc = {"old_size": old_size, "new_size": new, "old_root": b64(root1), "new_root": b64(root2),
+           "proof": [b64(h) for h in path], "new_checkpoint": note2.decode()}
+    if json_out:
+        print_json(doc)
+        return
+    typer.echo(f"{old_size} -> {new}: {doc['old_root']} -> {doc['new_root']}")
+    for h in doc["proof"]:
+        typer.echo(f"  {h}")
+
+
+@app.command("export")
+def export(
+    out: Annotated[Path, typer.Option("--out", help="Folder to create with the log's files.")],
+    home: HomeOption = None,
+) -> None:
+    """Export the log (entries, checkpoints, trust file) for offline verification by others.
+
+    Example: weightmark registry export --out ./log-export && weightmark registry verify --from ./log-export
+    """
+    with open_lab(home) as lab:
+        count = lab.export_log(out)
+    err.print(f"Exported {count} entries to {out}")
+    typer.echo(str(out))

@@ -11,6 +11,7 @@ from weightmark.cli.common import (
     BarProgress,
     HomeOption,
     JsonOption,
+    err,
     format_p,
     open_lab,
     print_json,
@@ -26,6 +27,7 @@ def scan(
     blind: Annotated[bool, typer.Option("--blind", help="Scan without any reference weights.")] = False,
     threshold: Annotated[float, typer.Option("--threshold", help="Accuse when the family-wise p-value is at most this.")] = DEFAULT_THRESHOLD,
     assume_licensees: Annotated[int, typer.Option("--assume-licensees", help="Correct for at least this many licensees.")] = 0,
+    evidence: Annotated[Path | None, typer.Option("--evidence", help="Write a signed evidence bundle of the accusations here.")] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -37,6 +39,13 @@ def scan(
     """
     with open_lab(home) as lab:
         report = lab.scan(suspect, model, reference, blind, threshold, assume_licensees, progress=BarProgress())
+        if evidence is not None:
+            if report.accused:
+                lab.evidence(report, evidence)
+                err.print(f"Evidence bundle written to {evidence} (verify: weightmark evidence verify "
+                          f"{evidence} --pubkey LAB.pub)")
+            else:
+                err.print("Nobody accused: no evidence bundle written.")
     if json_out:
         print_json(report.to_json())
         return

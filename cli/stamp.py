@@ -17,15 +17,20 @@ def stamp(
     out: Annotated[Path, typer.Option("--out", help="Where to write the copy (file or folder, like the base).")],
     alpha: Annotated[float, typer.Option("--alpha", help="Watermark strength relative to each row's RMS.")] = DEFAULT_ALPHA,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    override_reason: Annotated[str | None, typer.Option("--override-reason", help="Issue despite the jurisdiction policy; recorded in the signed entry.")] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Write a licensee's copy of MODEL_NAME, in the base's own format and dtypes, and record it.
 
+    The jurisdiction policy (weightmark policy show) is checked first: a refused issue exits
+    with code 5 and writes nothing, unless --override-reason is given.
+
     Example: weightmark stamp minilm --licensee lic-1a2b3c4d --out ./acme-copy
     """
     with open_lab(home) as lab:
-        copy = lab.stamp(model_name, licensee, out, alpha=alpha, overwrite=force, progress=BarProgress())
+        copy = lab.stamp(model_name, licensee, out, alpha=alpha, overwrite=force, progress=BarProgress(),
+                         override_reason=override_reason)
         lic = lab.registry.licensee(licensee)
     if json_out:
         print_json(copy.to_json())

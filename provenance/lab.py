@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightmark import keys as _keys
-from weightmark.errors import InputFileError, KeyProblem, RegistryError
+from weightmark.errors import InputFileError, KeyProblem, RegistryError, UsageError
 from weightmark.fsutil import write_bytes_atomic
 from weightmark.progress import NO_PROGRESS, Progress
+from weightmark.registry import policy
 from weightmark.registry.log import (
     LogVerificationError,
     Trust,
@@ -163,10 +164,30 @@ class Lab:
 
     def stamp(self, model_name: str, licensee_id: str, out: str | os.PathLike[str],
               alpha: float = DEFAULT_ALPHA, overwrite: bool = False,
-              progress: Progress = NO_PROGRESS) -> IssuedCopy:
+              progress: Progress = NO_PROGRESS, override_reason: str | None = None) -> IssuedCopy:
+        """Issue a stamped copy, subject to the installed jurisdiction policy."""
         from weightmark.stamp import stamp
 
-        return stamp(self.registry, self.keys, model_name, licensee_id, out, alpha, overwrite, progress)
+        return stamp(self.registry, self.keys, model_name, licensee_id, out, alpha, overwrite, progress,
+                     policy.current(self.home), override_reason)
+
+    def evidence(self, report: ScanReport, out: str | os.PathLike[str]) -> Path:
+        """Write a signed evidence bundle for a scan's accusations."""
+        from weightmark.evidence import build_bundle
+        from weightmark.registry.store import now
+
+        if not report.accused:
+            raise UsageError("nobody was accused, so there is no evidence bundle to write")
+        data = build_bundle(self.registry, self.keys, report.to_json(), now())
+        out = Path(out)
+        write_bytes_atomic(out, data, mode=0o644)
+        return out
+
+    def export_log(self, out: str | os.PathLike[str]) -> int:
+        from weightmark.evidence import export_log
+
+        self.verify_log()
+        return export_log(self.registry, Path(out))
 
     def scan(self, suspect: str | os.PathLike[str], model_name: str | None = None,
              reference: str | os.PathLike[str] | None = None, blind: bool = False,

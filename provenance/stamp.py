@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from weightmark.canonical import as_2d, kind_of
-from weightmark.errors import InputFileError
+from weightmark.errors import InputFileError, PolicyDenied
 from weightmark.formats.safetensors import Checkpoint, TensorInfo, write_like
 from weightmark.fsutil import staged_output
 from weightmark.kernels import embed
 from weightmark.keys import LabKeys
 from weightmark.model import file_stats, manifest_id
 from weightmark.progress import NO_PROGRESS, Progress
+from weightmark.registry.policy import Policy
 from weightmark.registry.store import IssuedCopy, Model, Registry
 from weightmark.scheme import DEFAULT_ALPHA, SchemeParams, carrier_seed, codeword
 
@@ -41,6 +42,27 @@ def variant_of(ckpt: Checkpoint, carrier_names: set[str]) -> str:
     return "full-precision:" + "+".join(sorted(dtypes))
 
 
+def policy_gate(policy: Policy | None, jurisdiction: str, variant: str,
+                override_reason: str | None) -> dict[str, object]:
+    """The policy record of an issue; raises PolicyDenied when refused and not overridden."""
+    reason = (override_reason or "").strip() or None
+    if policy is None:
+        return {"installed": False, "override_reason": reason}
+    decision = policy.decide(jurisdiction, variant)
+    if not decision.allowed and reason is None:
+        raise PolicyDenied(f"{decision.rule}; nothing was issued "
+                           "(give --override-reason TEXT to issue anyway, recorded in the signed entry)")
+    return {
+        "installed": True,
+        "version": policy.version,
+        "date": policy.date.isoformat(),
+        "sha256": policy.sha256,
+        **decision.to_json(),
+        "decision": "allowed" if decision.allowed else "overridden",
+        "override_reason": reason,
+    }
+
+
 def stamp(
     registry: Registry,
     keys: LabKeys,
@@ -50,9 +72,13 @@ def stamp(
     alpha: float = DEFAULT_ALPHA,
     overwrite: bool = False,
     progress: Progress = NO_PROGRESS,
+    policy: Policy | None = None,
+    override_reason: str | None = None,
 ) -> IssuedCopy:
     """Write the licensee's stamped copy at `out` (same format, layout and dtypes as the base).
 
+    The jurisdiction policy is consulted first: a refused issue raises PolicyDenied before
+    anything is written, unless `override_reason` is given (it goes into the signed entry).
     The copy is written to a temporary name, synced, recorded as a signed registry entry, and
     only then moved to `out`: a crash leaves neither a half-written copy nor an unrecorded one.
     """
@@ -62,6 +88,8 @@ def stamp(
     carriers = {c.name: c for c in registry.carriers(model.model_id)}
     out = Path(out)
     with open_registered_base(model) as base:
+        variant = variant_of(base, set(carriers))
+        policy_record = policy_gate(policy, licensee.jurisdiction, variant, override_reason)
         model_key = keys.model_key(model.model_id)
         index = registry.reserve_codeword(model.model_id)
         code = codeword(model_key, index, params.code_length)
@@ -83,7 +111,7 @@ def stamp(
                 files = write_like(base, staging.path, transform, progress.advance, scratch=True)
                 issued = registry.record_issue(
                     model, licensee, index, str(params), "safetensors",
-                    variant_of(base, set(carriers)), str(out.resolve()), files, keys,
+                    variant, str(out.resolve()), files, keys, policy_record,
                 )
                 staging.publish()
         finally:

@@ -1,0 +1,228 @@
+"""Evidence bundles and log exports that a third party verifies offline, with no database.
+
+A bundle is one canonical-JSON file: the scan result, each accused entry's signed envelope, its
+inclusion proof, the latest signed checkpoint and the trust file, all under one Ed25519
+signature by the lab. Any byte changed anywhere makes verification fail.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from weightmark.errors import InputFileError
+from weightmark.fsutil import staged_output, write_bytes_atomic
+from weightmark.keys import LabKeys, key_id
+from weightmark.registry.envelope import PAYLOAD_TYPE, canonical_json, envelope, pae
+from weightmark.registry.log import (
+    LogEntry,
+    LogVerificationError,
+    Trust,
+    VerifiedLog,
+    entry_bytes,
+    trust_from_entries,
+    verify_log,
+)
+from weightmark.registry.merkle import ProofError, inclusion_proof, leaf_hash, verify_inclusion
+from weightmark.registry.note import NoteError, verify_note
+from weightmark.registry.store import Registry
+
+EVIDENCE_FORMAT = "weightmark-evidence/v1"
+EVIDENCE_PAYLOAD_TYPE = "application/vnd.weightmark.evidence+json"
+MAX_BUNDLE_BYTES = 64 << 20
+
+
+class EvidenceError(InputFileError):
+    """An evidence bundle or exported log that does not verify (exit code 3: bad input file)."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: Any, what: str) -> bytes:
+    """Strict base64: only the one canonical spelling of the bytes is accepted."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} is not a string")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise ValueError(f"{what} is not base64") from None
+    if _b64(data) != text:
+        raise ValueError(f"{what} is not canonical base64")
+    return data
+
+
+def _entry_from_envelope(index: int, env: Any) -> LogEntry:
+    if not isinstance(env, dict) or set(env) != {"payloadType", "payload", "signatures"}:
+        raise ValueError(f"entry {index}: not a DSSE envelope")
+    sigs = env["signatures"]
+    if not isinstance(sigs, list) or len(sigs) != 1 or not isinstance(sigs[0], dict) or set(sigs[0]) != {"keyid", "sig"}:
+        raise ValueError(f"entry {index}: envelope must carry exactly one signature")
+    return LogEntry(index, env["payloadType"], _unb64(env["payload"], f"entry {index} payload"),
+                    str(sigs[0]["keyid"]), _unb64(sigs[0]["sig"], f"entry {index} signature"))
+
+
+# -- evidence bundles ------------------------------------------------------------------------
+
+
+def build_bundle(registry: Registry, keys: LabKeys, scan: dict[str, Any], created_at: str) -> bytes:
+    """The signed bundle for a scan's accusations (every accused entry with its proof)."""
+    size, _root, note = registry.latest_checkpoint()
+    leaves = registry.leaf_hashes(size)
+    trust = trust_from_entries(registry.log_entries())
+    accusations = []
+    for accused in scan["accused"]:
+        index = int(accused["entry_id"])
+        (entry,) = registry.log_entries(index, index + 1)
+        accusations.append({
+            "entry_index": index,
+            "envelope": envelope(entry.payload, entry.key_id, entry.signature),
+            "inclusion_proof": [_b64(h) for h in inclusion_proof(leaves, index, size)],
+        })
+    content = {
+        "format": EVIDENCE_FORMAT,
+        "created_at": created_at,
+        "scan": scan,
+        "accusations": accusations,
+        "tree_size": size,
+        "checkpoint": note.decode("utf-8"),
+        "trust": trust.to_json(),
+    }
+    signature = keys.sign(pae(EVIDENCE_PAYLOAD_TYPE, canonical_json(content)))
+    return canonical_json({"bundle": content, "signature": {"keyid": keys.key_id, "sig": _b64(signature)}})
+
+
+@dataclass(frozen=True)
+class VerifiedEvidence:
+    scan: dict[str, Any]
+    accused: list[dict[str, Any]]  # the signed issued-copy predicates, one per accusation
+    tree_size: int
+    origin: str
+
+
+def verify_bundle(data: bytes, public_key: Ed25519PublicKey, source: str = "bundle") -> VerifiedEvidence:
+    """Check everything in a bundle against the lab's public key; raise EvidenceError otherwise."""
+    try:
+        return _verify_bundle(data, public_key)
+    except EvidenceError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, InvalidSignature, ProofError, NoteError,
+            LogVerificationError) as exc:
+        raise EvidenceError(source, f"does not verify: {exc or type(exc).__name__}") from None
+
+
+def _verify_bundle(data: bytes, public_key: Ed25519PublicKey) -> VerifiedEvidence:
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise ValueError("larger than any bundle we write")
+    doc = json.loads(data.decode("utf-8"))
+    if canonical_json(doc) != data:
+        raise ValueError("not in canonical form (edited after signing?)")
+    if set(doc) != {"bundle", "signature"} or set(doc["signature"]) != {"keyid", "sig"}:
+        raise ValueError("unexpected top-level layout")
+    content = doc["bundle"]
+    if content.get("format") != EVIDENCE_FORMAT:
+        raise ValueError(f"format {content.get('format')!r}")
+    if doc["signature"]["keyid"] != key_id(public_key):
+        raise ValueError(f"signed by key {doc['signature']['keyid']}, not by the given public key {key_id(public_key)}")
+    public_key.verify(_unb64(doc["signature"]["sig"], "bundle signature"), pae(EVIDENCE_PAYLOAD_TYPE, canonical_json(content)))
+
+    trust = Trust.from_json(content["trust"], "bundle trust file")
+    if key_id(public_key) not in {k.key_id for k in trust.keys}:
+        raise ValueError("the given public key is not one of the log's keys")
+    size = content["tree_size"]
+    checkpoint = verify_note(content["checkpoint"].encode("utf-8"), trust.note_keys(size), origin=trust.origin)
+    if checkpoint.size != size:
+        raise ValueError(f"checkpoint is for {checkpoint.size} entries, bundle says {size}")
+    scan = content["scan"]
+    if len(content["accusations"]) != len(scan["accused"]):
+        raise ValueError("accusations do not match the scan's accused list")
+    predicates = []
+    for claim, accused in zip(content["accusations"], scan["accused"], strict=True):
+        index = claim["entry_index"]
+        if index != accused["entry_id"]:
+            raise ValueError(f"accusation names entry {accused['entry_id']}, evidence is for entry {index}")
+        entry = _entry_from_envelope(index, claim["envelope"])
+        if entry.payload_type != PAYLOAD_TYPE:
+            raise ValueError(f"entry {index}: payload type {entry.payload_type!r}")
+        key = trust.key_for(entry.key_id, index)
+        key.public_key.verify(entry.signature, pae(entry.payload_type, entry.payload))
+        proof = [_unb64(h, f"entry {index} proof node") for h in claim["inclusion_proof"]]
+        verify_inclusion(leaf_hash(entry_bytes(entry.payload, entry.key_id, entry.signature)), index, size,
+                         proof, checkpoint.root)
+        statement = entry.statement
+        predicate = statement["predicate"]
+        if statement["predicateType"].rsplit("/", 2)[-2] != "issued-copy" or predicate["log_index"] != index:
+            raise ValueError(f"entry {index}: not the issued-copy entry it claims to be")
+        for field, value in (("licensee_id", accused["licensee_id"]), ("jurisdiction", accused["jurisdiction"]),
+                             ("legal_name", accused["name"]), ("model_id", scan["model_id"])):
+            if predicate[field] != value:
+                raise ValueError(f"entry {index}: signed {field} {predicate[field]!r} but the scan says {value!r}")
+        predicates.append(predicate)
+    return VerifiedEvidence(scan, predicates, size, trust.origin)
+
+
+# -- exported logs ---------------------------------------------------------------------------
+
+ENTRIES_FILE = "entries.jsonl"
+CHECKPOINTS_FILE = "checkpoints.jsonl"
+TRUST_FILE = "trust.json"
+
+
+def export_log(registry: Registry, out: Path) -> int:
+    """Write the log as files: entries, checkpoints and the trust file. Returns the entry count."""
+    entries = registry.log_entries()
+    trust = trust_from_entries(entries)
+    with staged_output(out, is_dir=True) as staging:
+        with open(staging.path / ENTRIES_FILE, "wb") as fh:
+            for e in entries:
+                fh.write(canonical_json({"index": e.idx, "envelope": envelope(e.payload, e.key_id, e.signature)}) + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        with open(staging.path / CHECKPOINTS_FILE, "wb") as fh:
+            for size, note in registry.checkpoints():
+                fh.write(canonical_json({"size": size, "note": note.decode("utf-8")}) + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        write_bytes_atomic(staging.path / TRUST_FILE, (json.dumps(trust.to_json(), indent=2) + "\n").encode())
+        staging.publish()
+    return len(entries)
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise EvidenceError(path, f"cannot read ({exc.strerror})") from None
+    try:
+        return [json.loads(line) for line in lines]
+    except ValueError as exc:
+        raise EvidenceError(path, f"line is not JSON ({exc})") from None
+
+
+def verify_export(folder: Path, trust_file: Path | None = None) -> VerifiedLog:
+    """Verify an exported log with no database. The trust file pinned by the verifier (or the
+    export's own) must agree with the key chain the entries record."""
+    folder = Path(folder)
+    pinned_path = trust_file or folder / TRUST_FILE
+    try:
+        pinned = Trust.from_json(json.loads(pinned_path.read_bytes()), str(pinned_path))
+    except (OSError, ValueError) as exc:
+        raise EvidenceError(pinned_path, f"not a readable trust file ({exc})") from None
+    try:
+        entries = [_entry_from_envelope(int(row["index"]), row["envelope"]) for row in _read_jsonl(folder / ENTRIES_FILE)]
+        checkpoints = [(int(row["size"]), row["note"].encode("utf-8")) for row in _read_jsonl(folder / CHECKPOINTS_FILE)]
+        chain = trust_from_entries(entries)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LogVerificationError(f"{folder}: {exc}") from None
+    if chain.to_json() != pinned.to_json():
+        raise LogVerificationError(f"{pinned_path}: the log's key chain differs from the trusted keys")
+    return verify_log(entries, checkpoints, pinned)
