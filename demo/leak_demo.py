@@ -59,7 +59,8 @@ def main() -> None:
         requantize(work / f"copy-{ids[LEAKER]}", leaked, "Q4_0", out_dtype="F16")
 
         print(run(env, "scan", str(leaked)))
-        report = json.loads(run(env, "scan", str(leaked), "--json"))
+        evidence = work / "evidence.json"
+        report = json.loads(run(env, "scan", str(leaked), "--json", "--evidence", str(evidence)))
         if not report["accused"]:
             raise SystemExit("demo failed: nobody was accused")
         who = report["accused"][0]
@@ -68,6 +69,11 @@ def main() -> None:
               f"(registry entry {who['entry_id']}).")
         if who["licensee_id"] != ids[LEAKER] or len(report["accused"]) != 1:
             raise SystemExit("demo failed: the wrong licensee was accused")
+
+        print("\nWhat the lab hands to a court: its public key and the evidence bundle, checked offline.")
+        run(env, "keys", "export-public", "--out", str(work / "lab.pub"))
+        print(run(env, "evidence", "verify", str(evidence), "--pubkey", str(work / "lab.pub")))
+        print(run(env, "registry", "verify"))
         print(f"Demo finished in {time.perf_counter() - started:.1f} s.")
     finally:
         shutil.rmtree(work, ignore_errors=True)
