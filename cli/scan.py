@@ -51,7 +51,7 @@ def scan(
         return
     echo = typer.echo
     against = f"non-blind, against {report.reference}" if report.reference else "blind"
-    echo(f"Suspect:  {report.suspect} ({against})")
+    echo(f"Suspect:  {report.suspect} ({report.format}; {against})")
     echo(f"Model:    {report.model} ({report.model_id[:16]}), {report.carriers_used}/{report.carriers_total} carriers")
     present = "yes" if report.watermark_present else "not shown"
     echo(f"Watermark of this model's key present: {present} (p = {format_p(report.presence_log10_p)})")

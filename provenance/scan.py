@@ -18,8 +18,9 @@ import numpy as np
 
 from weightmark.canonical import as_2d, kind_of
 from weightmark.errors import InputFileError, UsageError
+from weightmark.formats import QuantizedModel, SafetensorsSuspect, open_suspect
 from weightmark.formats.safetensors import Checkpoint
-from weightmark.kernels import extract, score_codewords
+from weightmark.kernels import FLOAT, extract, score_codewords
 from weightmark.keys import LabKeys
 from weightmark.model import file_stats
 from weightmark.progress import NO_PROGRESS, Progress
@@ -71,6 +72,7 @@ class Candidate:
 @dataclass
 class ScanReport:
     suspect: str
+    format: str  # the suspect's format as found: "safetensors", "gguf", "gptq", ...
     model: str
     model_id: str
     scheme: str
@@ -99,6 +101,7 @@ class ScanReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "suspect": self.suspect,
+            "format": self.format,
             "model": self.model,
             "model_id": self.model_id,
             "scheme": self.scheme,
@@ -120,9 +123,9 @@ class ScanReport:
         }
 
 
-def identify_model(registry: Registry, suspect: Checkpoint) -> Model:
+def identify_model(registry: Registry, suspect: QuantizedModel | SafetensorsSuspect) -> Model:
     """The registered model most of whose carriers the suspect holds by name and shape."""
-    shapes = {name: tuple(info.shape) for name, (_, info) in suspect.tensors.items()}
+    shapes = {name: meta.shape for name, meta in suspect.tensors().items()}
     best: tuple[float, str] | None = None
     for model_id, carriers in registry.carrier_shapes().items():
         matched = sum(1 for name, shape in carriers.items() if shapes.get(name) == shape)
@@ -130,7 +133,7 @@ def identify_model(registry: Registry, suspect: Checkpoint) -> Model:
         if fraction >= 0.5 and (best is None or fraction > best[0]):
             best = (fraction, model_id)
     if best is None:
-        raise InputFileError(suspect.root, "matches no registered model by tensor names and shapes; pass --model NAME")
+        raise InputFileError(suspect.path, "matches no registered model by tensor names and shapes; pass --model NAME")
     return registry.model_by_id(best[1])
 
 
@@ -150,7 +153,7 @@ def _same_base(model: Model) -> Checkpoint | None:
 
 
 def _extract_all(
-    suspect: Checkpoint,
+    suspect: QuantizedModel | SafetensorsSuspect,
     reference: Checkpoint | None,
     carriers: list[Carrier],
     model_key: bytes,
@@ -158,15 +161,19 @@ def _extract_all(
     progress: Progress,
 ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, list[str]]:
     sums = {L: (np.zeros(L), np.zeros(L)) for L in code_lengths}
+    metas = suspect.tensors()
+    raw_view = suspect.checkpoint if isinstance(suspect, SafetensorsSuspect) else None
     used, skipped = 0, []
     for carrier in carriers:
-        entry = suspect.tensors.get(carrier.name)
-        if entry is None:
+        meta = metas.get(carrier.name)
+        if meta is None:
             skipped.append(f"{carrier.name}: missing")
             continue
-        info = entry[1]
-        if tuple(info.shape) != carrier.shape or info.dtype not in FLOAT_CARRIER_DTYPES:
-            skipped.append(f"{carrier.name}: {info.dtype} {list(info.shape)} instead of {carrier.dtype} {list(carrier.shape)}")
+        if meta.shape != carrier.shape:
+            skipped.append(f"{carrier.name}: {meta.source_dtype} {list(meta.shape)} instead of {list(carrier.shape)}")
+            continue
+        if raw_view is not None and meta.source_dtype not in FLOAT_CARRIER_DTYPES:
+            skipped.append(f"{carrier.name}: {meta.source_dtype} is not a float dtype")
             continue
         ref_raw, ref_kind = None, 0
         if reference is not None:
@@ -175,16 +182,21 @@ def _extract_all(
                 skipped.append(f"{carrier.name}: not in the reference")
                 continue
             ref_raw, ref_kind = as_2d(reference.raw(carrier.name)), kind_of(ref_entry[1].dtype)
-        sus_raw = as_2d(suspect.raw(carrier.name))
+        if raw_view is not None:
+            # Plain safetensors: the kernels read bf16/f16/f32 storage as it is, no copy.
+            sus_raw, sus_kind = as_2d(raw_view.raw(carrier.name)), kind_of(meta.source_dtype)
+        else:
+            sus_raw, sus_kind = as_2d(suspect.load(carrier.name)), FLOAT
         seed = carrier_seed(model_key, carrier.name)
         for num, den in sums.values():
-            extract(sus_raw, kind_of(info.dtype), ref_raw, ref_kind, carrier.row_scale, seed, num, den)
+            extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, num, den)
         del sus_raw, ref_raw
-        suspect.release(carrier.name)
+        if raw_view is not None:
+            raw_view.release(carrier.name)
         if reference is not None:
             reference.release(carrier.name)
         used += 1
-        progress.advance(info.nbytes)
+        progress.advance(int(np.prod(carrier.shape)) * 2)
     return sums, used, skipped
 
 
@@ -204,7 +216,8 @@ def scan(
         raise UsageError("--blind and --reference exclude each other")
     if not 0.0 < threshold < 1.0:
         raise UsageError(f"threshold must be in (0, 1), got {threshold}")
-    with Checkpoint.open(suspect_path) as suspect:
+    suspect = open_suspect(suspect_path)
+    try:
         model = registry.model(model_name) if model_name else identify_model(registry, suspect)
         carriers = registry.carriers(model.model_id)
         issued = registry.issued(model.model_id)
@@ -217,8 +230,8 @@ def scan(
             ref = _same_base(model)
         try:
             model_key = keys.model_key(model.model_id)
-            total = sum(suspect.tensors[c.name][1].nbytes for c in carriers if c.name in suspect.tensors)
-            progress.begin(f"scanning {Path(suspect_path).name}", total)
+            total = sum(int(np.prod(c.shape)) * 2 for c in carriers)
+            progress.begin(f"scanning {Path(suspect_path).name} ({suspect.format})", total)
             sums, used, skipped = _extract_all(suspect, ref, carriers, model_key, code_lengths, progress)
             progress.end()
             mode = "non-blind" if ref is not None else "blind"
@@ -226,6 +239,8 @@ def scan(
         finally:
             if ref is not None:
                 ref.close()
+    finally:
+        suspect.close()
     if used == 0:
         raise InputFileError(suspect_path, f"holds none of model {model.name!r}'s carriers with matching shapes")
 
@@ -262,7 +277,7 @@ def scan(
     candidates.sort(key=lambda c: -c.score)
     scheme = candidates[0].scheme if candidates else str(SchemeParams(code_length=code_lengths[0]))
     return ScanReport(
-        suspect=str(Path(suspect_path).resolve()), model=model.name, model_id=model.model_id, scheme=scheme,
+        suspect=str(Path(suspect_path).resolve()), format=suspect.format, model=model.name, model_id=model.model_id, scheme=scheme,
         mode=mode, reference=ref_path, threshold=threshold, family_size=family, carriers_used=used,
         carriers_total=len(carriers), carriers_skipped=skipped, presence_statistic=presence[0],
         presence_log10_p=presence[1], positions_used=presence[2], candidates=candidates, z=first_z,

@@ -1,0 +1,295 @@
+"""Dequantize GGML block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) to float32 rows.
+
+Every kernel takes the raw bytes of a tensor as a [rows, bytes_per_row] uint8 array and fills a
+float32 [rows, cols] array, one row per prange iteration (threads never write the same row).
+Each value is computed with the same float32 operations, in the same order, as ggml's reference
+dequantizers (and the `gguf` package's numpy ones), so results agree bit for bit: f16 scales are
+decoded exactly, products are rounded to float32 once per operation, and there is no fast-math.
+"""
+
+import numba
+import numpy as np
+
+from weightmark.kernels.bits import f16_to_f64
+from weightmark.kernels.config import INLINE, PARALLEL
+
+__all__ = ["BLOCK_LAYOUTS", "QUANTIZED", "dequantize"]
+
+QK_K = 256  # elements per K-quant super-block
+
+# type name -> (block size in elements, bytes per block). Layouts, byte offsets within a block:
+#   Q8_0: d f16 | qs int8[32]
+#   Q4_0: d f16 | qs u8[16] (element j in the low nibble of qs[j], element j + 16 in the high)
+#   Q4_1: d f16 | m f16 | qs u8[16]
+#   Q5_0: d f16 | qh u32 (bit j = 5th bit of element j) | qs u8[16]
+#   Q5_1: d f16 | m f16 | qh u32 | qs u8[16]
+#   Q4_K: d f16 | dmin f16 | scales u8[12] (8 six-bit scales and mins) | qs u8[128]
+#   Q5_K: d f16 | dmin f16 | scales u8[12] | qh u8[32] | qs u8[128]
+#   Q6_K: ql u8[128] | qh u8[64] | scales int8[16] | d f16
+BLOCK_LAYOUTS: dict[str, tuple[int, int]] = {
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "Q8_0": (32, 34),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q4_K": (QK_K, 144),
+    "Q5_K": (QK_K, 176),
+    "Q6_K": (QK_K, 210),
+}
+# The block types that have a numba kernel (the rest of BLOCK_LAYOUTS is decoded in numpy).
+QUANTIZED = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"})
+
+
+@numba.njit(**INLINE)
+def _f16(raw, r, offset):
+    """The float32 value of the little-endian f16 at raw[r, offset:offset + 2] (exact)."""
+    bits = np.uint32(raw[r, offset]) | (np.uint32(raw[r, offset + 1]) << np.uint32(8))
+    return np.float32(f16_to_f64(bits))
+
+
+@numba.njit(**INLINE)
+def _i8(byte):
+    """A uint8 reinterpreted as a signed int8 value."""
+    v = np.int32(byte)
+    return v - ((v & np.int32(128)) << np.int32(1))
+
+
+@numba.njit(**INLINE)
+def _u32(raw, r, offset):
+    """The little-endian uint32 at raw[r, offset:offset + 4]."""
+    return (
+        np.uint32(raw[r, offset])
+        | (np.uint32(raw[r, offset + 1]) << np.uint32(8))
+        | (np.uint32(raw[r, offset + 2]) << np.uint32(16))
+        | (np.uint32(raw[r, offset + 3]) << np.uint32(24))
+    )
+
+
+@numba.njit(**PARALLEL)
+def _q8_0(raw, out):
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        for b in range(cols // 32):
+            o = b * 34
+            d = _f16(raw, r, o)
+            base = b * 32
+            for j in range(32):
+                out[r, base + j] = d * np.float32(_i8(raw[r, o + 2 + j]))
+
+
+@numba.njit(**PARALLEL)
+def _q4_0(raw, out):
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        for b in range(cols // 32):
+            o = b * 18
+            d = _f16(raw, r, o)
+            base = b * 32
+            for j in range(16):
+                q = np.int32(raw[r, o + 2 + j])
+                out[r, base + j] = d * np.float32((q & 15) - 8)
+                out[r, base + j + 16] = d * np.float32((q >> 4) - 8)
+
+
+@numba.njit(**PARALLEL)
+def _q4_1(raw, out):
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        for b in range(cols // 32):
+            o = b * 20
+            d = _f16(raw, r, o)
+            m = _f16(raw, r, o + 2)
+            base = b * 32
+            for j in range(16):
+                q = np.int32(raw[r, o + 4 + j])
+                out[r, base + j] = d * np.float32(q & 15) + m
+                out[r, base + j + 16] = d * np.float32(q >> 4) + m
+
+
+@numba.njit(**PARALLEL)
+def _q5_0(raw, out):
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        for b in range(cols // 32):
+            o = b * 22
+            d = _f16(raw, r, o)
+            qh = _u32(raw, r, o + 2)
+            base = b * 32
+            for j in range(16):
+                q = np.int32(raw[r, o + 6 + j])
+                h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
+                h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+                out[r, base + j] = d * np.float32(((q & 15) | h0) - 16)
+                out[r, base + j + 16] = d * np.float32(((q >> 4) | h1) - 16)
+
+
+@numba.njit(**PARALLEL)
+def _q5_1(raw, out):
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        for b in range(cols // 32):
+            o = b * 24
+            d = _f16(raw, r, o)
+            m = _f16(raw, r, o + 2)
+            qh = _u32(raw, r, o + 4)
+            base = b * 32
+            for j in range(16):
+                q = np.int32(raw[r, o + 8 + j])
+                h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
+                h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+                out[r, base + j] = d * np.float32((q & 15) | h0) + m
+                out[r, base + j + 16] = d * np.float32((q >> 4) | h1) + m
+
+
+@numba.njit(**INLINE)
+def _scale_min_k4(raw, r, offset, j):
+    """Six-bit scale and min of sub-block j (0..7) from the 12 packed bytes at offset."""
+    if j < 4:
+        sc = np.int32(raw[r, offset + j]) & 63
+        mn = np.int32(raw[r, offset + j + 4]) & 63
+    else:
+        hi = np.int32(raw[r, offset + j + 4])
+        sc = (hi & 15) | ((np.int32(raw[r, offset + j - 4]) >> 6) << 4)
+        mn = (hi >> 4) | ((np.int32(raw[r, offset + j]) >> 6) << 4)
+    return np.float32(sc), np.float32(mn)
+
+
+@numba.njit(**PARALLEL)
+def _q4_k(raw, out):
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        for b in range(cols // QK_K):
+            o = b * 144
+            d = _f16(raw, r, o)
+            dmin = _f16(raw, r, o + 2)
+            qs = o + 16
+            base = b * QK_K
+            for c in range(4):  # 64 elements per chunk: 32 low nibbles, then 32 high nibbles
+                sc1, m1 = _scale_min_k4(raw, r, o + 4, 2 * c)
+                sc2, m2 = _scale_min_k4(raw, r, o + 4, 2 * c + 1)
+                d1 = d * sc1
+                d2 = d * sc2
+                min1 = dmin * m1
+                min2 = dmin * m2
+                y = base + 64 * c
+                for j in range(32):
+                    q = np.int32(raw[r, qs + 32 * c + j])
+                    out[r, y + j] = d1 * np.float32(q & 15) - min1
+                    out[r, y + 32 + j] = d2 * np.float32(q >> 4) - min2
+
+
+@numba.njit(**PARALLEL)
+def _q5_k(raw, out):
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        for b in range(cols // QK_K):
+            o = b * 176
+            d = _f16(raw, r, o)
+            dmin = _f16(raw, r, o + 2)
+            qh = o + 16
+            qs = o + 48
+            base = b * QK_K
+            for c in range(4):
+                sc1, m1 = _scale_min_k4(raw, r, o + 4, 2 * c)
+                sc2, m2 = _scale_min_k4(raw, r, o + 4, 2 * c + 1)
+                d1 = d * sc1
+                d2 = d * sc2
+                min1 = dmin * m1
+                min2 = dmin * m2
+                y = base + 64 * c
+                for j in range(32):
+                    q = np.int32(raw[r, qs + 32 * c + j])
+                    h = np.int32(raw[r, qh + j])
+                    q1 = (q & 15) | (((h >> (2 * c)) & 1) << 4)
+                    q2 = (q >> 4) | (((h >> (2 * c + 1)) & 1) << 4)
+                    out[r, y + j] = d1 * np.float32(q1) - min1
+                    out[r, y + 32 + j] = d2 * np.float32(q2) - min2
+
+
+@numba.njit(**PARALLEL)
+def _q6_k(raw, out):
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        for b in range(cols // QK_K):
+            o = b * 210
+            d = _f16(raw, r, o + 208)
+            base = b * QK_K
+            for half in range(2):  # 128 elements each: ql[64], qh[32], scales[8]
+                ql = o + 64 * half
+                qh = o + 128 + 32 * half
+                sc = o + 192 + 8 * half
+                y = base + 128 * half
+                for j in range(32):
+                    s = j // 16
+                    lo = np.int32(raw[r, ql + j])
+                    lo2 = np.int32(raw[r, ql + 32 + j])
+                    h = np.int32(raw[r, qh + j])
+                    q1 = ((lo & 15) | ((h & 3) << 4)) - 32
+                    q2 = ((lo2 & 15) | (((h >> 2) & 3) << 4)) - 32
+                    q3 = ((lo >> 4) | (((h >> 4) & 3) << 4)) - 32
+                    q4 = ((lo2 >> 4) | (((h >> 6) & 3) << 4)) - 32
+                    out[r, y + j] = (d * np.float32(_i8(raw[r, sc + s]))) * np.float32(q1)
+                    out[r, y + 32 + j] = (d * np.float32(_i8(raw[r, sc + s + 2]))) * np.float32(q2)
+                    out[r, y + 64 + j] = (d * np.float32(_i8(raw[r, sc + s + 4]))) * np.float32(q3)
+                    out[r, y + 96 + j] = (d * np.float32(_i8(raw[r, sc + s + 6]))) * np.float32(q4)
+
+
+_KERNELS = {
+    "Q8_0": _q8_0,
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+}
+
+
+def _dense(qtype: str, raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """F32, F16 and BF16 rows decoded in numpy (exact: every value is representable)."""
+    if qtype == "F32":
+        return raw.view("<f4").astype(np.float32).reshape(rows, cols)
+    if qtype == "F16":
+        return raw.view("<f2").astype(np.float32).reshape(rows, cols)
+    bits = raw.view("<u2").astype(np.uint32) << np.uint32(16)
+    return bits.view(np.float32).reshape(rows, cols)
+
+
+def dequantize(qtype: str, raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The float32 [rows, cols] values of a tensor stored as `qtype` in the bytes `raw`.
+
+    `raw` is a uint8 array of exactly rows * (cols / block) * type_size bytes (any shape, C
+    order); cols must be a whole number of blocks. The result is a new C-contiguous array.
+    """
+    layout = BLOCK_LAYOUTS.get(qtype)
+    if layout is None:
+        raise ValueError(
+            f"{qtype!r}: unknown type; dequantize handles {', '.join(sorted(BLOCK_LAYOUTS))}"
+        )
+    block, type_size = layout
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8:
+        kind = raw.dtype if isinstance(raw, np.ndarray) else type(raw).__name__
+        raise ValueError(f"{qtype} [{rows}, {cols}]: raw must be a uint8 array, got {kind}")
+    if rows < 0 or cols < 0:
+        raise ValueError(f"{qtype} [{rows}, {cols}]: rows and cols must be non-negative")
+    if cols % block:
+        raise ValueError(
+            f"{qtype} [{rows}, {cols}]: cols {cols} is not a multiple of the block size {block}"
+        )
+    row_bytes = cols // block * type_size
+    if raw.size != rows * row_bytes:
+        raise ValueError(
+            f"{qtype} [{rows}, {cols}]: raw holds {raw.size} bytes but rows * (cols / {block}) "
+            f"* {type_size} = {rows * row_bytes}"
+        )
+    flat = np.ascontiguousarray(raw).reshape(rows, row_bytes)
+    if qtype not in QUANTIZED:
+        return _dense(qtype, flat, rows, cols)
+    out = np.empty((rows, cols), dtype=np.float32)
+    if out.size:
+        _KERNELS[qtype](flat, out)
+    return out

@@ -1,0 +1,279 @@
+"""The quantized readers against the libraries that write and load those formats (need torch)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from weightmark.formats.quantized import fp8_e4m3_table, fp8_e5m2_table, open_quantized
+from weightmark.formats.safetensors import save_file
+
+from .quant_reference import awq_layer, write_checkpoint
+
+torch = pytest.importorskip("torch")
+
+PREFIX = "model.layers.0.mlp.down_proj"
+
+
+def to_storage(tensor: Any) -> tuple[str, np.ndarray]:
+    """A torch tensor as (safetensors dtype name, numpy storage array)."""
+    t = tensor.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return "BF16", t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float16:
+        return "F16", t.numpy()
+    if t.dtype == torch.float8_e4m3fn:
+        return "F8_E4M3", t.view(torch.uint8).numpy()
+    names = {
+        torch.float32: "F32", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+        torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    }  # fmt: skip
+    return names[t.dtype], t.numpy()
+
+
+def save_state(folder: Path, state: dict[str, Any], quantization_config: dict[str, Any] | None) -> Path:
+    tensors = [(name, *to_storage(value)) for name, value in state.items()]
+    return write_checkpoint(folder, tensors, quantization_config)
+
+
+def read(path: Path, name: str) -> Any:
+    model = open_quantized(path)
+    assert model is not None
+    try:
+        return torch.from_numpy(model.load(name))
+    finally:
+        model.close()
+
+
+def assert_same_after_rounding(ours: Any, peer: Any) -> None:
+    """Our exact float32 values, rounded once to the peer's dtype, are the peer's values."""
+    assert ours.shape == peer.shape
+    rounded = ours.to(peer.dtype)
+    mismatch = (rounded != peer) & ~(torch.isnan(rounded) & torch.isnan(peer))
+    assert not bool(mismatch.any()), f"{int(mismatch.sum())} of {peer.numel()} values differ"
+
+
+def load_file_module(package: str, relative: str, name: str) -> ModuleType:
+    """One module file of an installed package, without running the package's __init__.
+
+    auto-gptq and autoawq import parts of transformers in __init__ that newer transformers
+    releases no longer have; their packing and unpacking modules need only torch.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        pytest.skip(f"{package} is not installed")
+    path = Path(spec.origin).parent / relative
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------ FP8
+
+
+def test_fp8_tables_match_torch() -> None:
+    codes = torch.arange(256, dtype=torch.uint8)
+    e4m3 = codes.view(torch.float8_e4m3fn).float().numpy()
+    e5m2 = codes.view(torch.float8_e5m2).float().numpy()
+    np.testing.assert_array_equal(fp8_e4m3_table(), e4m3)
+    np.testing.assert_array_equal(fp8_e5m2_table(), e5m2)
+
+
+# ------------------------------------------------------------------------------------ bitsandbytes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bnb_4bit_functional(tmp_path: Path, quant_type: str, double_quant: bool, dtype: str) -> None:
+    functional = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    weight = torch.randn(96, 200, dtype=getattr(torch, dtype))
+    packed, state = functional.quantize_4bit(
+        weight, blocksize=64, compress_statistics=double_quant, quant_type=quant_type
+    )
+    tensors = {f"{PREFIX}.weight": packed}
+    tensors.update({f"{PREFIX}.weight.{key}": value for key, value in state.as_dict(packed=True).items()})
+    config = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": quant_type,
+              "bnb_4bit_use_double_quant": double_quant}  # fmt: skip
+    folder = save_state(tmp_path / "m", tensors, config)
+    peer = functional.dequantize_4bit(packed, state)
+    assert_same_after_rounding(read(folder, f"{PREFIX}.weight"), peer)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bnb_linear4bit_state_dict(tmp_path: Path, quant_type: str) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(1)
+    weight = torch.randn(64, 128, dtype=torch.bfloat16)
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, quant_type=quant_type, compress_statistics=True,
+                              compute_dtype=torch.bfloat16)  # fmt: skip
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type, compress_statistics=True)
+    layer = layer.to("cpu")  # quantizes
+    state = {f"{PREFIX}.{key}": value for key, value in layer.state_dict().items()}
+    state["model.norm.weight"] = torch.ones(128, dtype=torch.bfloat16)
+    folder = save_state(tmp_path / "m", state, {"quant_method": "bitsandbytes", "load_in_4bit": True})
+    model = open_quantized(folder)
+    assert model is not None and model.format == f"bitsandbytes-{quant_type}"
+    model.close()
+    peer = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert_same_after_rounding(read(folder, f"{PREFIX}.weight"), peer)
+
+
+def test_bnb_linear8bit_state_dict(tmp_path: Path) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(2)
+    weight = torch.randn(64, 128, dtype=torch.float16)
+    layer = bnb.nn.Linear8bitLt(128, 64, bias=False, has_fp16_weights=False)
+    layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    layer = layer.to("cpu")  # quantizes
+    state = {f"{PREFIX}.{key}": value for key, value in layer.state_dict().items()}
+    folder = save_state(tmp_path / "m", state, {"quant_method": "bitsandbytes", "load_in_8bit": True})
+    ours = read(folder, f"{PREFIX}.weight")
+    peer = bnb.functional.int8_vectorwise_dequant(layer.weight.data, layer.weight.SCB)
+    # bitsandbytes multiplies by a rounded 1/127 in float32; we divide by 127 exactly
+    np.testing.assert_array_max_ulp(ours.numpy(), peer.float().numpy(), maxulp=2)
+    # and the dequantized values are close to the original weights
+    assert float((ours - weight.float()).abs().max()) <= float(weight.float().abs().max()) / 127
+
+
+# ------------------------------------------------------------------------------------ compressed-tensors
+
+
+def _qparams(weight: Any, args: Any) -> tuple[Any, Any]:
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = weight.float()
+    out, inp = w.shape
+    if args.strategy == "group":
+        w = w.reshape(out, inp // args.group_size, args.group_size)
+        lo, hi = w.amin(-1), w.amax(-1)
+    elif args.strategy == "channel":
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    elif args.strategy == "tensor":
+        lo, hi = w.amin().reshape(1), w.amax().reshape(1)
+    else:  # block
+        b0, b1 = args.block_structure
+        padded = torch.nn.functional.pad(w, (0, -inp % b1, 0, -out % b0))
+        blocks = padded.reshape(padded.shape[0] // b0, b0, padded.shape[1] // b1, b1)
+        lo, hi = blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
+    return calculate_qparams(lo, hi, args)
+
+
+CT_CASES = [
+    ("pack-quantized", {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}),
+    ("pack-quantized", {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32}),
+    ("pack-quantized", {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "channel"}),
+    ("pack-quantized", {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}),
+    ("int-quantized", {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}),
+    ("naive-quantized", {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "tensor"}),
+    ("float-quantized", {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}),
+    ("float-quantized", {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"}),
+    ("float-quantized", {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block",
+                         "block_structure": [32, 32]}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fmt", "weights_args"), CT_CASES, ids=lambda v: v if isinstance(v, str) else v["strategy"])
+def test_compressed_tensors_model(tmp_path: Path, fmt: str, weights_args: dict[str, Any]) -> None:
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+
+    torch.manual_seed(3)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = torch.nn.Linear(128, 48, bias=False)
+            self.down_proj = torch.nn.Linear(128, 80, bias=False)
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([Block()])
+    model.norm = torch.nn.LayerNorm(128)
+    model.to(torch.bfloat16)
+    args = QuantizationArgs(**weights_args)
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)})
+    apply_quantization_config(model, config)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for module in linears.values():
+        scale, zero_point = _qparams(module.weight.data, args)
+        module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data = zero_point.to(module.weight_zero_point.dtype).reshape(
+                module.weight_zero_point.shape
+            )
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    folder = save_state(tmp_path / "m", dict(model.state_dict()), None)
+    compressor.update_config(str(folder))  # the library writes config.json's quantization_config
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == fmt
+    compressor.decompress_model(model)
+    reader = open_quantized(folder)
+    assert reader is not None and reader.format == f"compressed-tensors:{fmt}"
+    reader.close()
+    for name, module in linears.items():
+        assert_same_after_rounding(read(folder, f"{name}.weight"), module.weight.data)
+
+
+# ------------------------------------------------------------------------------------ GPTQ (AutoGPTQ)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_autogptq_pack(tmp_path: Path, bits: int, act_order: bool, dtype: str) -> None:
+    qlinear = load_file_module("auto_gptq", "nn_modules/qlinear/qlinear_cuda.py", "_peer_autogptq_qlinear")
+    torch.manual_seed(4)
+    out_f, in_f, group = 64, 256, 64
+    groups = in_f // group
+    maxq = 2**bits - 1
+    torch_dtype = getattr(torch, dtype)
+    # weights that lie exactly on the grid, so AutoGPTQ's own rounding recovers the codes
+    scales = (torch.rand(out_f, groups) * 0.05 + 0.01).to(torch.float16).to(torch_dtype)
+    zeros = torch.randint(1, maxq + 1, (out_f, groups)).to(torch_dtype)
+    g_idx = (torch.randperm(in_f) if act_order else torch.arange(in_f)) // group
+    codes = torch.randint(0, maxq + 1, (out_f, in_f)).to(torch_dtype)
+    weight = (codes - zeros[:, g_idx]) * scales[:, g_idx]
+    linear = torch.nn.Linear(in_f, out_f, bias=False).to(torch_dtype)
+    linear.weight.data = weight
+    layer = qlinear.QuantLinear(bits, group, in_f, out_f, False, weight_dtype=torch_dtype)
+    layer.pack(linear, scales, zeros, g_idx.to(torch.int32))
+    state = {f"{PREFIX}.{key}": value for key, value in layer.state_dict().items()}
+    config = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order, "sym": False}
+    folder = save_state(tmp_path / "m", state, config)
+    ours = read(folder, f"{PREFIX}.weight")
+    # AutoGPTQ's own dequantization (its CPU path), read off with an identity input
+    peer = layer(torch.eye(in_f, dtype=torch_dtype)).T
+    assert_same_after_rounding(ours, peer)
+    assert torch.equal(ours.to(torch_dtype), weight)
+
+
+# ------------------------------------------------------------------------------------ AWQ (AutoAWQ)
+
+
+def test_autoawq_dequantize(tmp_path: Path) -> None:
+    packing = load_file_module("awq", "utils/packing_utils.py", "_peer_awq_packing")
+    rng = np.random.default_rng(5)
+    layer = awq_layer(PREFIX, rng.standard_normal((64, 256)).astype(np.float32), 64)
+    path = tmp_path / "awq.safetensors"
+    save_file(path, layer.tensors)
+    ours = read(path, f"{PREFIX}.weight")
+    qweight, qzeros, scales = (torch.from_numpy(array) for _name, _dtype, array in layer.tensors)
+    peer = packing.dequantize_gemm(qweight, qzeros, scales, 4, 64).T  # AWQ gives [in, out]
+    assert_same_after_rounding(ours, peer.contiguous())
