@@ -28,6 +28,7 @@ from weightmark.registry.log import (
     Trust,
     VerifiedLog,
     entry_bytes,
+    statement_kind,
     trust_from_entries,
     verify_log,
 )
@@ -115,8 +116,8 @@ def verify_bundle(data: bytes, public_key: Ed25519PublicKey, source: str = "bund
         return _verify_bundle(data, public_key)
     except EvidenceError:
         raise
-    except (ValueError, KeyError, TypeError, IndexError, InvalidSignature, ProofError, NoteError,
-            LogVerificationError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError,
+            InvalidSignature, ProofError, NoteError, LogVerificationError) as exc:
         raise EvidenceError(source, f"does not verify: {exc or type(exc).__name__}") from None
 
 
@@ -160,7 +161,7 @@ def _verify_bundle(data: bytes, public_key: Ed25519PublicKey) -> VerifiedEvidenc
                          proof, checkpoint.root)
         statement = entry.statement
         predicate = statement["predicate"]
-        if statement["predicateType"].rsplit("/", 2)[-2] != "issued-copy" or predicate["log_index"] != index:
+        if statement_kind(statement) != "issued-copy" or predicate["log_index"] != index:
             raise ValueError(f"entry {index}: not the issued-copy entry it claims to be")
         for field, value in (("licensee_id", accused["licensee_id"]), ("jurisdiction", accused["jurisdiction"]),
                              ("legal_name", accused["name"]), ("model_id", scan["model_id"])):
@@ -221,7 +222,7 @@ def verify_export(folder: Path, trust_file: Path | None = None) -> VerifiedLog:
         entries = [_entry_from_envelope(int(row["index"]), row["envelope"]) for row in _read_jsonl(folder / ENTRIES_FILE)]
         checkpoints = [(int(row["size"]), row["note"].encode("utf-8")) for row in _read_jsonl(folder / CHECKPOINTS_FILE)]
         chain = trust_from_entries(entries)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise LogVerificationError(f"{folder}: {exc}") from None
     if chain.to_json() != pinned.to_json():
         raise LogVerificationError(f"{pinned_path}: the log's key chain differs from the trusted keys")

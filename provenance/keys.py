@@ -168,6 +168,14 @@ def load(home: Path, passphrase: str | None, name: str = KEY_FILE) -> LabKeys:
     return unseal(data, passphrase, str(path))
 
 
+def sealed_key_id(path: Path) -> str:
+    """The key id a sealed key file declares (readable without the passphrase)."""
+    try:
+        return str(json.loads(path.read_bytes())["key_id"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KeyProblem(f"{path}: damaged key file ({exc})") from None
+
+
 def is_encrypted(home: Path) -> bool:
     try:
         return json.loads((home / KEY_FILE).read_bytes()).get("kdf") != "none"

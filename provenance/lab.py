@@ -82,21 +82,25 @@ class Lab:
         if self._keys is None:
             if not (self.home / _keys.KEY_FILE).exists():
                 raise KeyProblem(f"{self.home}: no lab keys here; run `weightmark init` first")
+            self._finish_rotation()
             phrase = self._passphrase() if _keys.is_encrypted(self.home) else None
             self._keys = _keys.load(self.home, phrase)
-            if (self.home / _keys.NEXT_KEY_FILE).exists():
-                self._finish_rotation(phrase)
         return self._keys
 
-    def _finish_rotation(self, phrase: str | None) -> None:
-        """A rotation was interrupted: complete it if the log recorded it, else drop it."""
-        pending = _keys.load(self.home, phrase, _keys.NEXT_KEY_FILE)
-        if self.trust().current.key_id == pending.key_id:
-            os.replace(self.home / _keys.NEXT_KEY_FILE, self.home / _keys.KEY_FILE)
-            write_bytes_atomic(self.home / _keys.PUBLIC_KEY_FILE, pending.public_pem.encode(), mode=0o644)
-            self._keys = pending
+    def _finish_rotation(self) -> None:
+        """Complete a rotation the log recorded but the key files did not (a crash in between),
+        or drop one the log never recorded. Needs no passphrase: only the key id is read."""
+        pending_path = self.home / _keys.NEXT_KEY_FILE
+        if not pending_path.exists():
+            return
+        pending_id = _keys.sealed_key_id(pending_path)
+        current = self.trust().current
+        if current.key_id == pending_id:
+            os.replace(pending_path, self.home / _keys.KEY_FILE)
+            write_bytes_atomic(self.home / _keys.PUBLIC_KEY_FILE, current.pem.encode("ascii"), mode=0o644)
+            self._keys = None
         else:
-            (self.home / _keys.NEXT_KEY_FILE).unlink()
+            pending_path.unlink()
 
     # -- the transparency log ---------------------------------------------------------------
 
@@ -108,14 +112,16 @@ class Lab:
         """Recompute the whole log from the database; the current key must be this home's lab.pub."""
         registry = self.registry
         entries = registry.log_entries()
+        result = verify_log(entries, registry.checkpoints(), trust_from_entries(entries))
+        self._finish_rotation()
+        pub_path = self.home / _keys.PUBLIC_KEY_FILE
         try:
-            trust = trust_from_entries(entries)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise LogVerificationError(f"entry 0: unreadable genesis or rotation entry ({exc})") from None
-        pub = (self.home / _keys.PUBLIC_KEY_FILE).read_bytes().decode("ascii")
-        if pub.strip() != trust.current.pem.strip():
-            raise LogVerificationError(f"{self.home / _keys.PUBLIC_KEY_FILE}: is not the log's current signing key")
-        return verify_log(entries, registry.checkpoints(), trust)
+            pub = pub_path.read_bytes().decode("ascii", errors="replace")
+        except OSError as exc:
+            raise KeyProblem(f"{pub_path}: cannot read the lab's public key ({exc.strerror})") from None
+        if pub.strip() != result.trust.current.pem.strip():
+            raise LogVerificationError(f"{pub_path}: is not the log's current signing key")
+        return result
 
     def rotate_keys(self) -> _keys.LabKeys:
         """New signing key, same watermark secret; the handover checkpoint is signed by both."""
@@ -124,7 +130,7 @@ class Lab:
         new = old.rotated()
         write_bytes_atomic(self.home / _keys.NEXT_KEY_FILE, _keys.seal(new, phrase), mode=0o600)
         self.registry.rotate_key(old, new.key_id, new.public_pem, new.signing_key)
-        self._finish_rotation(phrase)
+        self._finish_rotation()
         return self.keys
 
     def close(self) -> None:

@@ -19,7 +19,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from weightmark.errors import RegistryError
-from weightmark.registry.envelope import PAYLOAD_TYPE, canonical_json, envelope, verify
+from weightmark.registry.envelope import (
+    PAYLOAD_TYPE,
+    PREDICATE_BASE,
+    canonical_json,
+    envelope,
+    verify,
+)
 from weightmark.registry.merkle import CompactRange, leaf_hash
 from weightmark.registry.note import NoteError, note_key_id, verify_note
 
@@ -126,28 +132,66 @@ def _load_public_key(pem: str) -> Ed25519PublicKey:
     return key
 
 
+def statement_kind(statement: Any) -> str:
+    """'issued-copy', 'log-genesis', ... from a statement's predicateType ('' when not ours)."""
+    if not isinstance(statement, dict):
+        return ""
+    ptype = statement.get("predicateType")
+    if not isinstance(ptype, str) or not ptype.startswith(PREDICATE_BASE + "/"):
+        return ""
+    return ptype[len(PREDICATE_BASE) + 1 :].split("/", 1)[0]
+
+
+def _predicate(entry: LogEntry) -> tuple[str, dict[str, Any]]:
+    try:
+        statement = entry.statement
+    except ValueError:
+        raise LogVerificationError(f"entry {entry.idx}: statement is not valid JSON") from None
+    kind = statement_kind(statement)
+    predicate = statement.get("predicate") if isinstance(statement, dict) else None
+    if not kind or not isinstance(predicate, dict):
+        raise LogVerificationError(f"entry {entry.idx}: not a weightmark statement")
+    return kind, predicate
+
+
+def _signed_by(entry: LogEntry, key: Ed25519PublicKey) -> None:
+    try:
+        verify(entry.payload, entry.signature, key)
+    except InvalidSignature:
+        raise LogVerificationError(f"entry {entry.idx}: signature does not verify") from None
+
+
 def trust_from_entries(entries: Iterable[LogEntry]) -> Trust:
     """Follow the key chain: the genesis entry's key, then each key-rotation entry.
 
-    Only the chain's structure is read here; signatures are checked by verify_entries().
+    Each link is checked as it is read (the genesis is signed by the key it names, a rotation by
+    the outgoing key); every other entry is checked by verify_log().
     """
     trust: Trust | None = None
     for entry in entries:
-        st = entry.statement
-        kind = st.get("predicateType", "").rsplit("/", 2)[-2] if "predicateType" in st else ""
-        pred = st.get("predicate", {})
-        if entry.idx == 0:
-            if kind != "log-genesis":
-                raise LogVerificationError("entry 0: not the log's genesis entry")
-            trust = Trust(pred["origin"], [TrustedKey(pred["key_id"], _load_public_key(pred["public_key"]),
-                                                      pred["public_key"], 0)])
-        elif kind == "key-rotation" and trust is not None:
-            old = trust.keys[-1]
-            if pred.get("old_key_id") != old.key_id:
-                raise LogVerificationError(f"entry {entry.idx}: rotation from {pred.get('old_key_id')}, current key is {old.key_id}")
-            trust.keys[-1] = TrustedKey(old.key_id, old.public_key, old.pem, old.valid_from, entry.idx + 1)
-            trust.keys.append(TrustedKey(pred["new_key_id"], _load_public_key(pred["new_public_key"]),
-                                         pred["new_public_key"], entry.idx + 1))
+        if trust is None and entry.idx != 0:
+            raise LogVerificationError(f"entry 0: missing (first stored entry is {entry.idx})")
+        if entry.idx != 0 and not (isinstance(entry.payload, bytes) and b"key-rotation" in entry.payload):
+            continue  # cheap pre-filter: only rotation entries extend the chain
+        kind, pred = _predicate(entry)
+        try:
+            if entry.idx == 0:
+                if kind != "log-genesis":
+                    raise LogVerificationError("entry 0: not the log's genesis entry")
+                genesis = TrustedKey(pred["key_id"], _load_public_key(pred["public_key"]), pred["public_key"], 0)
+                _signed_by(entry, genesis.public_key)
+                trust = Trust(pred["origin"], [genesis])
+            elif kind == "key-rotation" and trust is not None:
+                old = trust.keys[-1]
+                if pred.get("old_key_id") != old.key_id or entry.key_id != old.key_id:
+                    raise LogVerificationError(f"entry {entry.idx}: rotation from {pred.get('old_key_id')}, "
+                                               f"but the current key is {old.key_id}")
+                _signed_by(entry, old.public_key)
+                trust.keys[-1] = TrustedKey(old.key_id, old.public_key, old.pem, old.valid_from, entry.idx + 1)
+                trust.keys.append(TrustedKey(pred["new_key_id"], _load_public_key(pred["new_public_key"]),
+                                             pred["new_public_key"], entry.idx + 1))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LogVerificationError(f"entry {entry.idx}: unreadable {kind} entry ({exc})") from None
     if trust is None:
         raise LogVerificationError("the log is empty: no genesis entry")
     return trust
@@ -204,15 +248,8 @@ def _verify_entry(entry: LogEntry, trust: Trust) -> None:
         raise LogVerificationError(f"entry {i}: payload type {entry.payload_type!r}")
     if entry.stored_leaf is not None and entry.stored_leaf != leaf_hash(entry.data):
         raise LogVerificationError(f"entry {i}: stored leaf hash does not match the entry's bytes")
-    key = trust.key_for(entry.key_id, i)
-    try:
-        verify(entry.payload, entry.signature, key.public_key)
-    except InvalidSignature:
-        raise LogVerificationError(f"entry {i}: signature does not verify") from None
-    try:
-        claimed = entry.statement["predicate"]["log_index"]
-    except (ValueError, KeyError, TypeError):
-        raise LogVerificationError(f"entry {i}: statement is not a weightmark statement") from None
+    _signed_by(entry, trust.key_for(entry.key_id, i).public_key)
+    claimed = _predicate(entry)[1].get("log_index")
     if claimed != i:
         raise LogVerificationError(f"entry {i}: statement was signed for log index {claimed}")
 

@@ -415,6 +415,8 @@ class Registry:
         created = now()
         with self._write() as db:
             lid = "lic-" + secrets.token_hex(4)
+            while db.execute("SELECT 1 FROM licensees WHERE id = ?", (lid,)).fetchone():
+                lid = "lic-" + secrets.token_hex(4)  # 32-bit ids: repeats happen past ~10^4
             predicate = {"licensee_id": lid, "legal_name": name, "jurisdiction": jurisdiction,
                          "email": email, "created_at": created}
             digest = hashlib.sha256(canonical_json(predicate)).hexdigest()
