@@ -137,7 +137,7 @@ def identify_model(registry: Registry, suspect: QuantizedModel | SafetensorsSusp
     return registry.model_by_id(best[1])
 
 
-def _same_base(model: Model) -> Checkpoint | None:
+def _same_base(model: Model) -> SafetensorsSuspect | None:
     """The registered base as reference, when its files are still there and unchanged."""
     path = Path(model.base_path)
     if not path.exists():
@@ -149,12 +149,20 @@ def _same_base(model: Model) -> Checkpoint | None:
     if file_stats(ckpt) != model.files:
         ckpt.close()
         return None
-    return ckpt
+    return SafetensorsSuspect(ckpt, path)
+
+
+def _values(source: QuantizedModel | SafetensorsSuspect, name: str, dtype: str) -> tuple[np.ndarray, int]:
+    """A carrier's [out, in] view and how the kernels read it: plain safetensors as stored
+    (bf16/f16/f32 bits, no copy), every other format dequantized to float32."""
+    if isinstance(source, SafetensorsSuspect):
+        return as_2d(source.checkpoint.raw(name)), kind_of(dtype)
+    return as_2d(source.load(name)), FLOAT
 
 
 def _extract_all(
     suspect: QuantizedModel | SafetensorsSuspect,
-    reference: Checkpoint | None,
+    reference: QuantizedModel | SafetensorsSuspect | None,
     carriers: list[Carrier],
     model_key: bytes,
     code_lengths: list[int],
@@ -162,7 +170,6 @@ def _extract_all(
 ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, list[str]]:
     sums = {L: (np.zeros(L), np.zeros(L)) for L in code_lengths}
     metas = suspect.tensors()
-    raw_view = suspect.checkpoint if isinstance(suspect, SafetensorsSuspect) else None
     used, skipped = 0, []
     for carrier in carriers:
         meta = metas.get(carrier.name)
@@ -172,29 +179,24 @@ def _extract_all(
         if meta.shape != carrier.shape:
             skipped.append(f"{carrier.name}: {meta.source_dtype} {list(meta.shape)} instead of {list(carrier.shape)}")
             continue
-        if raw_view is not None and meta.source_dtype not in FLOAT_CARRIER_DTYPES:
+        if isinstance(suspect, SafetensorsSuspect) and meta.source_dtype not in FLOAT_CARRIER_DTYPES:
             skipped.append(f"{carrier.name}: {meta.source_dtype} is not a float dtype")
             continue
         ref_raw, ref_kind = None, 0
         if reference is not None:
-            ref_entry = reference.tensors.get(carrier.name)
-            if ref_entry is None or tuple(ref_entry[1].shape) != carrier.shape or ref_entry[1].dtype not in FLOAT_CARRIER_DTYPES:
+            ref_meta = reference.tensors().get(carrier.name)
+            if ref_meta is None or ref_meta.shape != carrier.shape:
                 skipped.append(f"{carrier.name}: not in the reference")
                 continue
-            ref_raw, ref_kind = as_2d(reference.raw(carrier.name)), kind_of(ref_entry[1].dtype)
-        if raw_view is not None:
-            # Plain safetensors: the kernels read bf16/f16/f32 storage as it is, no copy.
-            sus_raw, sus_kind = as_2d(raw_view.raw(carrier.name)), kind_of(meta.source_dtype)
-        else:
-            sus_raw, sus_kind = as_2d(suspect.load(carrier.name)), FLOAT
+            ref_raw, ref_kind = _values(reference, carrier.name, ref_meta.source_dtype)
+        sus_raw, sus_kind = _values(suspect, carrier.name, meta.source_dtype)
         seed = carrier_seed(model_key, carrier.name)
         for num, den in sums.values():
             extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, num, den)
         del sus_raw, ref_raw
-        if raw_view is not None:
-            raw_view.release(carrier.name)
-        if reference is not None:
-            reference.release(carrier.name)
+        for source in (suspect, reference):
+            if isinstance(source, SafetensorsSuspect):
+                source.checkpoint.release(carrier.name)
         used += 1
         progress.advance(int(np.prod(carrier.shape)) * 2)
     return sums, used, skipped
@@ -225,7 +227,7 @@ def scan(
         code_lengths = sorted({p.code_length for p in params.values()}) or [DEFAULT_CODE_LENGTH]
         ref = None
         if reference is not None:
-            ref = Checkpoint.open(reference)
+            ref = open_suspect(reference)
         elif not blind:
             ref = _same_base(model)
         try:

@@ -8,7 +8,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -697,13 +697,19 @@ def _storage_type(qtype: str, array: np.ndarray) -> str:
     return qtype if array.shape[-1] % block == 0 else "F16"
 
 
+Encoder = Callable[[str, np.ndarray], tuple[str, np.ndarray]]
+
+
 def write_gguf(
     path: str | os.PathLike[str],
     arch: str,
     tensors: Sequence[tuple[str, np.ndarray]],
     qtype: str,
     metadata: dict[str, Any] | None = None,
-) -> None:
+    *,
+    encode: Encoder | None = None,
+    drop_unmapped: bool = False,
+) -> list[str]:
     """Write Hugging Face-named float32 tensors as a GGUF file the way llama.cpp's converter does.
 
     q/k rows get the rope permutation for ROPE_PERMUTED_ARCHS, names are mapped HF -> GGUF,
@@ -712,6 +718,12 @@ def write_gguf(
     "<arch>." prepended; block_count, embedding_length, feed_forward_length, vocab_size and
     head_count_kv are derived from the tensors when absent. head_count is required when q/k
     must be permuted.
+
+    `encode(hf_name, canonical float32)` replaces the default quantizer: it returns the stored
+    type and the data in CANONICAL row order (uint8 [rows, bytes per row] for block types);
+    rows are permuted afterwards, which commutes with row-wise block quantization. With
+    `drop_unmapped`, tensors llama.cpp has no name for (e.g. BERT's pooler) are left out, as its
+    converter does. Returns the Hugging Face names that were written.
     """
     arch_enum = _ARCHES.get(arch)
     if arch_enum is None:
@@ -720,15 +732,19 @@ def write_gguf(
         raise ValueError(f"cannot write {qtype!r}; write_gguf writes {', '.join(WRITABLE_TYPES)}")
     meta = {_full_key(arch, k): v for k, v in (metadata or {}).items()}
     names = [name for name, _ in tensors]
+    written: list[str] = []
     blocks = meta.setdefault(f"{arch}.block_count", _layer_count(names))
     tmap = gguf.get_tensor_name_map(arch_enum, int(blocks))
     mapped: list[tuple[str, gguf.MODEL_TENSOR, np.ndarray]] = []
     for hf_name, array in tensors:
         found = tmap.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None and drop_unmapped:
+            continue
         if found is None:
             raise ValueError(f"{hf_name!r} has no GGUF name for architecture {arch!r}")
         kind, gguf_name = found
         mapped.append((gguf_name, kind, np.ascontiguousarray(array, dtype=np.float32)))
+        written.append(hf_name)
     by_kind = {(kind, name.endswith(".weight")): a for name, kind, a in mapped}
     embed = by_kind.get((gguf.MODEL_TENSOR.TOKEN_EMBD, True))
     if embed is not None and embed.ndim == 2:
@@ -746,16 +762,25 @@ def write_gguf(
             meta.setdefault(f"{arch}.attention.head_count_kv", k.shape[0] // head_dim)
 
     writer = gguf.GGUFWriter(path, arch)
-    for gguf_name, kind, array in mapped:
+    for (gguf_name, kind, array), hf_name in zip(mapped, written, strict=True):
+        heads = None
         if arch in ROPE_PERMUTED_ARCHS and kind in _ROPE_TENSORS:
             key = f"{arch}.attention.{_ROPE_TENSORS[kind]}"
             heads = meta.get(key, meta.get(f"{arch}.attention.head_count"))
             if not _is_int(heads):
                 raise ValueError(f"{gguf_name}: metadata {key} is needed to permute its rows")
-            array = rope_permute(array, heads)
-        stored = _storage_type(qtype, array)
+        if encode is None:
+            if heads is not None:
+                array = rope_permute(array, heads)
+            stored = _storage_type(qtype, array)
+            data = gguf.quants.quantize(array, gguf.GGMLQuantizationType[stored])
+        else:
+            stored, data = encode(hf_name, array)
+            if heads is not None:
+                data = rope_permute(data.reshape(data.shape[0], -1), heads)
         ggml = gguf.GGMLQuantizationType[stored]
-        data = gguf.quants.quantize(array, ggml)
+        if data.dtype == np.uint8:
+            data = data.reshape(array.shape[:-1] + (-1,)) if array.ndim > 1 else data.reshape(-1)
         writer.add_tensor(gguf_name, data, raw_dtype=ggml if data.dtype == np.uint8 else None)
     if qtype not in ("F32", "F16", "BF16"):
         meta.setdefault("general.quantization_version", gguf.GGML_QUANT_VERSION)
@@ -770,3 +795,4 @@ def write_gguf(
         writer.write_tensors_to_file()
     finally:
         writer.close()
+    return written
