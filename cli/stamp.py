@@ -16,6 +16,7 @@ def stamp(
     licensee: Annotated[str, typer.Option("--licensee", help="Licensee id (from `licensee add`).")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the copy (file or folder, like the base).")],
     alpha: Annotated[float, typer.Option("--alpha", help="Watermark strength relative to each row's RMS.")] = DEFAULT_ALPHA,
+    fmt: Annotated[str, typer.Option("--format", help="Output: same (the base's format) or gguf:Q4_K_M, gguf:Q8_0, gguf:Q4_0, gguf:Q4_1, gguf:Q5_0, gguf:Q6_K.")] = "same",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     override_reason: Annotated[str | None, typer.Option("--override-reason", help="Issue despite the jurisdiction policy; recorded in the signed entry.")] = None,
     home: HomeOption = None,
@@ -27,10 +28,11 @@ def stamp(
     with code 5 and writes nothing, unless --override-reason is given.
 
     Example: weightmark stamp minilm --licensee lic-1a2b3c4d --out ./acme-copy
+    Example: weightmark stamp smollm2 --licensee lic-1a2b3c4d --out acme.gguf --format gguf:Q4_K_M
     """
     with open_lab(home) as lab:
         copy = lab.stamp(model_name, licensee, out, alpha=alpha, overwrite=force, progress=BarProgress(),
-                         override_reason=override_reason)
+                         override_reason=override_reason, fmt=fmt)
         lic = lab.registry.licensee(licensee)
     if json_out:
         print_json(copy.to_json())

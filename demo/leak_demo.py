@@ -70,6 +70,20 @@ def main() -> None:
         if who["licensee_id"] != ids[LEAKER] or len(report["accused"]) != 1:
             raise SystemExit("demo failed: the wrong licensee was accused")
 
+        print("\nSecond leak: a copy the lab shipped as 4-bit GGUF (gguf:Q4_K_M, scales frozen from the "
+              "base), uploaded under another name.\n")
+        gguf_leaker = 2
+        shipped = work / f"copy-{ids[gguf_leaker]}.gguf"
+        run(env, "stamp", "minilm", "--licensee", ids[gguf_leaker], "--out", str(shipped), "--format", "gguf:Q4_K_M")
+        renamed = work / "model-q4.gguf"
+        shipped.rename(renamed)
+        second = json.loads(run(env, "scan", str(renamed), "--json"))
+        if [a["licensee_id"] for a in second["accused"]] != [ids[gguf_leaker]]:
+            raise SystemExit("demo failed: the GGUF leak was not traced to its licensee")
+        who2 = second["accused"][0]
+        print(f"Leaked by: {who2['name']} ({who2['licensee_id']}), jurisdiction {who2['jurisdiction']}, "
+              f"family-wise p = 10^{who2['log10_family_wise_p_value']:.1f} (read as {second['format']}).")
+
         print("\nWhat the lab hands to a court: its public key and the evidence bundle, checked offline.")
         run(env, "keys", "export-public", "--out", str(work / "lab.pub"))
         print(run(env, "evidence", "verify", str(evidence), "--pubkey", str(work / "lab.pub")))

@@ -170,12 +170,17 @@ class Lab:
 
     def stamp(self, model_name: str, licensee_id: str, out: str | os.PathLike[str],
               alpha: float = DEFAULT_ALPHA, overwrite: bool = False,
-              progress: Progress = NO_PROGRESS, override_reason: str | None = None) -> IssuedCopy:
-        """Issue a stamped copy, subject to the installed jurisdiction policy."""
+              progress: Progress = NO_PROGRESS, override_reason: str | None = None,
+              fmt: str = "same") -> IssuedCopy:
+        """Issue a stamped copy, subject to the installed jurisdiction policy.
+
+        `fmt`: "same" (the base's own format and dtypes) or a quantized output such as
+        "gguf:Q4_K_M", "gguf:Q8_0", "gguf:Q4_0", "gguf:Q6_K".
+        """
         from weightmark.stamp import stamp
 
         return stamp(self.registry, self.keys, model_name, licensee_id, out, alpha, overwrite, progress,
-                     policy.current(self.home), override_reason)
+                     policy.current(self.home), override_reason, fmt)
 
     def evidence(self, report: ScanReport, out: str | os.PathLike[str]) -> Path:
         """Write a signed evidence bundle for a scan's accusations."""

@@ -123,11 +123,30 @@ class ScanReport:
         }
 
 
+def name_aliases(suspect: QuantizedModel | SafetensorsSuspect, wanted: set[str]) -> dict[str, str]:
+    """Registered tensor name -> the suspect's name for it.
+
+    Formats that rename tensors (GGUF) list every Hugging Face name a tensor could have; a
+    registered name found among a tensor's candidates is taken as that tensor.
+    """
+    metas = suspect.tensors()
+    aliases = {name: name for name in wanted if name in metas}
+    candidates: dict[str, tuple[str, ...]] = getattr(suspect, "name_candidates", {}) or {}
+    for own, options in candidates.items():
+        for option in options:
+            if option in wanted and option not in aliases:
+                aliases[option] = own
+    return aliases
+
+
 def identify_model(registry: Registry, suspect: QuantizedModel | SafetensorsSuspect) -> Model:
     """The registered model most of whose carriers the suspect holds by name and shape."""
-    shapes = {name: meta.shape for name, meta in suspect.tensors().items()}
+    known = registry.carrier_shapes()
+    metas = suspect.tensors()
+    aliases = name_aliases(suspect, {name for carriers in known.values() for name in carriers})
+    shapes = {name: metas[own].shape for name, own in aliases.items()}
     best: tuple[float, str] | None = None
-    for model_id, carriers in registry.carrier_shapes().items():
+    for model_id, carriers in known.items():
         matched = sum(1 for name, shape in carriers.items() if shapes.get(name) == shape)
         fraction = matched / len(carriers)
         if fraction >= 0.5 and (best is None or fraction > best[0]):
@@ -170,12 +189,14 @@ def _extract_all(
 ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, list[str]]:
     sums = {L: (np.zeros(L), np.zeros(L)) for L in code_lengths}
     metas = suspect.tensors()
+    aliases = name_aliases(suspect, {c.name for c in carriers})
     used, skipped = 0, []
     for carrier in carriers:
-        meta = metas.get(carrier.name)
-        if meta is None:
+        own = aliases.get(carrier.name)
+        if own is None:
             skipped.append(f"{carrier.name}: missing")
             continue
+        meta = metas[own]
         if meta.shape != carrier.shape:
             skipped.append(f"{carrier.name}: {meta.source_dtype} {list(meta.shape)} instead of {list(carrier.shape)}")
             continue
@@ -189,14 +210,14 @@ def _extract_all(
                 skipped.append(f"{carrier.name}: not in the reference")
                 continue
             ref_raw, ref_kind = _values(reference, carrier.name, ref_meta.source_dtype)
-        sus_raw, sus_kind = _values(suspect, carrier.name, meta.source_dtype)
+        sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
         seed = carrier_seed(model_key, carrier.name)
         for num, den in sums.values():
             extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, num, den)
         del sus_raw, ref_raw
-        for source in (suspect, reference):
+        for source, name in ((suspect, own), (reference, carrier.name)):
             if isinstance(source, SafetensorsSuspect):
-                source.checkpoint.release(carrier.name)
+                source.checkpoint.release(name)
         used += 1
         progress.advance(int(np.prod(carrier.shape)) * 2)
     return sums, used, skipped

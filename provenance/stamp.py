@@ -11,11 +11,12 @@ import numpy as np
 from weightmark.canonical import as_2d, kind_of
 from weightmark.errors import InputFileError, PolicyDenied
 from weightmark.formats.safetensors import Checkpoint, TensorInfo, write_like
-from weightmark.fsutil import staged_output
+from weightmark.fsutil import sha256_file, staged_output
 from weightmark.kernels import embed
 from weightmark.keys import LabKeys
 from weightmark.model import file_stats, manifest_id
 from weightmark.progress import NO_PROGRESS, Progress
+from weightmark.quantized_stamp import float_stamper, parse_format, write_quantized_copy
 from weightmark.registry.policy import Policy
 from weightmark.registry.store import IssuedCopy, Model, Registry
 from weightmark.scheme import DEFAULT_ALPHA, SchemeParams, carrier_seed, codeword
@@ -74,6 +75,7 @@ def stamp(
     progress: Progress = NO_PROGRESS,
     policy: Policy | None = None,
     override_reason: str | None = None,
+    fmt: str = "same",
 ) -> IssuedCopy:
     """Write the licensee's stamped copy at `out` (same format, layout and dtypes as the base).
 
@@ -81,14 +83,17 @@ def stamp(
     anything is written, unless `override_reason` is given (it goes into the signed entry).
     The copy is written to a temporary name, synced, recorded as a signed registry entry, and
     only then moved to `out`: a crash leaves neither a half-written copy nor an unrecorded one.
+    `fmt` "same" keeps the base's format; "gguf:Q4_K_M" and the like write a quantized GGUF
+    whose block scales are frozen from the unstamped base (see quantized_stamp).
     """
+    file_type = parse_format(fmt)
     model = registry.model(model_name)
     licensee = registry.licensee(licensee_id)
     params = SchemeParams(alpha=alpha)
     carriers = {c.name: c for c in registry.carriers(model.model_id)}
     out = Path(out)
     with open_registered_base(model) as base:
-        variant = variant_of(base, set(carriers))
+        variant = variant_of(base, set(carriers)) if file_type is None else f"quantized:gguf:{file_type}"
         policy_record = policy_gate(policy, licensee.jurisdiction, variant, override_reason)
         model_key = keys.model_key(model.model_id)
         index = registry.reserve_codeword(model.model_id)
@@ -107,10 +112,19 @@ def stamp(
         total = sum(info.nbytes for _, info in base.tensors.values())
         progress.begin(f"stamping {model.name} for {licensee.name}", total)
         try:
-            with staged_output(out, is_dir=base.is_folder, overwrite=overwrite) as staging:
-                files = write_like(base, staging.path, transform, progress.advance, scratch=True)
+            with staged_output(out, is_dir=base.is_folder and file_type is None, overwrite=overwrite) as staging:
+                if file_type is None:
+                    files = write_like(base, staging.path, transform, progress.advance, scratch=True)
+                    output_format = "safetensors"
+                else:
+                    seeds = {name: carrier_seed(model_key, name) for name in carriers}
+                    stamper = float_stamper(carriers, code, seeds, params.alpha)
+                    write_quantized_copy(base, Path(model.base_path), staging.path, file_type, stamper,
+                                         lambda n: progress.advance(n // 2))
+                    files = {out.name: sha256_file(staging.path)}
+                    output_format = "gguf"
                 issued = registry.record_issue(
-                    model, licensee, index, str(params), "safetensors",
+                    model, licensee, index, str(params), output_format,
                     variant, str(out.resolve()), files, keys, policy_record,
                 )
                 staging.publish()

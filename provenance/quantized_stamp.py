@@ -1,0 +1,133 @@
+"""Stamping straight into a quantized GGUF copy, with block scales frozen from the base.
+
+The base's float weights are quantized once to fix every block's scales; each licensee's copy
+is then `w + delta` quantized against those same scales, so copies share scales and differ
+only in the codes the watermark moves. Rows that are not whole K-quant super-blocks fall back
+to the types llama.cpp falls back to.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weightmark.canonical import to_float32
+from weightmark.errors import InputFileError, UsageError
+from weightmark.formats.safetensors import Checkpoint
+from weightmark.kernels import FLOAT, embed
+from weightmark.kernels.quant import BLOCK_LAYOUTS
+
+# --format values and the llama.cpp file type each one names
+GGUF_FORMATS = {"gguf:Q8_0": "Q8_0", "gguf:Q4_0": "Q4_0", "gguf:Q4_1": "Q4_1", "gguf:Q5_0": "Q5_0",
+                "gguf:Q6_K": "Q6_K", "gguf:Q4_K_M": "Q4_K_M"}
+# llama.cpp's fallback when a row is not a multiple of the 256-element K-quant super-block
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# Q4_K_M keeps the value and FFN-down projections at Q6_K, the rest at Q4_K (llama.cpp's mix,
+# without its every-other-layer refinement)
+_MORE_BITS = ("v_proj", "down_proj", "attention.self.value", "output.dense")
+
+CarrierEmbed = Callable[[str, np.ndarray], np.ndarray | None]
+
+
+def parse_format(fmt: str) -> str | None:
+    """None for the base's own format, else the GGUF file type; UsageError for unknown values."""
+    if fmt in ("", "same", "safetensors"):
+        return None
+    if fmt not in GGUF_FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}; choose from same, {', '.join(GGUF_FORMATS)}")
+    return GGUF_FORMATS[fmt]
+
+
+def tensor_type(file_type: str, hf_name: str, shape: tuple[int, ...]) -> str:
+    """The GGML type a tensor gets in a `file_type` copy (vectors stay F32)."""
+    if len(shape) < 2:
+        return "F32"
+    if file_type == "Q4_K_M":
+        qtype = "Q6_K" if any(part in hf_name for part in _MORE_BITS) else "Q4_K"
+    else:
+        qtype = file_type
+    cols = shape[-1]
+    if cols % BLOCK_LAYOUTS[qtype][0]:
+        qtype = K_FALLBACK.get(qtype, "F16")
+        if qtype != "F16" and cols % BLOCK_LAYOUTS[qtype][0]:
+            qtype = "F16"
+    return qtype
+
+
+def gguf_hparams(base: Path) -> tuple[str, dict[str, Any]]:
+    """Architecture and hyper-parameters for the GGUF header, from the base's config.json."""
+    config_path = (base if base.is_dir() else base.parent) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        raise InputFileError(config_path, "a readable config.json is needed beside the base to write GGUF") from None
+    kind = config.get("model_type")
+    if kind in ("llama", "mistral", "smollm3"):
+        arch = "llama"
+        meta = {"attention.head_count": config["num_attention_heads"],
+                "attention.head_count_kv": config.get("num_key_value_heads", config["num_attention_heads"]),
+                "context_length": config.get("max_position_embeddings", 2048),
+                "attention.layer_norm_rms_epsilon": config.get("rms_norm_eps", 1e-5),
+                "rope.freq_base": config.get("rope_theta", 10000.0)}
+    elif kind == "bert":
+        arch = "bert"
+        meta = {"attention.head_count": config["num_attention_heads"],
+                "context_length": config.get("max_position_embeddings", 512),
+                "attention.layer_norm_epsilon": config.get("layer_norm_eps", 1e-12)}
+    else:
+        raise InputFileError(config_path, f"model_type {kind!r}: GGUF output supports llama-family and bert")
+    return arch, meta
+
+
+def write_quantized_copy(
+    base: Checkpoint,
+    base_path: Path,
+    target: Path,
+    file_type: str,
+    stamp_carrier: CarrierEmbed,
+    progress: Callable[[int], None],
+) -> list[str]:
+    """Write the GGUF copy: carriers as frozen-scale quantizations of their stamped values."""
+    from weightmark.formats.gguf import write_gguf
+    from weightmark.kernels.quantize import quantize, quantize_frozen
+
+    arch, meta = gguf_hparams(base_path)
+    tensors = []
+    for name, (_, info) in base.tensors.items():
+        if info.dtype in ("F32", "F64", "F16", "BF16"):
+            tensors.append((name, np.ascontiguousarray(to_float32(info.dtype, base.raw(name)), dtype=np.float32)))
+            base.release(name)
+
+    def encode(hf_name: str, w: np.ndarray) -> tuple[str, np.ndarray]:
+        qtype = tensor_type(file_type, hf_name, w.shape)
+        rows = w.reshape(w.shape[0], -1) if w.ndim > 1 else w
+        stamped = stamp_carrier(hf_name, rows) if w.ndim > 1 else None
+        progress(w.nbytes)
+        if qtype == "F32":
+            return "F32", (rows if stamped is None else stamped).astype(np.float32).reshape(w.shape)
+        if qtype == "F16":
+            return "F16", (rows if stamped is None else stamped).astype(np.float16).reshape(w.shape)
+        reference = quantize(qtype, np.ascontiguousarray(rows))
+        if stamped is None:
+            return qtype, reference
+        # Nearest code against the frozen scales: only codes the watermark pushes across a
+        # rounding boundary change, never an unmarked one.
+        return qtype, quantize_frozen(qtype, np.ascontiguousarray(stamped), reference, nearest=True)
+
+    return write_gguf(target, arch, tensors, "F32", meta, encode=encode, drop_unmapped=True)
+
+
+def float_stamper(carriers: dict[str, Any], code: np.ndarray, seeds: dict[str, int], alpha: float) -> CarrierEmbed:
+    """The stamp of one carrier in float32 (None for tensors that carry nothing)."""
+
+    def stamp_one(name: str, rows: np.ndarray) -> np.ndarray | None:
+        carrier = carriers.get(name)
+        if carrier is None or carrier.shape[0] != rows.shape[0] or int(np.prod(carrier.shape)) != rows.size:
+            return None
+        return embed(np.ascontiguousarray(rows, dtype=np.float32), FLOAT, carrier.row_scale, code, seeds[name], alpha)
+
+    return stamp_one
