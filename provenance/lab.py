@@ -75,6 +75,9 @@ class Lab:
     def registry(self) -> Registry:
         if self._registry is None:
             self._registry = Registry.open(self.home)
+            installed = policy.current(self.home)
+            self._registry.policy_in_force = None if installed is None else {
+                "version": installed.version, "date": installed.date.isoformat(), "sha256": installed.sha256}
         return self._registry
 
     @property

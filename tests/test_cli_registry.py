@@ -320,3 +320,18 @@ def test_keys_rotation_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "export"
     ok(run_cli("registry", "export", "--out", str(out), home=home))
     ok(run_cli("registry", "verify", "--from", str(out), "--trust", str(trust_file)))
+
+
+def test_every_entry_records_the_policy_in_force(tmp_path: Path) -> None:
+    """Licensee, model and issued-copy entries alike carry the policy version and date."""
+    home = tmp_path / "home"
+    assert run_cli("init", "--insecure-no-passphrase", "--home", str(home)).returncode == 0
+    before = run_cli("licensee", "add", "Before Ltd", "--jurisdiction", "GB", home=home)
+    assert before.returncode == 0
+    assert run_cli("policy", "set", str(EXAMPLE_POLICY), home=home).returncode == 0
+    assert run_cli("licensee", "add", "After Ltd", "--jurisdiction", "GB", home=home).returncode == 0
+    first = json.loads(run_cli("registry", "show", "1", "--json", home=home).stdout)
+    second = json.loads(run_cli("registry", "show", "2", "--json", home=home).stdout)
+    assert first["statement"]["predicate"]["policy_in_force"] is None
+    in_force = second["statement"]["predicate"]["policy_in_force"]
+    assert in_force["version"] == 3 and in_force["date"] == "2026-11-01"

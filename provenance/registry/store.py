@@ -239,6 +239,9 @@ class Registry:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        # The jurisdiction policy (version, date, sha256) recorded in every entry; None when no
+        # policy is installed. The lab sets it when it opens the registry.
+        self.policy_in_force: dict[str, Any] | None = None
         try:
             self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -303,6 +306,7 @@ class Registry:
         if idx > 0 and self.origin is None:
             raise RegistryError(f"{self.path}: this registry has no log genesis entry")
         stmt["predicate"]["log_index"] = idx
+        stmt["predicate"]["policy_in_force"] = self.policy_in_force
         payload = canonical_json(stmt)
         signature = signer.sign(pae(PAYLOAD_TYPE, payload))
         leaf = leaf_hash(entry_bytes(payload, signer.key_id, signature))
