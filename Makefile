@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench eval clean
+.PHONY: demo test lint bench eval peers clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,5 +34,12 @@ bench: $(STAMP)
 eval: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
 
+# Readers against bitsandbytes / compressed-tensors on files those libraries write (needs torch).
+peers:
+	$(PY) -m venv .venv-peers
+	.venv-peers/bin/pip install -q --upgrade pip
+	.venv-peers/bin/pip install -q -e '.[test,peers]'
+	.venv-peers/bin/python -m pytest -q -rs tests/formats/test_quantized_peers.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-peers build *.egg-info
