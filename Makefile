@@ -31,8 +31,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_end_to_end.py
 	$(BIN)/python benchmarks/bench_fidelity.py
 
+# Evaluation on real weights (the attack suite of the robustness work will join it here).
 eval: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow tests
+	$(BIN)/python benchmarks/bench_fidelity.py
 
 # Readers against bitsandbytes / compressed-tensors on files those libraries write (needs torch).
 peers:
