@@ -8,14 +8,12 @@ from typing import Annotated
 
 import typer
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from weightmark.cli.common import HomeOption, JsonOption, err, open_lab, print_json
 from weightmark.errors import UsageError
-from weightmark.keys import PUBLIC_KEY_FILE, key_id
 from weightmark.registry import policy
 from weightmark.registry.envelope import envelope, verify
-from weightmark.registry.log import b64
+from weightmark.registry.log import LogVerificationError, b64
 from weightmark.registry.merkle import consistency_proof, inclusion_proof, leaf_hash
 from weightmark.registry.store import validate_jurisdiction
 
@@ -34,15 +32,16 @@ def show(
     """
     with open_lab(home) as lab:
         entry = lab.registry.entry(entry_id)
-        public_key = load_pem_public_key((lab.home / PUBLIC_KEY_FILE).read_bytes())
-    status = "valid"
-    if entry.key_id != key_id(public_key):
-        status = f"signed by key {entry.key_id}, not the lab's current key"
-    else:
-        try:
-            verify(entry.payload, entry.signature, public_key)
-        except InvalidSignature:
-            status = "INVALID"
+        trust = lab.trust()
+    # Checked against the key the log's key chain says was valid at this index, so entries
+    # signed before a key rotation still show as valid.
+    try:
+        verify(entry.payload, entry.signature, trust.key_for(entry.key_id, entry.idx).public_key)
+        status = "valid"
+    except LogVerificationError:
+        status = f"signed by key {entry.key_id}, which is not the lab's key for entry {entry.idx}"
+    except InvalidSignature:
+        status = "INVALID"
     doc = {"entry_id": entry.idx, "kind": entry.kind, "created_at": entry.created_at,
            "key_id": entry.key_id, "signature": status, "statement": entry.statement,
            "envelope": envelope(entry.payload, entry.key_id, entry.signature)}
@@ -151,9 +150,10 @@ def proof(
     """
     with open_lab(home) as lab:
         size, root, note = lab.registry.latest_checkpoint()
-        (entry,) = lab.registry.log_entries(entry_id, entry_id + 1) or [None]
-        if entry is None:
+        found = lab.registry.log_entries(entry_id, entry_id + 1)
+        if not found:
             raise UsageError(f"no registry entry {entry_id}")
+        entry = found[0]
         path = inclusion_proof(lab.registry.leaf_hashes(size), entry_id, size)
     doc = {"entry_id": entry_id, "tree_size": size, "root": b64(root), "leaf_hash": b64(leaf_hash(entry.data)),
            "proof": [b64(h) for h in path], "checkpoint": note.decode()}

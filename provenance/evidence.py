@@ -27,6 +27,7 @@ from weightmark.registry.log import (
     LogVerificationError,
     Trust,
     VerifiedLog,
+    b64,
     entry_bytes,
     statement_kind,
     trust_from_entries,
@@ -45,10 +46,6 @@ class EvidenceError(InputFileError):
     """An evidence bundle or exported log that does not verify (exit code 3: bad input file)."""
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 def _unb64(text: Any, what: str) -> bytes:
     """Strict base64: only the one canonical spelling of the bytes is accepted."""
     if not isinstance(text, str):
@@ -57,7 +54,7 @@ def _unb64(text: Any, what: str) -> bytes:
         data = base64.b64decode(text, validate=True)
     except binascii.Error:
         raise ValueError(f"{what} is not base64") from None
-    if _b64(data) != text:
+    if b64(data) != text:
         raise ValueError(f"{what} is not canonical base64")
     return data
 
@@ -87,7 +84,7 @@ def build_bundle(registry: Registry, keys: LabKeys, scan: dict[str, Any], create
         accusations.append({
             "entry_index": index,
             "envelope": envelope(entry.payload, entry.key_id, entry.signature),
-            "inclusion_proof": [_b64(h) for h in inclusion_proof(leaves, index, size)],
+            "inclusion_proof": [b64(h) for h in inclusion_proof(leaves, index, size)],
         })
     content = {
         "format": EVIDENCE_FORMAT,
@@ -99,7 +96,7 @@ def build_bundle(registry: Registry, keys: LabKeys, scan: dict[str, Any], create
         "trust": trust.to_json(),
     }
     signature = keys.sign(pae(EVIDENCE_PAYLOAD_TYPE, canonical_json(content)))
-    return canonical_json({"bundle": content, "signature": {"keyid": keys.key_id, "sig": _b64(signature)}})
+    return canonical_json({"bundle": content, "signature": {"keyid": keys.key_id, "sig": b64(signature)}})
 
 
 @dataclass(frozen=True)

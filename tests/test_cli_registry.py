@@ -335,3 +335,12 @@ def test_every_entry_records_the_policy_in_force(tmp_path: Path) -> None:
     assert first["statement"]["predicate"]["policy_in_force"] is None
     in_force = second["statement"]["predicate"]["policy_in_force"]
     assert in_force["version"] == 3 and in_force["date"] == "2026-11-01"
+
+
+def test_registry_show_still_validates_entries_signed_before_a_rotation(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert run_cli("init", "--insecure-no-passphrase", "--home", str(home)).returncode == 0
+    assert run_cli("licensee", "add", "Old Key Ltd", "--jurisdiction", "GB", home=home).returncode == 0
+    assert run_cli("keys", "rotate", home=home).returncode == 0
+    shown = json.loads(run_cli("registry", "show", "1", "--json", home=home).stdout)
+    assert shown["signature"] == "valid"
