@@ -43,4 +43,4 @@ peers:
 	.venv-peers/bin/python -m pytest -q -rs tests/formats/test_quantized_peers.py
 
 clean:
-	rm -rf $(VENV) .venv-peers build *.egg-info
+	rm -rf $(VENV) .venv-peers .venv-eval build *.egg-info

@@ -1,0 +1,18 @@
+"""What leakers do to weights, as functions from one checkpoint folder or file to another.
+
+Used by the tests, the demo and the robustness evaluation (`make eval`). Each attack reads a
+safetensors file or folder and writes the attacked copy in the same layout.
+"""
+
+from weightmark.attacks.basic import (
+    add_noise,
+    cast,
+    map_floats,
+    quantization_error,
+    relative_error,
+    requantize,
+    requantize_array,
+)
+
+__all__ = ["add_noise", "cast", "map_floats", "quantization_error", "relative_error", "requantize",
+           "requantize_array"]
