@@ -20,7 +20,7 @@ from weightmark.canonical import as_2d, kind_of
 from weightmark.errors import InputFileError, UsageError
 from weightmark.formats import QuantizedModel, SafetensorsSuspect, open_suspect
 from weightmark.formats.safetensors import Checkpoint
-from weightmark.kernels import FLOAT, extract, score_codewords
+from weightmark.kernels import FLOAT, extract
 from weightmark.keys import LabKeys
 from weightmark.model import file_stats
 from weightmark.progress import NO_PROGRESS, Progress
@@ -32,10 +32,9 @@ from weightmark.scheme import (
     SchemeParams,
     carrier_seed,
     log10_family_wise,
-    log10_hoeffding,
     log10_presence,
     p_from_log10,
-    packed_codeword,
+    parse_scheme,
     z_statistics,
 )
 
@@ -156,11 +155,27 @@ def identify_model(registry: Registry, suspect: QuantizedModel | SafetensorsSusp
     return registry.model_by_id(best[1])
 
 
-def _same_base(model: Model) -> SafetensorsSuspect | None:
-    """The registered base as reference, when its files are still there and unchanged."""
+def _same_base(model: Model) -> QuantizedModel | SafetensorsSuspect | None:
+    """The registered base as reference, when its files are still there and unchanged.
+
+    A float base is read as stored; a base registered already quantized (GGUF) is dequantized.
+    """
+    from weightmark.model import GGUF_FORMAT, gguf_file_stats
+
     path = Path(model.base_path)
     if not path.exists():
         return None
+    if model.format == GGUF_FORMAT:
+        from weightmark.formats.gguf import GGUFModel
+
+        try:
+            base = GGUFModel(path)
+        except InputFileError:
+            return None
+        if gguf_file_stats(base) != model.files:
+            base.close()
+            return None
+        return base
     try:
         ckpt = Checkpoint.open(path)
     except InputFileError:
@@ -244,7 +259,7 @@ def scan(
         model = registry.model(model_name) if model_name else identify_model(registry, suspect)
         carriers = registry.carriers(model.model_id)
         issued = registry.issued(model.model_id)
-        params = {copy.entry_idx: SchemeParams.parse(copy.scheme) for copy in issued}
+        params = {copy.entry_idx: parse_scheme(copy.scheme) for copy in issued}
         code_lengths = sorted({p.code_length for p in params.values()}) or [DEFAULT_CODE_LENGTH]
         ref = None
         if reference is not None:
@@ -268,40 +283,33 @@ def scan(
         raise InputFileError(suspect_path, f"holds none of model {model.name!r}'s carriers with matching shapes")
 
     family = max(len(issued), assume_licensees, 1)
-    by_length: dict[int, list] = defaultdict(list)
+    by_scheme: dict[str, list] = defaultdict(list)
     for copy in issued:
-        by_length[params[copy.entry_idx].code_length].append(copy)
-    licensees = {lic.id: lic for lic in registry.licensees()}
-    candidates: list[Candidate] = []
+        by_scheme[copy.scheme].append(copy)
+    z_by_length = {L: z_statistics(*sums[L]) for L in code_lengths}
     presence = None
-    first_z = None
-    for L in code_lengths:
-        num, den = sums[L]
-        z = z_statistics(num, den)
-        if first_z is None:
-            first_z = z
+    for z in z_by_length.values():
         stat, log_p, k = log10_presence(z)
         # One presence test per code length in use: Bonferroni over them.
         log_p = min(0.0, log_p + math.log10(len(code_lengths)))
         if presence is None or log_p < presence[1]:
             presence = (stat, log_p, k)
-        copies = by_length.get(L, [])
-        if not copies:
-            continue
-        norm = float(np.linalg.norm(z))
-        packed = np.stack([packed_codeword(model_key, c.codeword_index, L) for c in copies])
-        raw_scores = score_codewords(packed, z)
-        for copy, raw in zip(copies, raw_scores, strict=True):
-            score = float(raw) / norm if norm > 0 else 0.0
-            lp = log10_hoeffding(score)
+    licensees = {lic.id: lic for lic in registry.licensees()}
+    candidates: list[Candidate] = []
+    for text, copies in by_scheme.items():
+        scheme = params[copies[0].entry_idx]
+        scores, log_ps = scheme.score(model_key, [c.codeword_index for c in copies],
+                                      z_by_length[scheme.code_length])
+        for copy, score, lp in zip(copies, scores, log_ps, strict=True):
             lic = licensees[copy.licensee_id]
             candidates.append(Candidate(lic.id, lic.name, lic.jurisdiction, copy.entry_idx, copy.codeword_index,
-                                        copy.scheme, score, lp, log10_family_wise(lp, family)))
-    candidates.sort(key=lambda c: -c.score)
+                                        text, float(score), float(lp), log10_family_wise(float(lp), family)))
+    candidates.sort(key=lambda c: (c.log10_p, -c.score))
     scheme = candidates[0].scheme if candidates else str(SchemeParams(code_length=code_lengths[0]))
     return ScanReport(
         suspect=str(Path(suspect_path).resolve()), format=suspect.format, model=model.name, model_id=model.model_id, scheme=scheme,
         mode=mode, reference=ref_path, threshold=threshold, family_size=family, carriers_used=used,
         carriers_total=len(carriers), carriers_skipped=skipped, presence_statistic=presence[0],
-        presence_log10_p=presence[1], positions_used=presence[2], candidates=candidates, z=first_z,
+        presence_log10_p=presence[1], positions_used=presence[2], candidates=candidates,
+        z=z_by_length[code_lengths[0]],
     )

@@ -44,6 +44,22 @@ class SchemeParams:
             "round=stochastic;hash=splitmix64"
         )
 
+    def codeword(self, model_key: bytes, index: int) -> np.ndarray:
+        """Issue `index`'s codeword as int8 +-1 (what the embed kernel takes)."""
+        return codeword(model_key, index, self.code_length)
+
+    def score(self, model_key: bytes, indices: list[int], z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores S_k = c_k . z / ||z|| of the given codewords and their log10 p-values for an
+        innocent (Hoeffding: the codeword is uniform and independent of z)."""
+        from weightmark.kernels import score_codewords
+
+        norm = float(np.linalg.norm(z))
+        if not indices:
+            return np.zeros(0), np.zeros(0)
+        packed = np.stack([packed_codeword(model_key, i, self.code_length) for i in indices])
+        scores = score_codewords(packed, z) / norm if norm > 0 else np.zeros(len(indices))
+        return scores, np.array([log10_hoeffding(float(s)) for s in scores])
+
     @classmethod
     def parse(cls, text: str) -> SchemeParams:
         parts = text.split(";")
@@ -55,6 +71,11 @@ class SchemeParams:
             return cls(code_length=int(fields["L"]), alpha=float(fields["alpha"]))
         except (KeyError, ValueError):
             raise UsageError(f"malformed scheme string {text!r}") from None
+
+
+def parse_scheme(text: str) -> SchemeParams:
+    """The parameters a scheme string records (each issued copy keeps its own)."""
+    return SchemeParams.parse(text)
 
 
 def is_carrier(dtype: str, shape: tuple[int, ...]) -> bool:
