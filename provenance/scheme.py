@@ -9,17 +9,23 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from weightmark.errors import UsageError
 
+if TYPE_CHECKING:
+    from weightmark.tardos import TardosParams
+
 SCHEME_NAME = "ss-v1"
 DEFAULT_CODE_LENGTH = 4096
 DEFAULT_ALPHA = 0.002
 DEFAULT_THRESHOLD = 1e-9
+# Colluders a new copy's code is sized for (1: the v1 uniform code).
+DEFAULT_COLLUSION = 8
 MIN_CARRIER_ELEMENTS = 4096
 FLOAT_CARRIER_DTYPES = frozenset({"F32", "F64", "F16", "BF16"})
 _LN10 = math.log(10.0)
@@ -73,9 +79,36 @@ class SchemeParams:
             raise UsageError(f"malformed scheme string {text!r}") from None
 
 
-def parse_scheme(text: str) -> SchemeParams:
+def parse_scheme(text: str) -> SchemeParams | TardosParams:
     """The parameters a scheme string records (each issued copy keeps its own)."""
+    if text.startswith("tardos-v2;"):
+        from weightmark.tardos import TardosParams
+
+        return TardosParams.parse(text)
     return SchemeParams.parse(text)
+
+
+def choose_scheme(alpha: float, collusion: int, carrier_elements: int,
+                  issued_schemes: Iterable[str] = ()) -> SchemeParams | TardosParams:
+    """The scheme of a new copy: ss-v1 (uniform codes) for `collusion` 1, else a Tardos code
+    (tardos-v2) sized for that many colluders among 10^6 licensees.
+
+    A model's copies share one code: an earlier v2 copy with the same alpha and collusion size
+    fixes L and the bias cutoff, so the (simulation-based) choice runs once per model.
+    """
+    if collusion < 1:
+        raise UsageError(f"collusion size must be at least 1, got {collusion}")
+    if collusion == 1:
+        return SchemeParams(alpha=alpha)
+    from weightmark.tardos import ASSUMED_LICENSEES, TardosParams, choose_parameters
+
+    for text in issued_schemes:
+        if text.startswith("tardos-v2;"):
+            earlier = TardosParams.parse(text)
+            if earlier.collusion == collusion and earlier.alpha == alpha:
+                return earlier
+    length, cutoff = choose_parameters(carrier_elements, ASSUMED_LICENSEES, collusion)
+    return TardosParams(code_length=length, alpha=alpha, collusion=collusion, cutoff=cutoff)
 
 
 def is_carrier(dtype: str, shape: tuple[int, ...]) -> bool:
