@@ -1,0 +1,729 @@
+"""Bring a suspect's carriers back to the reference's frame before extraction.
+
+Function-preserving edits (FFN and head permutations, row and norm rescaling, a rotation of a
+llama model's residual stream) and renamed, re-ordered or transposed tensors move every element
+away from the index that carries its chip and code position, so extraction reads noise. `align`
+estimates those edits from the suspect and the reference alone and `Alignment.tensor` undoes
+them, one carrier at a time:
+
+1. names: each registered carrier is looked up under its own name (or a format's candidate
+   names); one that is missing is searched for among the unclaimed suspect tensors of the same
+   or transposed shape by content (sampled rows compared with the reference);
+2. detection: a carrier whose values are close to the reference's at the same place (relative
+   difference of sampled rows below `CLOSE`, which covers quantization and fine-tuning) is
+   taken as it is; when every carrier is close, nothing else runs and nothing is reported;
+3. residual rotation (llama): orthogonal Procrustes on the token embedding, Q from the SVD of
+   E_ref^T E_sus;
+4. per layer: FFN units and attention heads (GQA: key/value heads with their query groups, then
+   query heads within a group) matched by row correlation with the reference, using an exact
+   greedy mutual-best matching (exact whenever every true pair is its row's and column's best);
+5. row and column gains by alternating least squares, kept only where they reduce the
+   difference to the reference;
+6. a carrier still far from the reference after all this (e.g. two tensors whose names were
+   swapped) is searched for by content once more, then reported as unexplained.
+
+Statistics: the alignment is a function of the suspect and the reference only; it never reads
+a codeword, a key or a chip. An innocent licensee's codeword is independent of the suspect, so
+it stays independent of the aligned suspect too, and the Hoeffding p-values of the scan remain
+valid. (The least-squares scales and the rotation are fitted to the reference: they absorb a
+share of the watermark of order 1/sqrt(row length), which only costs the guilty score a little.)
+
+Memory: the estimates are vectors and one hidden x hidden rotation; tensors are read a layer
+group at a time while estimating and one at a time by `Alignment.tensor`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from weightmark.attacks.functional import Architecture, tensor_role
+from weightmark.canonical import to_float32
+from weightmark.errors import UsageError
+from weightmark.scheme import canonical_2d
+
+__all__ = [
+    "CLOSE",
+    "Alignment",
+    "OpenModel",
+    "align",
+    "infer_architecture",
+    "match_rows",
+    "relative_difference",
+]
+
+CLOSE = 0.5  # relative difference below which a tensor is taken as the reference's, unmoved
+SAMPLE_ROWS = 32  # rows compared when telling tensors apart by content
+MATCH_COLUMNS = 64  # input columns used to correlate rows when matching units (plenty: an
+# unrelated row's cosine on 64 columns is about N(0, 1/64), a matching row's close to 1, and
+# the FFN score sums two matrices)
+SCALE_GAIN = 0.9  # least-squares scales are kept only if they cut the difference by 10%
+PROCRUSTES_ROWS = 64  # embedding rows per hidden channel used to fit the rotation (at most)
+_EPS = 1e-30
+
+
+class _Meta(Protocol):
+    shape: tuple[int, ...]
+
+
+class OpenModel(Protocol):
+    """What `align` reads: tensor shapes by name and canonical float32 [out, in] values."""
+
+    def tensors(self) -> Mapping[str, _Meta]: ...
+
+    def load(self, name: str) -> np.ndarray: ...
+
+
+@dataclass
+class _Plan:
+    """How to turn one suspect tensor into the reference's frame, in this order:
+    transpose, rotations, permutations, then multiplication by the gains."""
+
+    source: str
+    transposed: bool = False
+    row_rotation: np.ndarray | None = None  # aligned = row_rotation @ w
+    col_rotation: np.ndarray | None = None  # aligned = w @ col_rotation
+    row_order: np.ndarray | None = None  # aligned = w[row_order]
+    col_order: np.ndarray | None = None  # aligned = w[:, col_order]
+    row_gain: np.ndarray | None = None  # aligned = w * row_gain[:, None]
+    col_gain: np.ndarray | None = None  # aligned = w * col_gain[None, :]
+
+    @property
+    def identity(self) -> bool:
+        return not self.transposed and all(
+            x is None
+            for x in (
+                self.row_rotation,
+                self.col_rotation,
+                self.row_order,
+                self.col_order,
+                self.row_gain,
+                self.col_gain,
+            )
+        )
+
+    def moved(self, w: np.ndarray, scales: bool = True) -> np.ndarray:
+        """Apply the plan to the suspect's [out, in] values (float32 result)."""
+        if self.transposed:
+            w = w.T
+        if self.col_rotation is not None:
+            w = w @ self.col_rotation
+        if self.row_rotation is not None:
+            w = self.row_rotation @ w
+        if self.row_order is not None:
+            w = w[self.row_order]
+        if self.col_order is not None:
+            w = w[:, self.col_order]
+        if scales and self.row_gain is not None:
+            w = w * self.row_gain[:, None].astype(np.float32)
+        if scales and self.col_gain is not None:
+            w = w * self.col_gain[None, :].astype(np.float32)
+        return np.ascontiguousarray(w, dtype=np.float32)
+
+
+@dataclass
+class Alignment:
+    """The suspect seen in the reference's frame. `report` lists what was undone."""
+
+    suspect: OpenModel
+    plans: dict[str, _Plan | None]  # registered name -> plan, None when not found
+    report: list[str] = field(default_factory=list)
+
+    def tensor(self, name: str) -> np.ndarray | None:
+        """The suspect's carrier `name` as float32 [out, in] in the reference's frame, or None."""
+        plan = self.plans.get(name)
+        if plan is None:
+            return None
+        return plan.moved(_as_2d(self.suspect.load(plan.source)))
+
+    def source(self, name: str) -> str | None:
+        """The suspect's own name for carrier `name` (None if it was not found)."""
+        plan = self.plans.get(name)
+        return plan.source if plan else None
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything but reading carriers under their own names is needed."""
+        return any(
+            plan is None or not plan.identity or plan.source != name
+            for name, plan in self.plans.items()
+        )
+
+    def is_identity(self, name: str) -> bool:
+        """Whether carrier `name` is read as it is, under the same name."""
+        plan = self.plans.get(name)
+        return plan is not None and plan.identity and plan.source == name
+
+
+def _as_2d(w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w, dtype=np.float32)
+    return w.reshape(canonical_2d(tuple(w.shape))) if w.ndim != 2 else w
+
+
+def _rows(model: OpenModel, name: str, rows: np.ndarray) -> np.ndarray:
+    """Some rows of a tensor's [out, in] view; a float safetensors file is read in place, only
+    those rows (other formats dequantize the tensor)."""
+    checkpoint = getattr(model, "checkpoint", None)
+    if checkpoint is not None:
+        try:
+            dtype = checkpoint.info(name).dtype
+            raw = checkpoint.raw(name)
+            raw = raw.reshape(canonical_2d(tuple(raw.shape)))
+            return np.asarray(to_float32(dtype, raw[rows]), dtype=np.float32)
+        except (KeyError, ValueError):
+            pass
+    return _as_2d(model.load(name))[rows]
+
+
+def relative_difference(a: np.ndarray, ref: np.ndarray) -> float:
+    """||a - ref|| / ||ref|| (float32 differences, float64 sums)."""
+    r = np.asarray(ref, dtype=np.float32)
+    d = np.subtract(a, r, dtype=np.float32)
+    num = float(np.sum(np.square(d), dtype=np.float64))  # pairwise summation: accurate enough
+    return math.sqrt(num / max(float(np.sum(np.square(r), dtype=np.float64)), _EPS))
+
+
+def _sample_index(n: int, k: int = SAMPLE_ROWS) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, min(n, k)).astype(np.intp))
+
+
+def match_rows(score: np.ndarray) -> np.ndarray:
+    """A one-to-one assignment maximising `score` [n_suspect, n_reference] greedily.
+
+    Returns `order` with order[j] = the suspect row matched to reference row j. Each round
+    takes every pair that is the best of both its row and its column among the rows still
+    free (the global best always is), so a clear match (every true pair best in its row and
+    column) is found exactly in one round.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    n_sus, n_ref = score.shape
+    if n_sus != n_ref:
+        raise ValueError(f"score matrix must be square, got {score.shape}")
+    order = np.full(n_ref, -1, dtype=np.intp)
+    free_s, free_r = np.arange(n_sus), np.arange(n_ref)
+    while free_s.size:
+        sub = score if free_s.size == n_sus else score[np.ix_(free_s, free_r)]
+        best_r = sub.argmax(axis=1)
+        # A row's best column is mutual when no other row scores higher in that column
+        # (column maxima by a row-wise reduction: argmax along axis 0 is slow in numpy).
+        column_max = sub.max(axis=0)
+        rows = np.flatnonzero(sub[np.arange(free_s.size), best_r] >= column_max[best_r])
+        _, first = np.unique(best_r[rows], return_index=True)  # ties: one row per column
+        rows = rows[first]
+        order[free_r[best_r[rows]]] = free_s[rows]
+        keep_s = np.ones(free_s.size, dtype=bool)
+        keep_s[rows] = False
+        keep_r = np.ones(free_r.size, dtype=bool)
+        keep_r[best_r[rows]] = False
+        free_s, free_r = free_s[keep_s], free_r[keep_r]
+    return order
+
+
+def _unit_rows(w: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+    """Rows scaled to unit length (on a subset of columns), float32."""
+    if columns is not None:
+        w = w[:, columns]
+    w = np.asarray(w, dtype=np.float32)
+    norms = np.linalg.norm(w, axis=1, keepdims=True)
+    return w / np.maximum(norms, 1e-20)
+
+
+def _match_columns(n: int) -> np.ndarray | None:
+    return None if n <= MATCH_COLUMNS else _sample_index(n, MATCH_COLUMNS)
+
+
+def _column_ratio(sus: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Per-column norm ratio, which row permutations leave alone: a first guess at column scales."""
+    s = np.linalg.norm(sus.astype(np.float64), axis=0)
+    r = np.linalg.norm(ref.astype(np.float64), axis=0)
+    ratio = s / np.maximum(r, _EPS)
+    ratio[(r <= _EPS) | (s <= _EPS)] = 1.0
+    return ratio
+
+
+def _least_squares_gains(
+    sus: np.ndarray, ref: np.ndarray, rounds: int = 30
+) -> tuple[np.ndarray, np.ndarray]:
+    """u, v minimising ||diag(u) sus diag(v) - ref|| (alternating least squares), median(v) = 1.
+
+    Fitted in the reference's frame: a row or column that re-quantization has drowned in
+    noise gets a gain that shrinks it, where dividing by a scale fitted in the suspect's frame
+    would blow the noise up.
+    """
+    s, r = np.asarray(sus, dtype=np.float32), np.asarray(ref, dtype=np.float32)
+    p, s2 = s * r, s * s
+    u = np.ones(s.shape[0], dtype=np.float64)
+    v = np.ones(s.shape[1], dtype=np.float64)
+    for _ in range(rounds):
+        # einsum, not BLAS: matrix-vector products are memory-bound, and threaded BLAS on a
+        # busy machine spends far longer waiting than computing.
+        v32 = v.astype(np.float32)
+        den = np.einsum("ij,j->i", s2, v32 * v32)
+        u = np.where(den > _EPS, np.einsum("ij,j->i", p, v32) / np.maximum(den, _EPS), 0.0)
+        u32 = u.astype(np.float32)
+        den = np.einsum("i,ij->j", u32 * u32, s2)
+        v_new = np.where(den > _EPS, np.einsum("i,ij->j", u32, p) / np.maximum(den, _EPS), 0.0)
+        mid = float(np.median(np.abs(v_new))) or 1.0
+        u, v_new = u.astype(np.float64) * mid, v_new.astype(np.float64) / mid
+        step = float(np.max(np.abs(v_new - v) / np.maximum(np.abs(v_new), 1e-12)))
+        v = v_new
+        if step < 1e-4:
+            break
+    return u, v
+
+
+def _described_scale(gain: np.ndarray, what: str) -> str | None:
+    off = np.abs(np.log(np.maximum(np.abs(gain), _EPS))) > 0.05
+    if not off.any():
+        return None
+    return f"{what} rescaled ({int(off.sum())} of {gain.size} by more than 5%)"
+
+
+def infer_architecture(
+    names: Mapping[str, _Meta], config: Mapping[str, Any] | None = None
+) -> Architecture | None:
+    """The architecture from the base's config.json, else guessed from tensor names and shapes.
+
+    Without a config the head size is guessed (64 or 128, whichever divides the projections);
+    models with other head sizes need their config for head alignment.
+    """
+    if config:
+        try:
+            return Architecture.from_config(dict(config))
+        except (UsageError, ValueError, TypeError, ZeroDivisionError):  # unusable: as if absent
+            pass
+    q = next(
+        (
+            m.shape
+            for n, m in names.items()
+            if n.endswith(("self_attn.q_proj.weight", "attention.self.query.weight"))
+        ),
+        None,
+    )
+    if q is None:
+        return None
+    llama = any("self_attn.q_proj" in n for n in names)
+    k = next(
+        (
+            m.shape
+            for n, m in names.items()
+            if n.endswith(("self_attn.k_proj.weight", "attention.self.key.weight"))
+        ),
+        q,
+    )
+    head_dim = next(
+        (hd for hd in (64, 128, 32, 96, 80, 16) if q[0] % hd == 0 and k[0] % hd == 0), q[0]
+    )
+    layers = 1 + max((tensor_role(n) or (0,))[0] for n in names)
+    tied = not any(n.endswith("lm_head.weight") for n in names)
+    return Architecture(
+        "llama" if llama else "bert",
+        q[1],
+        q[0] // head_dim,
+        k[0] // head_dim,
+        head_dim,
+        layers,
+        tied,
+    )
+
+
+class _Aligner:
+    """Estimates the plans; holds only small vectors and the rotation between steps."""
+
+    def __init__(
+        self,
+        suspect: OpenModel,
+        reference: OpenModel,
+        carriers: Mapping[str, tuple[int, ...]],
+        config: Mapping[str, Any] | None,
+    ) -> None:
+        self.suspect, self.reference = suspect, reference
+        self.carriers = {name: tuple(shape) for name, shape in carriers.items()}
+        self.sus_metas = dict(suspect.tensors())
+        self.ref_metas = dict(reference.tensors())
+        self.arch = infer_architecture(self.ref_metas, config)
+        self.report: list[str] = []
+        self.plans: dict[str, _Plan | None] = {}
+        self.far: set[str] = set()  # carriers whose same-name tensor differs from the reference
+        self.unresolved: dict[str, float] = {}  # carriers still far after alignment -> difference
+        self.fitted: set[str] = set()  # carriers whose gains have been fitted
+        self.rows_rescaled: list[str] = []
+        self.cols_rescaled: list[str] = []
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _aliases(self) -> dict[str, str]:
+        aliases = {name: name for name in self.ref_metas if name in self.sus_metas}
+        candidates = getattr(self.suspect, "name_candidates", None) or {}
+        for own, options in candidates.items():
+            for option in options:
+                if option in self.ref_metas and option not in aliases:
+                    aliases[option] = own
+        return aliases
+
+    def ref(self, name: str) -> np.ndarray:
+        return _as_2d(self.reference.load(name))
+
+    def sus(self, name: str, scales: bool = False) -> np.ndarray | None:
+        """The suspect's tensor for reference name `name` with the plan so far (no scales)."""
+        plan = self.plans.get(name)
+        if plan is None:
+            return None
+        return plan.moved(_as_2d(self.suspect.load(plan.source)), scales=scales)
+
+    # -- 1 and 2: names and detection -----------------------------------------------------------
+
+    def resolve_names(self) -> None:
+        aliases = self._aliases()
+        shapes = {name: canonical_2d(shape) for name, shape in self.carriers.items()}
+        pending: list[str] = []
+        for name in self.carriers:
+            own = aliases.get(name)
+            if own is None:
+                pending.append(name)
+                continue
+            have = canonical_2d(tuple(self.sus_metas[own].shape))
+            if have == shapes[name]:
+                self.plans[name] = _Plan(own)
+            elif have == shapes[name][::-1]:
+                self.plans[name] = _Plan(own, transposed=True)
+            else:
+                pending.append(name)
+                continue
+            if name in self.ref_metas:
+                sample = _sample_index(shapes[name][0])
+                plan = self.plans[name]
+                if plan.transposed:
+                    sus_rows = self.sus(name)[sample]
+                else:
+                    sus_rows = _rows(self.suspect, own, sample)
+                if relative_difference(sus_rows, _rows(self.reference, name, sample)) >= CLOSE:
+                    self.far.add(name)
+        # Structural tensors that are not carriers (norms, small k/v projections): by name only.
+        for name in self.ref_metas:
+            if name not in self.plans and name not in self.carriers and name in aliases:
+                own = aliases[name]
+                if tuple(self.sus_metas[own].shape) == tuple(self.ref_metas[name].shape):
+                    self.plans[name] = _Plan(own)
+        if pending:
+            self._search_by_content(pending)
+
+    def _search_by_content(self, pending: list[str]) -> None:
+        """Find carriers among the suspect tensors that no settled carrier claims, by content."""
+        shapes = {name: canonical_2d(self.carriers[name]) for name in pending}
+        claimed = {plan.source for name, plan in self.plans.items() if plan and name not in pending}
+        pool = {
+            own: canonical_2d(tuple(m.shape))
+            for own, m in self.sus_metas.items()
+            if own not in claimed and len(m.shape) >= 2
+        }
+        samples: dict[tuple[str, bool, int], np.ndarray] = {}
+        loaded: dict[str, np.ndarray] = {}
+
+        def sample(own: str, transposed: bool, rows: int) -> np.ndarray:
+            key = (own, transposed, rows)
+            if key not in samples:
+                if own not in loaded:
+                    loaded.clear()  # one suspect tensor in memory at a time
+                    loaded[own] = _as_2d(self.suspect.load(own))
+                w = loaded[own]
+                idx = _sample_index(rows)
+                samples[key] = np.ascontiguousarray(w[:, idx].T if transposed else w[idx])
+            return samples[key]
+
+        for name in pending:
+            if name not in self.ref_metas:
+                continue
+            shape = shapes[name]
+            idx = _sample_index(shape[0])
+            target = self.ref(name)[idx]
+            best: tuple[float, str, bool] | None = None
+            for own, have in pool.items():
+                for transposed in (False, True):
+                    if (have[::-1] if transposed else have) != shape:
+                        continue
+                    diff = relative_difference(sample(own, transposed, shape[0]), target)
+                    if best is None or diff < best[0]:
+                        best = (diff, own, transposed)
+            if best is not None and best[0] < CLOSE:
+                _, own, transposed = best
+                self.plans[name] = _Plan(own, transposed)
+                pool.pop(own)
+                how = ", transposed" if transposed else ""
+                if own != name or transposed:
+                    self.report.append(f"tensor {name} found under name {own}{how}")
+            elif name not in self.plans:
+                self.plans[name] = None
+                self.report.append(f"tensor {name} not found in the suspect")
+
+    # -- 3: residual rotation ---------------------------------------------------------------
+
+    def undo_rotation(self) -> None:
+        if self.arch is None or self.arch.kind != "llama":
+            return
+        embed = next((n for n in self.ref_metas if n.endswith("embed_tokens.weight")), None)
+        if embed is None or self.plans.get(embed) is None or embed not in self.far:
+            return
+        e_ref, e_sus = self.ref(embed), self.sus(embed)
+        rows = e_ref.shape[0]
+        keep = _sample_index(rows, PROCRUSTES_ROWS * e_ref.shape[1])
+        m = e_ref[keep].astype(np.float64).T @ e_sus[keep].astype(np.float64)
+        u, _, vt = np.linalg.svd(m)
+        q = u @ vt  # e_ref @ q ~ e_sus
+        before = relative_difference(e_sus, e_ref)
+        after = relative_difference((e_sus.astype(np.float64) @ q.T).astype(np.float32), e_ref)
+        if after >= min(CLOSE, 0.9 * before):
+            return
+        qt = np.ascontiguousarray(q.T, dtype=np.float32)
+        q32 = np.ascontiguousarray(q, dtype=np.float32)
+        for name, plan in self.plans.items():
+            if plan is None:
+                continue
+            role = tensor_role(name)
+            part = role[1] if role else None
+            if role and role[2] != "weight":
+                continue
+            if part in ("q", "k", "v", "gate", "up") or name.endswith(
+                ("lm_head.weight", "embed_tokens.weight")
+            ):
+                plan.col_rotation = qt
+            elif part in ("o", "down"):
+                plan.row_rotation = q32
+        self.report.append(
+            f"residual stream rotated: undone by Procrustes on {embed} "
+            f"(residual {100 * after:.1f}%, was {100 * before:.1f}%)"
+        )
+
+    # -- 4: per-layer permutations ------------------------------------------------------------
+
+    def _group(self, layer: int, parts: tuple[str, ...]) -> dict[str, str]:
+        found = {}
+        for name, plan in self.plans.items():
+            role = tensor_role(name)
+            if (
+                plan is not None
+                and role
+                and role[0] == layer
+                and role[1] in parts
+                and role[2] == "weight"
+            ):
+                found[role[1]] = name
+        return found
+
+    def _input_corrected(self, sus: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Divide out per-column scales (norm rescaling, folded norms) before matching rows."""
+        ratio = _column_ratio(sus, ref)
+        return sus / ratio[None, :].astype(np.float32), ref
+
+    def _unit_pairs(
+        self, pairs: list[tuple[np.ndarray, np.ndarray]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for sus, ref in pairs:
+            sus, ref = self._input_corrected(sus, ref)
+            cols = _match_columns(ref.shape[1])
+            out.append((_unit_rows(sus, cols), _unit_rows(ref, cols)))
+        return out
+
+    def _needs_matching(self, group: dict[str, str]) -> bool:
+        return any(name in self.far for name in group.values())
+
+    def undo_ffn(self, layer: int) -> None:
+        group = self._group(layer, ("gate", "up", "down"))
+        if not self._needs_matching(group):
+            return
+        # Units as rows: gate/up rows, down columns (transposed views, no copy).
+        loaded = {part: (self.sus(name), self.ref(name)) for part, name in group.items()}
+        pairs = [(s.T, r.T) if part == "down" else (s, r) for part, (s, r) in loaded.items()]
+        units = pairs[0][1].shape[0]
+        if any(s.shape != r.shape or r.shape[0] != units for s, r in pairs):
+            return
+        if "gate" in loaded and "up" in loaded:
+            pairs = [loaded["gate"], loaded["up"]]  # enough to tell units apart; down is not needed
+        order = match_rows(self._unit_score(pairs, units))
+        moved = int(np.count_nonzero(order != np.arange(units)))
+        if moved:
+            label = "mlp" if self.arch is None or self.arch.kind == "llama" else "ffn"
+            self.report.append(
+                f"{label} of layer {layer}: rows permuted ({moved} of {units} moved)"
+            )
+        for part, name in group.items():
+            sus, ref = loaded[part]
+            if moved and part == "down":
+                self.plans[name].col_order = order
+                sus = sus[:, order]
+            elif moved:
+                self.plans[name].row_order = order
+                sus = sus[order]
+            self.fit_gains(name, sus, ref)
+
+    def _unit_score(self, pairs: list[tuple[np.ndarray, np.ndarray]], units: int) -> np.ndarray:
+        """score[i, j] = sum over the pairs of |cos(suspect row i, reference row j)|."""
+        score = np.zeros((units, units), dtype=np.float32)
+        product = np.empty_like(score)  # reused: fresh large arrays cost a page fault per page
+        for s, r in self._unit_pairs(pairs):
+            np.matmul(s, r.T, out=product)
+            np.abs(product, out=product)
+            score += product
+        return score
+
+    def _head_score(
+        self, pairs: list[tuple[np.ndarray, np.ndarray]], heads: int, head_dim: int
+    ) -> np.ndarray:
+        """score[a, b] = sum over rows r within a head of
+        |cos(suspect head a row r, reference head b row r)|."""
+        score = np.zeros((heads, heads), dtype=np.float64)
+        for s, r in self._unit_pairs(pairs):
+            s3 = s.reshape(heads, head_dim, -1)
+            r3 = r.reshape(heads, head_dim, -1)
+            for d in range(head_dim):
+                score += np.abs(s3[:, d] @ r3[:, d].T)
+        return score
+
+    def undo_heads(self, layer: int) -> None:
+        arch = self.arch
+        if arch is None:
+            return
+        group = self._group(layer, ("q", "k", "v", "o"))
+        if not self._needs_matching(group):
+            return
+        hd, g = arch.head_dim, arch.group
+        loaded = {part: (self.sus(name), self.ref(name)) for part, name in group.items()}
+        if "o" in loaded:
+            s, r = loaded["o"]
+            loaded["o"] = (s.T, r.T)
+        kv_parts = [
+            loaded[p] for p in (("k", "v") if g > 1 else ("q", "k", "v", "o")) if p in loaded
+        ]
+        sizes = {
+            "q": arch.heads * hd,
+            "o": arch.heads * hd,
+            "k": arch.kv_heads * hd,
+            "v": arch.kv_heads * hd,
+        }
+        if not kv_parts or any(
+            s.shape != r.shape or r.shape[0] != sizes[p] for p, (s, r) in loaded.items()
+        ):
+            return
+        kv_order = match_rows(self._head_score(kv_parts, arch.kv_heads, hd))
+        q_order = np.repeat(kv_order * g, g) + np.tile(np.arange(g), arch.kv_heads)
+        q_parts = [loaded[p] for p in ("q", "o") if p in loaded]
+        if g > 1 and q_parts:
+            for b in range(arch.kv_heads):
+                a = kv_order[b]
+                s_rows = slice(a * g * hd, (a + 1) * g * hd)
+                r_rows = slice(b * g * hd, (b + 1) * g * hd)
+                within = match_rows(
+                    self._head_score([(s[s_rows], r[r_rows]) for s, r in q_parts], g, hd)
+                )
+                q_order[b * g : (b + 1) * g] = a * g + within
+        q_rows = (q_order[:, None] * hd + np.arange(hd)).ravel()
+        kv_rows = (kv_order[:, None] * hd + np.arange(hd)).ravel()
+        moved_heads = int(np.count_nonzero(q_order != np.arange(arch.heads)))
+        if moved_heads:
+            self.report.append(
+                f"attention of layer {layer}: heads permuted ({moved_heads} of {arch.heads} moved)"
+            )
+        for part, name in group.items():
+            sus, ref = loaded[part]
+            if part == "o":
+                sus, ref = sus.T, ref.T  # back to [out, in]
+            if moved_heads and part == "o":
+                self.plans[name].col_order = q_rows
+                sus = sus[:, q_rows]
+            elif moved_heads:
+                rows = q_rows if part == "q" else kv_rows
+                self.plans[name].row_order = rows
+                sus = sus[rows]
+            self.fit_gains(name, sus, ref)
+
+    # -- 5: scales -------------------------------------------------------------------------------
+
+    def fit_gains(self, name: str, sus: np.ndarray, ref: np.ndarray) -> None:
+        """Least-squares row and column gains for one carrier, given its suspect values with the
+        plan so far applied; kept only if they bring it markedly closer to the reference."""
+        self.fitted.add(name)
+        if name not in self.carriers or sus.shape != ref.shape:
+            return
+        before = relative_difference(sus, ref)
+        after = before
+        if before > 1e-6:
+            u, v = _least_squares_gains(sus, ref)
+            after = relative_difference(
+                sus * u[:, None].astype(np.float32) * v[None, :].astype(np.float32), ref
+            )
+            if after < SCALE_GAIN * before:
+                plan = self.plans[name]
+                plan.row_gain, plan.col_gain = u, v
+                if _described_scale(u, "rows"):
+                    self.rows_rescaled.append(name)
+                if _described_scale(v, "columns"):
+                    self.cols_rescaled.append(name)
+            else:
+                after = before
+        if after >= CLOSE:
+            self.unresolved[name] = after
+
+    def undo_scales(self) -> None:
+        """Gains for the carriers outside the layer groups (embeddings, lm_head, pooler...)."""
+        for name in self.carriers:
+            plan = self.plans.get(name)
+            if plan is None or name in self.fitted or name not in self.ref_metas:
+                continue
+            if plan.identity and name not in self.far:
+                continue
+            self.fit_gains(name, self.sus(name), self.ref(name))
+        if self.rows_rescaled:
+            self.report.append(
+                f"rows rescaled in {len(self.rows_rescaled)} tensors (least squares), "
+                f"e.g. {self.rows_rescaled[0]}"
+            )
+        if self.cols_rescaled:
+            self.report.append(
+                f"columns rescaled in {len(self.cols_rescaled)} tensors (least squares), "
+                f"e.g. {self.cols_rescaled[0]}"
+            )
+
+    # -- driver ------------------------------------------------------------------------------
+
+    def run(self) -> Alignment:
+        self.resolve_names()
+        if self.far:
+            self.undo_rotation()
+            layers = sorted({role[0] for n in self.plans if (role := tensor_role(n))})
+            for layer in layers:
+                self.undo_ffn(layer)
+                self.undo_heads(layer)
+            self.undo_scales()
+        if self.unresolved:
+            # Swapped names: look for what is still unexplained among the unexplained tensors.
+            self._search_by_content(sorted(self.unresolved))
+            for name, diff in self.unresolved.items():
+                plan = self.plans.get(name)
+                if plan is not None and not plan.identity:
+                    self.report.append(
+                        f"tensor {name}: still {100 * diff:.0f}% away from the reference "
+                        "after alignment"
+                    )
+        plans = {name: self.plans.get(name) for name in self.carriers}
+        return Alignment(self.suspect, plans, self.report)
+
+
+def align(
+    suspect: OpenModel,
+    reference: OpenModel,
+    carriers: Mapping[str, tuple[int, ...]],
+    config: Mapping[str, Any] | None = None,
+) -> Alignment:
+    """Estimate how the suspect's carriers moved relative to the reference; see the module doc.
+
+    `suspect` and `reference` are opened models (`.tensors()` with shapes, `.load(name)` giving
+    canonical float32 [out, in]; a suspect may list `.name_candidates`). `carriers` maps each
+    registered carrier name to its shape. `config` is the base's config.json, if at hand (head
+    counts); otherwise the layout is inferred from names and shapes.
+    """
+    return _Aligner(suspect, reference, carriers, config).run()
