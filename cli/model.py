@@ -14,24 +14,31 @@ app = typer.Typer(help="Register and list base models.", no_args_is_help=True)
 
 @app.command("register")
 def register(
-    path: Annotated[Path, typer.Argument(help="The base weights: a .safetensors file or a model folder.")],
+    path: Annotated[Path, typer.Argument(
+        help="The base weights: a float .safetensors file or model folder, a quantized .gguf "
+             "file or a GPTQ folder.")],
     name: Annotated[str, typer.Option("--name", help="Name to stamp and scan by.")],
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Register a base model: its manifest id, carrier tensors and per-row RMS table.
 
+    A GGUF or GPTQ base (a lab with no float master) is stamped by moving its integer codes;
+    its copies are in the same format and types, with every scale byte kept.
+
     Example: weightmark model register ./all-MiniLM-L6-v2 --name minilm
+
+    Example: weightmark model register ./smollm2-135m.Q4_1.gguf --name smollm2-q4
     """
     with open_lab(home) as lab:
         model = lab.register_model(path, name, progress=BarProgress())
         carriers = lab.registry.carriers(model.model_id)
     if json_out:
         print_json({"name": model.name, "model_id": model.model_id, "base_path": model.base_path,
-                    "carriers": len(carriers), "entry_id": model.entry_idx})
+                    "format": model.format, "carriers": len(carriers), "entry_id": model.entry_idx})
     else:
-        typer.echo(f"Registered {model.name}: model id {model.model_id}, {len(carriers)} carrier tensors "
-                   f"(entry {model.entry_idx}).")
+        typer.echo(f"Registered {model.name} ({model.format}): model id {model.model_id}, {len(carriers)} "
+                   f"carrier tensors (entry {model.entry_idx}).")
 
 
 @app.command("list")

@@ -1,9 +1,11 @@
-"""Stamping straight into a quantized GGUF copy, with block scales frozen from the base.
+"""Stamping straight into a quantized copy (GGUF, GPTQ, AWQ, compressed-tensors, NF4), scales frozen.
 
 The base's float weights are quantized once to fix every block's scales; each licensee's copy
 is then `w + delta` quantized against those same scales, so copies share scales and differ
-only in the codes the watermark moves. Rows that are not whole K-quant super-blocks fall back
-to the types llama.cpp falls back to.
+only in the codes the watermark moves. GGUF rows that are not whole K-quant super-blocks fall
+back to the types llama.cpp falls back to; GPTQ, AWQ, compressed-tensors and bitsandbytes NF4
+folders are written by weightmark.formats.packed_write (round-to-nearest quantizations in those
+containers), with the float tensors they keep stamped in their own dtype.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from weightmark.canonical import to_float32
+from weightmark.canonical import as_2d, kind_of, to_float32
 from weightmark.errors import InputFileError, UsageError
-from weightmark.formats.safetensors import Checkpoint
+from weightmark.formats.packed_write import PACKED_FORMATS, write_packed_copy
+from weightmark.formats.safetensors import Checkpoint, TensorInfo
+from weightmark.fsutil import sha256_file, staged_output
 from weightmark.kernels import FLOAT, embed
 from weightmark.kernels.quant import BLOCK_LAYOUTS
 
@@ -31,15 +35,33 @@ K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 _MORE_BITS = ("v_proj", "down_proj", "attention.self.value", "output.dense")
 
 CarrierEmbed = Callable[[str, np.ndarray], np.ndarray | None]
+RawEmbed = Callable[[str, TensorInfo, np.ndarray], np.ndarray]
+
+# every --format value: the base's own, GGUF file types, packed safetensors folders
+FORMAT_CHOICES = ("same", *GGUF_FORMATS, *PACKED_FORMATS)
 
 
 def parse_format(fmt: str) -> str | None:
-    """None for the base's own format, else the GGUF file type; UsageError for unknown values."""
+    """None for the base's own format, the GGUF file type for gguf:..., or the packed format
+    name itself (gptq:4bit-g128, awq:4bit-g128, ct:w4a16, ct:w8a16, bnb:nf4); UsageError for
+    unknown values."""
     if fmt in ("", "same", "safetensors"):
         return None
+    if fmt in PACKED_FORMATS:
+        return fmt
     if fmt not in GGUF_FORMATS:
-        raise UsageError(f"unknown --format {fmt!r}; choose from same, {', '.join(GGUF_FORMATS)}")
+        raise UsageError(f"unknown --format {fmt!r}; choose from {', '.join(FORMAT_CHOICES)}")
     return GGUF_FORMATS[fmt]
+
+
+def is_packed(file_type: str | None) -> bool:
+    """Whether parse_format's result names a packed safetensors folder (not GGUF, not same)."""
+    return file_type in PACKED_FORMATS
+
+
+def quantized_variant(file_type: str) -> str:
+    """The policy variant of a quantized output: quantized:gguf:Q4_K_M, quantized:gptq:4bit-g128."""
+    return f"quantized:{file_type}" if is_packed(file_type) else f"quantized:gguf:{file_type}"
 
 
 def tensor_type(file_type: str, hf_name: str, shape: tuple[int, ...]) -> str:
@@ -119,6 +141,60 @@ def write_quantized_copy(
         return qtype, quantize_frozen(qtype, np.ascontiguousarray(stamped), reference, nearest=True)
 
     return write_gguf(target, arch, tensors, "F32", meta, encode=encode, drop_unmapped=True)
+
+
+def write_stamped_copy(
+    base: Checkpoint,
+    base_path: Path,
+    target: Path,
+    out_name: str,
+    file_type: str,
+    stamper: CarrierEmbed,
+    raw_stamper: RawEmbed,
+    progress: Callable[[int], None],
+) -> tuple[dict[str, str], str]:
+    """Write a quantized stamped copy at `target`; ({file: sha256}, output format name).
+
+    GGUF is one file (keyed by `out_name`); packed formats are folders whose output format is
+    the name our readers give them (gptq, awq, compressed-tensors:pack-quantized,
+    bitsandbytes-nf4).
+    """
+    if is_packed(file_type):
+        files = write_packed_copy(base, base_path, target, file_type, stamper, raw_stamper, progress)
+        return files, PACKED_FORMATS[file_type].output_format
+    write_quantized_copy(base, base_path, target, file_type, stamper, lambda n: progress(n // 2))
+    return {out_name: sha256_file(target)}, "gguf"
+
+
+def write_reference_copy(base_path: str | Path, out: str | Path, fmt: str, overwrite: bool = False) -> Path:
+    """The unstamped quantized copy of a base in `fmt` (the reference a non-blind scan of a
+    directly stamped copy can use): the same writer, same frozen scales, no watermark."""
+    file_type = parse_format(fmt)
+    if file_type is None:
+        raise UsageError("a reference copy needs a quantized --format")
+    out = Path(out)
+    with Checkpoint.open(base_path) as base, staged_output(out, is_dir=is_packed(file_type),
+                                                           overwrite=overwrite) as staging:
+        write_stamped_copy(base, Path(base_path), staging.path, out.name, file_type,
+                           lambda name, rows: None, lambda name, info, raw: raw, lambda n: None)
+        staging.publish()
+    return out
+
+
+def dtype_stamper(carriers: dict[str, Any], code: np.ndarray, seeds: dict[str, int], alpha: float,
+                  root: Path) -> RawEmbed:
+    """The stamp of a tensor kept in the base's own dtype (the raw array itself if no carrier)."""
+
+    def stamp_raw(name: str, info: TensorInfo, raw: np.ndarray) -> np.ndarray:
+        carrier = carriers.get(name)
+        if carrier is None:
+            return raw
+        if (info.dtype, tuple(info.shape)) != (carrier.dtype, carrier.shape):
+            raise InputFileError(root, f"tensor {name!r} is not the registered {carrier.dtype} {list(carrier.shape)}")
+        rows = as_2d(raw)
+        return embed(rows, kind_of(info.dtype), carrier.row_scale, code, seeds[name], alpha).reshape(raw.shape)
+
+    return stamp_raw
 
 
 def float_stamper(carriers: dict[str, Any], code: np.ndarray, seeds: dict[str, int], alpha: float) -> CarrierEmbed:

@@ -277,3 +277,53 @@ def test_autoawq_dequantize(tmp_path: Path) -> None:
     qweight, qzeros, scales = (torch.from_numpy(array) for _name, _dtype, array in layer.tensors)
     peer = packing.dequantize_gemm(qweight, qzeros, scales, 4, 64).T  # AWQ gives [in, out]
     assert_same_after_rounding(ours, peer.contiguous())
+
+
+# ------------------------------------------------------------------ our own packed writers
+
+
+def _written(tmp_path: Path, fmt: str) -> tuple[Path, dict[str, Any]]:
+    from tests.test_quantized_formats_stamp import write_llama_base
+    from weightmark.quantized_stamp import write_reference_copy
+
+    out = write_reference_copy(write_llama_base(tmp_path / "base"), tmp_path / "q", fmt)
+    return out, json.loads((out / "config.json").read_text())["quantization_config"]
+
+
+def _state(folder: Path, prefix: str) -> dict[str, Any]:
+    from weightmark.formats.safetensors import load_file
+
+    return {name[len(prefix) + 1 :]: torch.from_numpy(array.copy()).view(_TORCH[dtype])
+            for name, (dtype, array) in load_file(folder / "model.safetensors").items()
+            if name.startswith(prefix + ".")}  # fmt: skip
+
+
+_TORCH = {"I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "F32": torch.float32,
+          "F16": torch.float16, "BF16": torch.bfloat16}  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["ct:w4a16", "ct:w8a16"])
+def test_compressed_tensors_decompresses_our_packed_copy(tmp_path: Path, fmt: str) -> None:
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    folder, qc = _written(tmp_path, fmt)
+    config = QuantizationConfig.model_validate(qc)  # the library accepts our config
+    scheme = config.config_groups["group_0"]
+    for module in ("self_attn.q_proj", "mlp.down_proj"):
+        prefix = f"model.layers.1.{module}"
+        peer = PackedQuantizationCompressor.decompress(_state(folder, prefix), scheme)["weight"]
+        assert_same_after_rounding(read(folder, f"{prefix}.weight"), peer)
+
+
+def test_bitsandbytes_dequantizes_our_nf4_copy(tmp_path: Path) -> None:
+    functional = pytest.importorskip("bitsandbytes.functional")
+    folder, _qc = _written(tmp_path, "bnb:nf4")
+    for module in ("self_attn.q_proj", "mlp.down_proj"):
+        prefix = f"model.layers.1.{module}"
+        state = _state(folder, prefix)
+        packed = state.pop("weight")
+        quant_state = functional.QuantState.from_dict({k[len("weight.") :]: v for k, v in state.items()}, "cpu")
+        peer = functional.dequantize_4bit(packed, quant_state)
+        assert_same_after_rounding(read(folder, f"{prefix}.weight"), peer)
