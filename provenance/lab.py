@@ -21,7 +21,7 @@ from weightmark.registry.log import (
     verify_log,
 )
 from weightmark.registry.store import DB_FILE, IssuedCopy, Licensee, Model, Registry
-from weightmark.scheme import DEFAULT_ALPHA, DEFAULT_THRESHOLD
+from weightmark.scheme import DEFAULT_ALPHA, DEFAULT_COLLUSION, DEFAULT_THRESHOLD
 
 if TYPE_CHECKING:
     from weightmark.scan import ScanReport
@@ -150,23 +150,63 @@ class Lab:
     # -- operations --------------------------------------------------------------------------
 
     def register_model(self, path: str | os.PathLike[str], name: str, progress: Progress = NO_PROGRESS) -> Model:
-        """Register a base model: manifest id, carriers and their row-RMS table, signed."""
-        from weightmark.model import carriers_of, file_stats, manifest_id, open_base
+        """Register a base model: manifest id, carriers and their row-RMS table, signed.
+
+        The base is a float safetensors file or folder, or an already-quantized GGUF file or
+        GPTQ folder (a lab with no float master): its copies are then stamped by moving codes.
+        """
+        from weightmark.formats.safetensors import Checkpoint
+        from weightmark.model import (
+            GGUF_FORMAT,
+            PACKED_FORMATS,
+            base_format,
+            carriers_of,
+            file_stats,
+            gguf_carriers,
+            gguf_file_stats,
+            gguf_manifest_id,
+            manifest_id,
+            open_base,
+            open_gguf_base,
+            packed_carriers,
+        )
 
         keys = self.keys
         path = Path(path).resolve()
-        with open_base(path) as ckpt:
-            total = sum(info.nbytes for _, info in ckpt.tensors.values())
-            progress.begin(f"registering {name}", 2 * total)
-            try:
-                model_id = manifest_id(ckpt, progress.advance)
-                carriers = carriers_of(ckpt, progress.advance)
-            finally:
-                progress.end()
-            stats = file_stats(ckpt)
+        fmt = base_format(path)
+        if fmt == GGUF_FORMAT:
+            with open_gguf_base(path) as gguf_base:
+                total = sum(gguf_base.info(n).nbytes for n in gguf_base.tensors())
+                progress.begin(f"registering {name}", 2 * total)
+                try:
+                    model_id = gguf_manifest_id(gguf_base, progress.advance)
+                    carriers = gguf_carriers(gguf_base, progress.advance)
+                finally:
+                    progress.end()
+                stats = gguf_file_stats(gguf_base)
+        elif fmt in PACKED_FORMATS:
+            with Checkpoint.open(path) as ckpt:
+                total = sum(info.nbytes for _, info in ckpt.tensors.values())
+                progress.begin(f"registering {name}", 2 * total)
+                try:
+                    model_id = manifest_id(ckpt, progress.advance)
+                    carriers = packed_carriers(path, progress.advance)
+                finally:
+                    progress.end()
+                stats = file_stats(ckpt)
+        else:
+            with open_base(path) as ckpt:
+                total = sum(info.nbytes for _, info in ckpt.tensors.values())
+                progress.begin(f"registering {name}", 2 * total)
+                try:
+                    model_id = manifest_id(ckpt, progress.advance)
+                    carriers = carriers_of(ckpt, progress.advance)
+                finally:
+                    progress.end()
+                stats = file_stats(ckpt)
         if not carriers:
             raise InputFileError(path, "no tensor can carry a watermark")
-        return self.registry.add_model(model_id, name, str(path), "safetensors", stats, carriers, keys)
+        return self.registry.add_model(model_id, name, str(path), fmt, stats, carriers, keys)
 
     def add_licensee(self, name: str, jurisdiction: str, email: str | None = None) -> Licensee:
         return self.registry.add_licensee(name, jurisdiction, email, self.keys)
@@ -174,16 +214,18 @@ class Lab:
     def stamp(self, model_name: str, licensee_id: str, out: str | os.PathLike[str],
               alpha: float = DEFAULT_ALPHA, overwrite: bool = False,
               progress: Progress = NO_PROGRESS, override_reason: str | None = None,
-              fmt: str = "same") -> IssuedCopy:
+              fmt: str = "same", collusion: int = DEFAULT_COLLUSION) -> IssuedCopy:
         """Issue a stamped copy, subject to the installed jurisdiction policy.
 
-        `fmt`: "same" (the base's own format and dtypes) or a quantized output such as
-        "gguf:Q4_K_M", "gguf:Q8_0", "gguf:Q4_0", "gguf:Q6_K".
+        `fmt`: "same" (the base's own format and dtypes) or a quantized output: a GGUF file
+        ("gguf:Q4_K_M", "gguf:Q8_0", "gguf:Q4_0", "gguf:Q6_K", ...) or a quantized safetensors
+        folder ("gptq:4bit-g128", "awq:4bit-g128", "ct:w4a16", "ct:w8a16", "bnb:nf4"; round-to-
+        nearest quantizations in those containers, scales frozen from the unstamped base).
         """
         from weightmark.stamp import stamp
 
         return stamp(self.registry, self.keys, model_name, licensee_id, out, alpha, overwrite, progress,
-                     policy.current(self.home), override_reason, fmt)
+                     policy.current(self.home), override_reason, fmt, collusion)
 
     def evidence(self, report: ScanReport, out: str | os.PathLike[str]) -> Path:
         """Write a signed evidence bundle for a scan's accusations."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -11,15 +12,29 @@ import numpy as np
 from weightmark.canonical import as_2d, kind_of
 from weightmark.errors import InputFileError, PolicyDenied
 from weightmark.formats.safetensors import Checkpoint, TensorInfo, write_like
-from weightmark.fsutil import sha256_file, staged_output
+from weightmark.fsutil import staged_output
 from weightmark.kernels import embed
 from weightmark.keys import LabKeys
 from weightmark.model import file_stats, manifest_id
 from weightmark.progress import NO_PROGRESS, Progress
-from weightmark.quantized_stamp import float_stamper, parse_format, write_quantized_copy
+from weightmark.quantized_stamp import (
+    dtype_stamper,
+    float_stamper,
+    is_packed,
+    parse_format,
+    quantized_variant,
+    write_stamped_copy,
+)
 from weightmark.registry.policy import Policy
 from weightmark.registry.store import IssuedCopy, Model, Registry
-from weightmark.scheme import DEFAULT_ALPHA, SchemeParams, carrier_seed, codeword
+from weightmark.scheme import (
+    DEFAULT_ALPHA,
+    DEFAULT_COLLUSION,
+    SchemeParams,
+    carrier_seed,
+    choose_scheme,
+)
+from weightmark.tardos import TardosParams
 
 
 def open_registered_base(model: Model) -> Checkpoint:
@@ -64,6 +79,12 @@ def policy_gate(policy: Policy | None, jurisdiction: str, variant: str,
     }
 
 
+def stamp_scheme(registry: Registry, model: Model, alpha: float, collusion: int) -> SchemeParams | TardosParams:
+    """The scheme of a new copy of `model` (see scheme.choose_scheme)."""
+    elements = sum(math.prod(c.shape) for c in registry.carriers(model.model_id))
+    return choose_scheme(alpha, collusion, elements, (c.scheme for c in registry.issued(model.model_id)))
+
+
 def stamp(
     registry: Registry,
     keys: LabKeys,
@@ -76,6 +97,7 @@ def stamp(
     policy: Policy | None = None,
     override_reason: str | None = None,
     fmt: str = "same",
+    collusion: int = DEFAULT_COLLUSION,
 ) -> IssuedCopy:
     """Write the licensee's stamped copy at `out` (same format, layout and dtypes as the base).
 
@@ -83,21 +105,29 @@ def stamp(
     anything is written, unless `override_reason` is given (it goes into the signed entry).
     The copy is written to a temporary name, synced, recorded as a signed registry entry, and
     only then moved to `out`: a crash leaves neither a half-written copy nor an unrecorded one.
-    `fmt` "same" keeps the base's format; "gguf:Q4_K_M" and the like write a quantized GGUF
-    whose block scales are frozen from the unstamped base (see quantized_stamp).
+    `fmt` "same" keeps the base's format; "gguf:Q4_K_M" and the like write a quantized GGUF,
+    "gptq:4bit-g128", "awq:4bit-g128", "ct:w4a16", "ct:w8a16" and "bnb:nf4" a quantized
+    safetensors folder, with scales frozen from the unstamped base (see quantized_stamp).
+    A base registered already quantized (GGUF, GPTQ) is stamped by moving its codes (see
+    code_stamp).
     """
+    if (quantized := registry.model(model_name)).format != "safetensors":
+        from weightmark.code_stamp import stamp_quantized_base
+
+        return stamp_quantized_base(registry, keys, quantized, licensee_id, out, alpha, overwrite, progress,
+                                    policy, override_reason, fmt, collusion)
     file_type = parse_format(fmt)
     model = registry.model(model_name)
     licensee = registry.licensee(licensee_id)
-    params = SchemeParams(alpha=alpha)
+    params = stamp_scheme(registry, model, alpha, collusion)
     carriers = {c.name: c for c in registry.carriers(model.model_id)}
     out = Path(out)
     with open_registered_base(model) as base:
-        variant = variant_of(base, set(carriers)) if file_type is None else f"quantized:gguf:{file_type}"
+        variant = variant_of(base, set(carriers)) if file_type is None else quantized_variant(file_type)
         policy_record = policy_gate(policy, licensee.jurisdiction, variant, override_reason)
         model_key = keys.model_key(model.model_id)
         index = registry.reserve_codeword(model.model_id)
-        code = codeword(model_key, index, params.code_length)
+        code = params.codeword(model_key, index)
 
         def transform(name: str, info: TensorInfo, raw: np.ndarray, out: np.ndarray) -> np.ndarray:
             carrier = carriers.get(name)
@@ -112,17 +142,18 @@ def stamp(
         total = sum(info.nbytes for _, info in base.tensors.values())
         progress.begin(f"stamping {model.name} for {licensee.name}", total)
         try:
-            with staged_output(out, is_dir=base.is_folder and file_type is None, overwrite=overwrite) as staging:
+            is_dir = (base.is_folder and file_type is None) or is_packed(file_type)
+            with staged_output(out, is_dir=is_dir, overwrite=overwrite) as staging:
                 if file_type is None:
                     files = write_like(base, staging.path, transform, progress.advance, scratch=True)
                     output_format = "safetensors"
                 else:
                     seeds = {name: carrier_seed(model_key, name) for name in carriers}
                     stamper = float_stamper(carriers, code, seeds, params.alpha)
-                    write_quantized_copy(base, Path(model.base_path), staging.path, file_type, stamper,
-                                         lambda n: progress.advance(n // 2))
-                    files = {out.name: sha256_file(staging.path)}
-                    output_format = "gguf"
+                    raw_stamper = dtype_stamper(carriers, code, seeds, params.alpha, base.root)
+                    files, output_format = write_stamped_copy(
+                        base, Path(model.base_path), staging.path, out.name, file_type, stamper,
+                        raw_stamper, progress.advance)
                 issued = registry.record_issue(
                     model, licensee, index, str(params), output_format,
                     variant, str(out.resolve()), files, keys, policy_record,
