@@ -53,6 +53,8 @@ def scan(
     against = f"non-blind, against {report.reference}" if report.reference else "blind"
     echo(f"Suspect:  {report.suspect} ({report.format}; {against})")
     echo(f"Model:    {report.model} ({report.model_id[:16]}), {report.carriers_used}/{report.carriers_total} carriers")
+    for line in report.aligned:
+        echo(f"Aligned:  {line}")
     present = "yes" if report.watermark_present else "not shown"
     echo(f"Watermark of this model's key present: {present} (p = {format_p(report.presence_log10_p)})")
     if report.accused:

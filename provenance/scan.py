@@ -7,6 +7,7 @@ over the N codewords of the model the family-wise bound is min(1, N p).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import defaultdict
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from weightmark.align import align
 from weightmark.canonical import as_2d, kind_of
 from weightmark.errors import InputFileError, UsageError
 from weightmark.formats import QuantizedModel, SafetensorsSuspect, open_suspect
@@ -86,6 +88,7 @@ class ScanReport:
     presence_log10_p: float
     positions_used: int
     candidates: list[Candidate] = field(default_factory=list)  # every codeword, best first
+    aligned: list[str] = field(default_factory=list)  # what re-alignment to the reference undid
     z: np.ndarray | None = field(default=None, repr=False)  # z statistics of the first code length
 
     @property
@@ -108,6 +111,7 @@ class ScanReport:
             "reference": self.reference,
             "carriers": {"used": self.carriers_used, "registered": self.carriers_total,
                          "skipped": self.carriers_skipped},
+            "aligned": self.aligned,
             "watermark_present": {
                 "present": self.watermark_present,
                 "statistic": round(self.presence_statistic, 4),
@@ -158,13 +162,23 @@ def identify_model(registry: Registry, suspect: QuantizedModel | SafetensorsSusp
 def _same_base(model: Model) -> QuantizedModel | SafetensorsSuspect | None:
     """The registered base as reference, when its files are still there and unchanged.
 
-    A float base is read as stored; a base registered already quantized (GGUF) is dequantized.
+    A float base is read as stored; a base registered already quantized (GGUF, GPTQ) is
+    dequantized.
     """
-    from weightmark.model import GGUF_FORMAT, gguf_file_stats
+    from weightmark.model import GGUF_FORMAT, PACKED_FORMATS, gguf_file_stats
 
     path = Path(model.base_path)
     if not path.exists():
         return None
+    if model.format in PACKED_FORMATS:
+        from weightmark.formats.quantized import open_quantized
+
+        try:
+            with Checkpoint.open(path) as ckpt:
+                unchanged = file_stats(ckpt) == model.files
+            return open_quantized(path) if unchanged else None
+        except InputFileError:
+            return None
     if model.format == GGUF_FORMAT:
         from weightmark.formats.gguf import GGUFModel
 
@@ -194,6 +208,17 @@ def _values(source: QuantizedModel | SafetensorsSuspect, name: str, dtype: str) 
     return as_2d(source.load(name)), FLOAT
 
 
+def _base_config(model: Model) -> dict[str, Any] | None:
+    """The base's config.json (head counts for re-alignment), if it is there and readable."""
+    base = Path(model.base_path)
+    path = (base if base.is_dir() else base.parent) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def _extract_all(
     suspect: QuantizedModel | SafetensorsSuspect,
     reference: QuantizedModel | SafetensorsSuspect | None,
@@ -201,10 +226,18 @@ def _extract_all(
     model_key: bytes,
     code_lengths: list[int],
     progress: Progress,
-) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, list[str]]:
+    config: dict[str, Any] | None = None,
+) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, list[str], list[str]]:
+    """Per code length, the (num, den) sums over every carrier found; with a reference the
+    suspect is first re-aligned to it (renamed, permuted, rescaled or rotated carriers)."""
     sums = {L: (np.zeros(L), np.zeros(L)) for L in code_lengths}
     metas = suspect.tensors()
-    aliases = name_aliases(suspect, {c.name for c in carriers})
+    alignment = None
+    if reference is not None:
+        alignment = align(suspect, reference, {c.name: c.shape for c in carriers}, config)
+        aliases = {c.name: own for c in carriers if (own := alignment.source(c.name)) is not None}
+    else:
+        aliases = name_aliases(suspect, {c.name for c in carriers})
     used, skipped = 0, []
     for carrier in carriers:
         own = aliases.get(carrier.name)
@@ -212,7 +245,8 @@ def _extract_all(
             skipped.append(f"{carrier.name}: missing")
             continue
         meta = metas[own]
-        if meta.shape != carrier.shape:
+        moved = alignment is not None and not alignment.plans[carrier.name].identity
+        if not moved and meta.shape != carrier.shape:
             skipped.append(f"{carrier.name}: {meta.source_dtype} {list(meta.shape)} instead of {list(carrier.shape)}")
             continue
         if isinstance(suspect, SafetensorsSuspect) and meta.source_dtype not in FLOAT_CARRIER_DTYPES:
@@ -225,7 +259,10 @@ def _extract_all(
                 skipped.append(f"{carrier.name}: not in the reference")
                 continue
             ref_raw, ref_kind = _values(reference, carrier.name, ref_meta.source_dtype)
-        sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
+        if moved:
+            sus_raw, sus_kind = np.ascontiguousarray(alignment.tensor(carrier.name), dtype=np.float32), FLOAT
+        else:
+            sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
         seed = carrier_seed(model_key, carrier.name)
         for num, den in sums.values():
             extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, num, den)
@@ -235,7 +272,7 @@ def _extract_all(
                 source.checkpoint.release(name)
         used += 1
         progress.advance(int(np.prod(carrier.shape)) * 2)
-    return sums, used, skipped
+    return sums, used, skipped, alignment.report if alignment is not None else []
 
 
 def scan(
@@ -270,7 +307,8 @@ def scan(
             model_key = keys.model_key(model.model_id)
             total = sum(int(np.prod(c.shape)) * 2 for c in carriers)
             progress.begin(f"scanning {Path(suspect_path).name} ({suspect.format})", total)
-            sums, used, skipped = _extract_all(suspect, ref, carriers, model_key, code_lengths, progress)
+            sums, used, skipped, aligned = _extract_all(suspect, ref, carriers, model_key, code_lengths,
+                                                        progress, _base_config(model))
             progress.end()
             mode = "non-blind" if ref is not None else "blind"
             ref_path = str(Path(reference if reference is not None else model.base_path).resolve()) if ref else None
@@ -310,6 +348,6 @@ def scan(
         suspect=str(Path(suspect_path).resolve()), format=suspect.format, model=model.name, model_id=model.model_id, scheme=scheme,
         mode=mode, reference=ref_path, threshold=threshold, family_size=family, carriers_used=used,
         carriers_total=len(carriers), carriers_skipped=skipped, presence_statistic=presence[0],
-        presence_log10_p=presence[1], positions_used=presence[2], candidates=candidates,
+        presence_log10_p=presence[1], positions_used=presence[2], candidates=candidates, aligned=aligned,
         z=z_by_length[code_lengths[0]],
     )

@@ -13,6 +13,15 @@ from weightmark.attacks.basic import (
     requantize,
     requantize_array,
 )
+from weightmark.attacks.functional import (
+    function_preserving,
+    permute_ffn,
+    permute_heads,
+    rename_transpose_drop,
+    rescale,
+    rotate_residual,
+)
 
-__all__ = ["add_noise", "cast", "map_floats", "quantization_error", "relative_error", "requantize",
+__all__ = ["function_preserving", "permute_ffn", "permute_heads", "rename_transpose_drop", "rescale",
+           "rotate_residual", "add_noise", "cast", "map_floats", "quantization_error", "relative_error", "requantize",
            "requantize_array"]
