@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench eval peers clean
+.PHONY: demo test lint bench eval peers llamacpp bench-llamacpp clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,15 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_kernels.py
 	$(BIN)/python benchmarks/bench_end_to_end.py
 	$(BIN)/python benchmarks/bench_fidelity.py
+	$(BIN)/python benchmarks/bench_dequant_extract.py
+
+# llama.cpp's quantizer, built once from the llama-cpp-python source package (minutes) and
+# cached: the independent K-quant peer of the benchmarks, never part of `make test`.
+llamacpp: $(STAMP)
+	$(BIN)/python benchmarks/llamacpp.py
+
+bench-llamacpp: llamacpp
+	$(BIN)/python benchmarks/bench_llamacpp.py --json benchmarks/out/llamacpp.json
 
 # The torch environment (CPU build torch==2.13.0, transformers, bitsandbytes,
 # compressed-tensors): evaluation and peer comparisons, kept out of `make test`.

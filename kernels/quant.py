@@ -1,4 +1,4 @@
-"""Dequantize GGML block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) to float32 rows.
+"""Dequantize GGML block types (Q8_0 ... Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS) to float32 rows.
 
 Every kernel takes the raw bytes of a tensor as a [rows, bytes_per_row] uint8 array and fills a
 float32 [rows, cols] array, one row per prange iteration (threads never write the same row).
@@ -13,7 +13,7 @@ import numpy as np
 from weightmark.kernels.bits import f16_to_f64
 from weightmark.kernels.config import INLINE, PARALLEL
 
-__all__ = ["BLOCK_LAYOUTS", "QUANTIZED", "dequantize"]
+__all__ = ["BLOCK_LAYOUTS", "IQ4_NL_VALUES", "QUANTIZED", "dequantize"]
 
 QK_K = 256  # elements per K-quant super-block
 
@@ -26,6 +26,10 @@ QK_K = 256  # elements per K-quant super-block
 #   Q4_K: d f16 | dmin f16 | scales u8[12] (8 six-bit scales and mins) | qs u8[128]
 #   Q5_K: d f16 | dmin f16 | scales u8[12] | qh u8[32] | qs u8[128]
 #   Q6_K: ql u8[128] | qh u8[64] | scales int8[16] | d f16
+#   Q2_K: scales u8[16] (low nibble scale, high nibble min) | qs u8[64] | d f16 | dmin f16
+#   Q3_K: hmask u8[32] | qs u8[64] | scales u8[12] (16 six-bit scales, offset 32) | d f16
+#   IQ4_NL: d f16 | qs u8[16] (4-bit indices into the non-linear table IQ4_NL_VALUES)
+#   IQ4_XS: d f16 | scales_h u16 | scales_l u8[4] (8 six-bit scales, offset 32) | qs u8[128]
 BLOCK_LAYOUTS: dict[str, tuple[int, int]] = {
     "F32": (1, 4),
     "F16": (1, 2),
@@ -38,9 +42,17 @@ BLOCK_LAYOUTS: dict[str, tuple[int, int]] = {
     "Q4_K": (QK_K, 144),
     "Q5_K": (QK_K, 176),
     "Q6_K": (QK_K, 210),
+    "Q2_K": (QK_K, 84),
+    "Q3_K": (QK_K, 110),
+    "IQ4_NL": (32, 18),
+    "IQ4_XS": (QK_K, 136),
 }
 # The block types that have a numba kernel (the rest of BLOCK_LAYOUTS is decoded in numpy).
-QUANTIZED = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"})
+QUANTIZED = frozenset(BLOCK_LAYOUTS) - {"F32", "F16", "BF16"}
+# ggml's kvalues_iq4nl: the 16 levels IQ4_NL and IQ4_XS indices select (times the scale).
+IQ4_NL_VALUES = np.array(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32
+)
 
 
 @numba.njit(**INLINE)
@@ -237,6 +249,89 @@ def _q6_k(raw, out):
                     out[r, y + 96 + j] = (d * np.float32(_i8(raw[r, sc + s + 6]))) * np.float32(q4)
 
 
+@numba.njit(**PARALLEL)
+def _q2_k(raw, out):
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        for b in range(cols // QK_K):
+            o = b * 84
+            d = _f16(raw, r, o + 80)
+            dmin = _f16(raw, r, o + 82)
+            base = b * QK_K
+            for e in range(QK_K):  # element e: 2 bits of qs[32 * half + j] at shift 2 * k
+                half = e // 128
+                k = (e // 32) % 4
+                j = e % 32
+                sc = np.int32(raw[r, o + e // 16])
+                dl = d * np.float32(sc & 15)
+                ml = dmin * np.float32(sc >> 4)
+                q = (np.int32(raw[r, o + 16 + 32 * half + j]) >> (2 * k)) & 3
+                out[r, base + e] = dl * np.float32(q) - ml
+
+
+@numba.njit(**INLINE)
+def _q3_k_scale(raw, r, offset, i):
+    """Signed six-bit scale i (0..15) from the 12 packed bytes at offset (stored + 32)."""
+    low = np.int32(raw[r, offset + i % 8])
+    low = (low >> 4) if i >= 8 else (low & 15)
+    high = (np.int32(raw[r, offset + 8 + i % 4]) >> (2 * (i // 4))) & 3
+    return np.float32((low | (high << 4)) - 32)
+
+
+@numba.njit(**PARALLEL)
+def _q3_k(raw, out):
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        for b in range(cols // QK_K):
+            o = b * 110
+            d = _f16(raw, r, o + 108)
+            base = b * QK_K
+            for s in range(16):
+                dl = d * _q3_k_scale(raw, r, o + 96, s)
+                for t in range(16):
+                    e = 16 * s + t
+                    k = e // 32  # the hmask bit and, within a half, the 2-bit shift
+                    j = e % 32
+                    q = (np.int32(raw[r, o + 32 + 32 * (k // 4) + j]) >> (2 * (k % 4))) & 3
+                    if not (np.int32(raw[r, o + j]) >> k) & 1:  # a clear mask bit subtracts 4
+                        q -= 4
+                    out[r, base + e] = dl * np.float32(q)
+
+
+@numba.njit(**PARALLEL)
+def _iq4_nl(raw, out, values):
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        for b in range(cols // 32):
+            o = b * 18
+            d = _f16(raw, r, o)
+            base = b * 32
+            for j in range(16):
+                q = np.int32(raw[r, o + 2 + j])
+                out[r, base + j] = d * values[q & 15]
+                out[r, base + j + 16] = d * values[q >> 4]
+
+
+@numba.njit(**PARALLEL)
+def _iq4_xs(raw, out, values):
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        for b in range(cols // QK_K):
+            o = b * 136
+            d = _f16(raw, r, o)
+            high = np.int32(raw[r, o + 2]) | (np.int32(raw[r, o + 3]) << 8)
+            base = b * QK_K
+            for s in range(8):  # sub-blocks of 32: 16 bytes, low nibbles then high nibbles
+                low = (np.int32(raw[r, o + 4 + s // 2]) >> (4 * (s % 2))) & 15
+                dl = d * np.float32((low | (((high >> (2 * s)) & 3) << 4)) - 32)
+                qs = o + 8 + 16 * s
+                y = base + 32 * s
+                for j in range(16):
+                    q = np.int32(raw[r, qs + j])
+                    out[r, y + j] = dl * values[q & 15]
+                    out[r, y + j + 16] = dl * values[q >> 4]
+
+
 _KERNELS = {
     "Q8_0": _q8_0,
     "Q4_0": _q4_0,
@@ -246,7 +341,11 @@ _KERNELS = {
     "Q4_K": _q4_k,
     "Q5_K": _q5_k,
     "Q6_K": _q6_k,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
 }
+# Kernels that take the IQ4_NL level table as a third argument.
+_TABLE_KERNELS = {"IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs}
 
 
 def _dense(qtype: str, raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -290,6 +389,8 @@ def dequantize(qtype: str, raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
     if qtype not in QUANTIZED:
         return _dense(qtype, flat, rows, cols)
     out = np.empty((rows, cols), dtype=np.float32)
-    if out.size:
+    if out.size and qtype in _TABLE_KERNELS:
+        _TABLE_KERNELS[qtype](flat, out, IQ4_NL_VALUES)
+    elif out.size:
         _KERNELS[qtype](flat, out)
     return out

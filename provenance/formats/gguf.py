@@ -620,7 +620,7 @@ class GGUFModel:
         return np.ascontiguousarray(values, dtype=np.float32)
 
     def _fallback(self, info: GGUFTensorInfo, raw: np.ndarray, rows: int) -> np.ndarray:
-        """Types without a kernel here (Q2_K, Q3_K, IQ*, ...): gguf's numpy dequantizers."""
+        """Types without a kernel here (IQ1_*, IQ2_*, IQ3_*, TQ*, MXFP4, ...): gguf's numpy code."""
         qtype = gguf.GGMLQuantizationType[info.ggml_type]
         try:
             values = gguf.quants.dequantize(raw.reshape(rows, -1), qtype)

@@ -20,6 +20,10 @@ F16_FIELDS = {
     "Q4_K": (0, 2),
     "Q5_K": (0, 2),
     "Q6_K": (208,),
+    "Q2_K": (80, 82),
+    "Q3_K": (108,),
+    "IQ4_NL": (0,),
+    "IQ4_XS": (0,),
 }
 GGUF_CAN_QUANTIZE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 TYPES = sorted(QUANTIZED)
@@ -152,7 +156,7 @@ def test_zero_rows() -> None:
         ("Q6_K", np.zeros(210 * 2, np.uint8), 1, 256, r"Q6_K \[1, 256\]: raw holds 420 bytes .* = 210"),
         ("Q8_0", np.zeros(34, np.int8), 1, 32, r"Q8_0 \[1, 32\]: raw must be a uint8 array, got int8"),
         ("Q8_0", np.zeros(34, np.uint8), -1, 32, r"Q8_0 \[-1, 32\]: rows and cols must be non-negative"),
-        ("Q3_K", np.zeros(110, np.uint8), 1, 256, r"'Q3_K': unknown type"),
+        ("IQ2_XXS", np.zeros(66, np.uint8), 1, 256, r"'IQ2_XXS': unknown type"),
     ],
 )  # fmt: skip
 def test_rejects_bad_input(qtype: str, raw: np.ndarray, rows: int, cols: int, pattern: str) -> None:
