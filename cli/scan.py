@@ -21,12 +21,13 @@ from weightmark.scheme import DEFAULT_THRESHOLD
 
 
 def scan(
-    suspect: Annotated[Path, typer.Argument(help="The suspect checkpoint: a .safetensors file or a folder.")],
+    suspect: Annotated[Path, typer.Argument(help="The suspect checkpoint: safetensors file or folder, GGUF file, or a GPTQ/AWQ/compressed-tensors/bitsandbytes folder.")],
     model: Annotated[str | None, typer.Option("--model", help="Registered model (default: found by tensor names and shapes).")] = None,
     reference: Annotated[Path | None, typer.Option("--reference", help="Unstamped reference weights (default: the registered base).")] = None,
     blind: Annotated[bool, typer.Option("--blind", help="Scan without any reference weights.")] = False,
     threshold: Annotated[float, typer.Option("--threshold", help="Accuse when the family-wise p-value is at most this.")] = DEFAULT_THRESHOLD,
     assume_licensees: Annotated[int, typer.Option("--assume-licensees", help="Correct for at least this many licensees.")] = 0,
+    realign: Annotated[bool, typer.Option("--realign/--no-realign", help="Undo permutations, rescaling, rotation and renamed or transposed tensors before a non-blind scan.")] = True,
     evidence: Annotated[Path | None, typer.Option("--evidence", help="Write a signed evidence bundle of the accusations here.")] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
@@ -38,7 +39,8 @@ def scan(
     Example: weightmark scan ./leaked-model --json
     """
     with open_lab(home) as lab:
-        report = lab.scan(suspect, model, reference, blind, threshold, assume_licensees, progress=BarProgress())
+        report = lab.scan(suspect, model, reference, blind, threshold, assume_licensees, progress=BarProgress(),
+                          realign=realign)
         if evidence is not None:
             if report.accused:
                 lab.evidence(report, evidence)

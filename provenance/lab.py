@@ -248,8 +248,8 @@ class Lab:
     def scan(self, suspect: str | os.PathLike[str], model_name: str | None = None,
              reference: str | os.PathLike[str] | None = None, blind: bool = False,
              threshold: float = DEFAULT_THRESHOLD, assume_licensees: int = 0,
-             progress: Progress = NO_PROGRESS) -> ScanReport:
+             progress: Progress = NO_PROGRESS, realign: bool = True) -> ScanReport:
         from weightmark.scan import scan
 
         return scan(self.registry, self.keys, suspect, model_name, reference, blind, threshold,
-                    assume_licensees, progress)
+                    assume_licensees, progress, realign)

@@ -227,13 +227,14 @@ def _extract_all(
     code_lengths: list[int],
     progress: Progress,
     config: dict[str, Any] | None = None,
+    realign: bool = True,
 ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, list[str], list[str]]:
     """Per code length, the (num, den) sums over every carrier found; with a reference the
     suspect is first re-aligned to it (renamed, permuted, rescaled or rotated carriers)."""
     sums = {L: (np.zeros(L), np.zeros(L)) for L in code_lengths}
     metas = suspect.tensors()
     alignment = None
-    if reference is not None:
+    if reference is not None and realign:
         alignment = align(suspect, reference, {c.name: c.shape for c in carriers}, config)
         aliases = {c.name: own for c in carriers if (own := alignment.source(c.name)) is not None}
     else:
@@ -285,8 +286,12 @@ def scan(
     threshold: float = DEFAULT_THRESHOLD,
     assume_licensees: int = 0,
     progress: Progress = NO_PROGRESS,
+    realign: bool = True,
 ) -> ScanReport:
-    """Scan a suspect checkpoint and name the licensees whose codeword it carries."""
+    """Scan a suspect checkpoint and name the licensees whose codeword it carries.
+
+    Non-blind scans first re-align the suspect to the reference (`realign`, on by default).
+    """
     if blind and reference is not None:
         raise UsageError("--blind and --reference exclude each other")
     if not 0.0 < threshold < 1.0:
@@ -308,7 +313,7 @@ def scan(
             total = sum(int(np.prod(c.shape)) * 2 for c in carriers)
             progress.begin(f"scanning {Path(suspect_path).name} ({suspect.format})", total)
             sums, used, skipped, aligned = _extract_all(suspect, ref, carriers, model_key, code_lengths,
-                                                        progress, _base_config(model))
+                                                        progress, _base_config(model), realign)
             progress.end()
             mode = "non-blind" if ref is not None else "blind"
             ref_path = str(Path(reference if reference is not None else model.base_path).resolve()) if ref else None

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from weightmark import Lab, attacks
+from weightmark.scheme import DEFAULT_COLLUSION
 
 LICENSEES = [("Northwind Research Ltd", "GB"), ("Falkenstein KI GmbH", "DE"), ("Sakura Compute KK", "JP")]
 
@@ -47,21 +48,22 @@ class StampedLab:
     work: Path
 
 
-def make_stamped_lab(work: Path, base: Path, dtype: str) -> StampedLab:
+def make_stamped_lab(work: Path, base: Path, dtype: str, collusion: int = DEFAULT_COLLUSION) -> StampedLab:
     lab = Lab.init(work / "lab", passphrase=None)
     lab.register_model(base, name="minilm")
     ids = [lab.add_licensee(name, cc).id for name, cc in LICENSEES]
     copies = [work / f"copy-{i}" for i in range(len(ids))]
     for lid, out in zip(ids, copies, strict=True):
-        lab.stamp("minilm", lid, out)
+        lab.stamp("minilm", lid, out, collusion=collusion)
     return StampedLab(lab, dtype, base, ids, copies, work)
 
 
 @pytest.fixture(scope="session", params=["F32", "BF16", "F16"])
 def stamped(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
             minilm_variants: dict[str, Path]) -> StampedLab:
+    """Three copies under the v1 uniform code (collusion 1), in each dtype."""
     dtype = request.param
-    return make_stamped_lab(tmp_path_factory.mktemp(f"lab-{dtype}"), minilm_variants[dtype], dtype)
+    return make_stamped_lab(tmp_path_factory.mktemp(f"lab-{dtype}"), minilm_variants[dtype], dtype, collusion=1)
 
 
 def run_cli(*args: str, home: Path | None = None, env: dict[str, str] | None = None,

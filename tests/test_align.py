@@ -278,10 +278,15 @@ def test_permuted_rescaled_requantized_minilm_copy_is_traced_after_alignment(
     al = align(open_suspect(leaked), ref, carriers, minilm_config)
     check_report(al, ("rows permuted", "heads permuted", "rows rescaled"))
 
-    unaligned = lab.lab.scan(leaked, model_name="minilm")
+    unaligned = lab.lab.scan(leaked, model_name="minilm", realign=False)
     aligned = lab.lab.scan(
         write_aligned(al, ref, carriers, tmp_path / "aligned"), model_name="minilm"
     )
+    # The scan re-aligns by itself, to the same result.
+    direct = lab.lab.scan(leaked, model_name="minilm")
+    assert any("rows permuted" in line for line in direct.aligned)
+    assert [c.licensee_id for c in direct.accused] == [lab.ids[1]]
+    assert abs(direct.accused[0].score - aligned.accused[0].score) < 0.5
     assert [c.licensee_id for c in aligned.accused] == [lab.ids[1]]
     assert aligned.accused[0].log10_family_wise_p < -12
     # Unaligned, only the untouched embeddings still carry the mark; aligned, every carrier does.

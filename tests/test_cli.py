@@ -74,7 +74,7 @@ def test_scan_json_shape_and_accusation(cli_lab) -> None:
     doc = json.loads(r.stdout)
     assert {"model", "scheme", "watermark_present", "accused", "candidates", "threshold"} <= set(doc)
     assert {"statistic", "p_value"} <= set(doc["watermark_present"])
-    assert doc["model"] == "minilm" and doc["scheme"].startswith("ss-v1;L=4096;alpha=0.002")
+    assert doc["model"] == "minilm" and doc["scheme"].startswith("tardos-v2;L=") and ";alpha=0.002;c=8;" in doc["scheme"]
     (who,) = doc["accused"]
     assert who["licensee_id"] == cli_lab["ids"]["DE"] and who["jurisdiction"] == "DE"
     assert {"licensee_id", "name", "jurisdiction", "entry_id", "score", "p_value", "family_wise_p_value"} <= set(who)
@@ -98,7 +98,7 @@ def test_registry_show_and_find(cli_lab) -> None:
     doc = json.loads(r.stdout)
     assert doc["signature"] == "valid" and doc["kind"] == "issued-copy"
     pred = doc["statement"]["predicate"]
-    assert pred["licensee_id"] == cli_lab["ids"]["DE"] and pred["scheme"].startswith("ss-v1")
+    assert pred["licensee_id"] == cli_lab["ids"]["DE"] and pred["scheme"].startswith("tardos-v2;")
 
 
 @pytest.mark.parametrize(
