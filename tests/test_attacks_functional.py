@@ -203,10 +203,17 @@ def test_llama_transforms_check_themselves(tiny_llama: Path, tmp_path: Path) -> 
     assert np.max(np.abs(llama_logits(broken, TOKENS) - llama_logits(tiny_llama, TOKENS))) > 1e-2
 
 
-def test_rotation_refuses_tied_embeddings_with_a_final_norm(tmp_path: Path) -> None:
+def test_rotation_unties_tied_embeddings_with_a_final_norm(tmp_path: Path) -> None:
+    """A tied lm_head cannot stay tied under rotation when the final norm is not uniform: the
+    rotated copy gets its own lm_head, and the logits are unchanged."""
     tied = make_tiny_llama(tmp_path / "tied", config={"tie_word_embeddings": True})
-    with pytest.raises(UsageError, match="tied"):
-        rotate_residual(tied, tmp_path / "out", 0)
+    out = rotate_residual(tied, tmp_path / "out", 0)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    new = load_file(out / "model.safetensors")
+    assert "lm_head.weight" in new and "lm_head.weight" not in load_file(tied / "model.safetensors")
+    assert np.allclose(new["model.norm.weight"][1], 1.0)
+    before, after = llama_logits(tied, TOKENS), llama_logits(out, TOKENS)
+    assert np.max(np.abs(after - before)) < 1e-4 * np.max(np.abs(before))
 
 
 def test_rename_transpose_drop(tiny_llama: Path, tmp_path: Path) -> None:

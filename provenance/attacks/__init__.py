@@ -13,6 +13,7 @@ from weightmark.attacks.basic import (
     requantize,
     requantize_array,
 )
+from weightmark.attacks.combine import COLLUSIONS, collude, merge
 from weightmark.attacks.functional import (
     function_preserving,
     permute_ffn,
@@ -21,7 +22,8 @@ from weightmark.attacks.functional import (
     rescale,
     rotate_residual,
 )
+from weightmark.attacks.prune import magnitude_prune, semi_structured
 
-__all__ = ["function_preserving", "permute_ffn", "permute_heads", "rename_transpose_drop", "rescale",
+__all__ = ["COLLUSIONS", "collude", "merge", "magnitude_prune", "semi_structured", "function_preserving", "permute_ffn", "permute_heads", "rename_transpose_drop", "rescale",
            "rotate_residual", "add_noise", "cast", "map_floats", "quantization_error", "relative_error", "requantize",
            "requantize_array"]

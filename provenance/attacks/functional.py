@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from weightmark.attacks.basic import map_floats
-from weightmark.canonical import to_float32
+from weightmark.canonical import from_float32, to_float32
 from weightmark.errors import InputFileError, UsageError
 from weightmark.formats.safetensors import Checkpoint, save_file
 from weightmark.fsutil import staged_output
@@ -365,11 +365,9 @@ def rotate_residual(src: str | os.PathLike[str], dst: str | os.PathLike[str], se
         }
         has_head = any(_is_lm_head(name) for name in ckpt.tensors)
     final = next((v for k, v in norms.items() if _is_final_norm(k)), None)
-    if (arch.tied or not has_head) and final is not None and np.ptp(final) > 0:
-        raise UsageError(
-            f"{src}: lm_head is tied to the embedding and the final norm is not uniform; "
-            "a rotation cannot keep the tie and the function"
-        )
+    # A tied lm_head would have to be E diag(g) Q while the embedding stays E Q: with a final
+    # norm g that is not uniform the tie cannot survive, so the leaker unties (a new lm_head).
+    untie = (arch.tied or not has_head) and final is not None and np.ptp(final) > 0
     by_layer = {}
     for name, values in norms.items():
         role = tensor_role(name)
@@ -387,7 +385,7 @@ def rotate_residual(src: str | os.PathLike[str], dst: str | os.PathLike[str], se
                 g = final if final is not None else 1.0
                 return ((w64 * g) @ q).astype(np.float32)
             if _is_final_norm(name):
-                return np.ones_like(w) if not arch.tied and has_head else w
+                return np.ones_like(w) if (not arch.tied and has_head) or untie else w
             return w
         layer, part, kind = role
         if part in ("attn_norm", "mlp_norm"):
@@ -399,7 +397,43 @@ def rotate_residual(src: str | os.PathLike[str], dst: str | os.PathLike[str], se
             return (q.T @ w64).astype(np.float32)
         return w
 
-    return map_floats(src, dst, lambda name, w: fn(name, w, arch), only_matrices=False)
+    if not untie:
+        return map_floats(src, dst, lambda name, w: fn(name, w, arch), only_matrices=False)
+    return _write_untied(Path(src), Path(dst), lambda name, w: fn(name, w, arch), final, q)
+
+
+def _write_untied(src: Path, dst: Path, fn: Callable[[str, np.ndarray], np.ndarray],
+                  final: np.ndarray, q: np.ndarray) -> Path:
+    """Write fn applied to every float tensor plus a new `lm_head.weight` = E diag(g) Q (in the
+    embedding's dtype), with config.json's tie_word_embeddings set to false."""
+    with Checkpoint.open(src) as ckpt:
+        if not ckpt.is_folder:
+            raise UsageError(f"{src}: untying lm_head needs a model folder with config.json")
+        items, embedding = [], None
+        for name, (_, info) in ckpt.tensors.items():
+            raw = np.array(ckpt.raw(name))
+            if info.dtype in ("F32", "F64", "F16", "BF16"):
+                values = to_float32(info.dtype, raw)
+                if _is_embedding(name):
+                    embedding = (info.dtype, values.astype(np.float64))
+                raw = from_float32(info.dtype, np.asarray(fn(name, values), dtype=np.float32).reshape(info.shape))
+            items.append((name, info.dtype, raw))
+        if embedding is None:
+            raise UsageError(f"{src}: no token embedding to untie lm_head from")
+        dtype, e = embedding
+        items.append(("lm_head.weight", dtype, from_float32(dtype, ((e * final) @ q).astype(np.float32))))
+        with staged_output(dst, is_dir=True) as staging:
+            save_file(staging.path / "model.safetensors", items)
+            for rel in ckpt.other_files:
+                (staging.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                if rel.name == "config.json" and rel.parent == Path("."):
+                    config = json.loads((ckpt.root / rel).read_text())
+                    config["tie_word_embeddings"] = False
+                    (staging.path / rel).write_text(json.dumps(config, indent=2))
+                else:
+                    shutil.copyfile(ckpt.root / rel, staging.path / rel)
+            staging.publish()
+    return dst
 
 
 def rename_transpose_drop(
