@@ -56,6 +56,8 @@ $(EVAL_STAMP): pyproject.toml
 # Evaluation on real weights: fidelity, then the attack suite (benchmarks/results/).
 eval: $(EVAL_STAMP)
 	$(EVAL_BIN)/python benchmarks/bench_fidelity.py
+	$(EVAL_BIN)/python benchmarks/eval_fidelity_llm.py
+	$(EVAL_BIN)/python benchmarks/eval_robustness.py
 
 # Readers against bitsandbytes / compressed-tensors on files those libraries write.
 peers: $(EVAL_STAMP)

@@ -54,6 +54,10 @@ COLLUSION_SIZES = (2, 4, 8)
 FINETUNE_STEPS = 200
 FINETUNE_LR = 2e-5
 LORA_LR = 2e-4  # LoRA adapters need a larger step than full fine-tuning to move anything
+# The 30-minute budget on 2 cores: one 256-token sequence per step for SmolLM2, two sentences
+# per step for MiniLM, the merge partner (an unstamped fine-tune) trained for fewer steps.
+FINETUNE_BATCH = {"smollm2": 1, "minilm": 2}
+PARTNER_STEPS = 50
 # Without the fine-tuning attack, the merge partner is the base plus Gaussian noise of this
 # relative size (about what 200 Adam steps at lr 2e-5 move a weight of RMS 0.05: 1e-3 / 0.05).
 FINETUNE_STANDIN_RELATIVE = 0.02
@@ -165,20 +169,22 @@ def finetune_available() -> str | None:
     return None
 
 
-def fine_tuned(setup: Setup, src: Path, lora_rank: int | None) -> Path:
+def fine_tuned(setup: Setup, src: Path, lora_rank: int | None, steps: int | None = None) -> Path:
     finetune = finetune_fn()
     out = setup.scratch("ft")
     lr = FINETUNE_LR if lora_rank is None else LORA_LR
-    finetune(src, out, steps=FINETUNE_STEPS, lr=lr, lora_rank=lora_rank)
+    finetune(src, out, steps=steps or FINETUNE_STEPS, lr=lr, lora_rank=lora_rank,
+             batch_size=FINETUNE_BATCH.get(setup.model))
     return out
 
 
 def unstamped_finetune(setup: Setup) -> Path:
     """A full fine-tune of the base, kept in the cache (it does not depend on the lab's keys)."""
     model_id = setup.lab.registry.model(setup.model).model_id
-    cached = setup.cache / f"finetuned-{setup.model}-{model_id[:16]}-s{FINETUNE_STEPS}-lr{FINETUNE_LR:g}"
+    steps = min(PARTNER_STEPS, FINETUNE_STEPS)
+    cached = setup.cache / f"finetuned-{setup.model}-{model_id[:16]}-s{steps}-lr{FINETUNE_LR:g}"
     if not cached.exists():
-        made = fine_tuned(setup, setup.base, None)
+        made = fine_tuned(setup, setup.base, None, steps)
         shutil.move(made, cached)
     return cached
 
@@ -219,7 +225,8 @@ def specs_for(model: str, quick: bool) -> list[Spec]:
                          lambda s, f=f: magnitude_prune(s.copies[0], s.scratch("prune"), f), "pruning", f))
     rows.append(Spec("2:4 sparsity", "50%", first, lambda s: semi_structured(s.copies[0], s.scratch("24")),
                      "2:4", 0.5))
-    partner = ("partner: an unstamped fine-tune of the base" if finetune_available() is None else
+    partner = (f"partner: an unstamped {min(PARTNER_STEPS, FINETUNE_STEPS)}-step fine-tune of the base"
+               if finetune_available() is None else
                f"partner: stand-in, base + {FINETUNE_STANDIN_RELATIVE:g} relative noise (no fine-tuning here)")
     rows.append(Spec("merge with fine-tune", "50/50", first, merge_with_finetune, note=partner,
                      heavy=finetune_available() is None))
@@ -233,8 +240,9 @@ def specs_for(model: str, quick: bool) -> list[Spec]:
                          lambda s, r=rotate: function_preserving(s, r)))
     rows.append(Spec("fine-tune", f"{FINETUNE_STEPS} steps lr {FINETUNE_LR:g}", first,
                      lambda s: fine_tuned(s, s.copies[0], None), heavy=True))
-    rows.append(Spec("merged LoRA", f"rank 16, {FINETUNE_STEPS} steps lr {LORA_LR:g}", first,
-                     lambda s: fine_tuned(s, s.copies[0], 16), heavy=True))
+    if model != "minilm":  # the budget allows one LoRA run: on the language model
+        rows.append(Spec("merged LoRA", f"rank 16, {FINETUNE_STEPS} steps lr {LORA_LR:g}", first,
+                         lambda s: fine_tuned(s, s.copies[0], 16), heavy=True))
     if quick:
         wanted = {"none", "Q4_0 (gguf)", "2:4 sparsity 50%", "collude average + Q4_0 k=2",
                   "collude minmax + Q4_0 k=4", "gaussian noise 1x Q4_0 error", "clean base + Q4_0"}
