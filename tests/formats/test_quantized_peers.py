@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.conftest import StampedLab, make_stamped_lab, minilm_dir
 from weightmark.formats.quantized import fp8_e4m3_table, fp8_e5m2_table, open_quantized
 from weightmark.formats.safetensors import save_file
 
@@ -327,3 +328,125 @@ def test_bitsandbytes_dequantizes_our_nf4_copy(tmp_path: Path) -> None:
         quant_state = functional.QuantState.from_dict({k[len("weight.") :]: v for k, v in state.items()}, "cpu")
         peer = functional.dequantize_4bit(packed, quant_state)
         assert_same_after_rounding(read(folder, f"{prefix}.weight"), peer)
+
+
+# ---------------------------------------- traceability through the libraries' own quantization
+
+TRACE_LIMIT = -12.0  # log10 of the family-wise p-value a traced leak must reach
+TRACE_FAMILY = 10**6  # scans assume a million licensees, as a lab with many customers would
+
+
+@pytest.fixture(scope="module")
+def traced_lab(tmp_path_factory: pytest.TempPathFactory) -> StampedLab:
+    """The real MiniLM (F32) registered, and three licensees' copies under the default code."""
+    return make_stamped_lab(tmp_path_factory.mktemp("peer-trace"), minilm_dir(), "F32")
+
+
+def _copy_other_files(src: Path, dst: Path) -> None:
+    """The tokenizer and sentence-transformers files travel with the quantized weights."""
+    import shutil
+
+    for item in src.iterdir():
+        target = dst / item.name
+        if target.exists() or item.suffix == ".safetensors" or item.name.endswith(".index.json"):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, target)
+        else:
+            shutil.copy2(item, target)
+
+
+def _bnb_quantize(src: Path, dst: Path, kind: str) -> Path:
+    """transformers loading the copy with a BitsAndBytesConfig on CPU, then save_pretrained."""
+    pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    if kind == "int8":
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    else:  # NF4 as QLoRA configures it (double quant), FP4 plain
+        config = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=kind == "nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+        )  # fmt: skip
+    model = transformers.AutoModel.from_pretrained(src, quantization_config=config, device_map="cpu",
+                                                   dtype=torch.float32)  # fmt: skip
+    linear = bnb_linear = 0
+    for module in model.modules():
+        linear += isinstance(module, torch.nn.Linear)
+        bnb_linear += type(module).__module__.startswith("bitsandbytes")
+    assert bnb_linear > 0 and bnb_linear == linear, "bitsandbytes must have replaced every linear layer"
+    model.save_pretrained(dst)
+    _copy_other_files(src, dst)
+    return dst
+
+
+def _ct_quantize(src: Path, dst: Path, kind: str) -> Path:
+    """compressed-tensors: the scheme applied to every Linear of the float16 model, min-max scales
+    (round to nearest, no calibration), compressed by ModelCompressor and saved by transformers."""
+    pytest.importorskip("compressed_tensors")
+    transformers = pytest.importorskip("transformers")
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+
+    if kind == "W4A16":  # the library's preset: int4, group 128, symmetric
+        scheme = preset_name_to_scheme("W4A16", ["Linear"])
+    else:  # int8, one scale per output channel, symmetric
+        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+            num_bits=8, type="int", symmetric=True, strategy="channel"))  # fmt: skip
+    model = transformers.AutoModel.from_pretrained(src, dtype=torch.float16)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}))
+    args = scheme.weights
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            scale, zero_point = _qparams(module.weight.data, args)
+            module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data = zero_point.to(module.weight_zero_point.dtype).reshape(
+                    module.weight_zero_point.shape
+                )
+    compressor = ModelCompressor.from_pretrained_model(model)  # the library picks the format
+    compressor.compress_model(model)
+    model.save_pretrained(dst)
+    compressor.update_config(str(dst))  # the library writes config.json's quantization_config
+    written = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert written["config_groups"]["group_0"]["weights"]["strategy"] == args.strategy
+    _copy_other_files(src, dst)
+    return dst
+
+
+PEER_QUANTIZERS = {
+    "bnb-nf4": (_bnb_quantize, "nf4", "bitsandbytes-nf4"),
+    "bnb-fp4": (_bnb_quantize, "fp4", "bitsandbytes-fp4"),
+    "bnb-int8": (_bnb_quantize, "int8", "bitsandbytes-int8"),
+    "ct-w4a16": (_ct_quantize, "W4A16", "compressed-tensors:pack-quantized"),
+    "ct-w8a16": (_ct_quantize, "W8A16", "compressed-tensors:pack-quantized"),
+}
+
+
+@pytest.mark.parametrize("fmt", list(PEER_QUANTIZERS))
+def test_stamped_copy_quantized_by_the_library_is_traced(traced_lab: StampedLab, fmt: str, tmp_path: Path) -> None:
+    quantize, kind, expected_format = PEER_QUANTIZERS[fmt]
+    lab = traced_lab.lab
+    which = list(PEER_QUANTIZERS).index(fmt) % len(traced_lab.ids)
+    leaked = quantize(traced_lab.copies[which], tmp_path / "leaked", kind)
+    report = lab.scan(leaked, assume_licensees=TRACE_FAMILY)
+    best = report.candidates[0]
+    top = traced_lab.ids.index(best.licensee_id) if best.licensee_id in traced_lab.ids else best.licensee_id
+    print(f"{fmt}: read as {report.format}, leaked by {which}, best candidate {top} scores {best.score:.1f}, "
+          f"log10 family-wise p {best.log10_family_wise_p:.1f} over {report.family_size} licensees")  # fmt: skip
+    assert report.format == expected_format
+    assert report.family_size >= TRACE_FAMILY
+    assert [c.licensee_id for c in report.accused] == [traced_lab.ids[which]]
+    assert report.accused[0].log10_family_wise_p <= TRACE_LIMIT
+
+    base_only = quantize(traced_lab.base, tmp_path / "base-only", kind)
+    control = lab.scan(base_only, assume_licensees=TRACE_FAMILY)
+    clean = control.candidates[0]
+    print(f"{fmt} base only: best score {clean.score:.1f}, log10 family-wise p {clean.log10_family_wise_p:.1f}")
+    assert control.format == expected_format
+    assert control.accused == []
