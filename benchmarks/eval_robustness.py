@@ -36,13 +36,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import OUT_DIR, REPO, machine_info  # noqa: E402
 from weightmark import Lab, attacks  # noqa: E402
 from weightmark.attacks.combine import COLLUSIONS, collude, merge  # noqa: E402
 from weightmark.attacks.prune import magnitude_prune, semi_structured  # noqa: E402
-from weightmark.scheme import DEFAULT_THRESHOLD  # noqa: E402
+from weightmark.canonical import to_float32  # noqa: E402
+from weightmark.formats.safetensors import Checkpoint  # noqa: E402
+from weightmark.scheme import DEFAULT_ALPHA, DEFAULT_THRESHOLD  # noqa: E402
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
 ASSUMED_LICENSEES = 10**6
@@ -58,6 +62,7 @@ LORA_LR = 2e-4  # LoRA adapters need a larger step than full fine-tuning to move
 # per step for MiniLM, the merge partner (an unstamped fine-tune) trained for fewer steps.
 FINETUNE_BATCH = {"smollm2": 1, "minilm": 2}
 PARTNER_STEPS = 50
+ROW_NOTES: dict[str, str] = {}  # attacked copy -> what the attack measured about itself
 # Without the fine-tuning attack, the merge partner is the base plus Gaussian noise of this
 # relative size (about what 200 Adam steps at lr 2e-5 move a weight of RMS 0.05: 1e-3 / 0.05).
 FINETUNE_STANDIN_RELATIVE = 0.02
@@ -175,7 +180,19 @@ def fine_tuned(setup: Setup, src: Path, lora_rank: int | None, steps: int | None
     lr = FINETUNE_LR if lora_rank is None else LORA_LR
     finetune(src, out, steps=steps or FINETUNE_STEPS, lr=lr, lora_rank=lora_rank,
              batch_size=FINETUNE_BATCH.get(setup.model))
+    ROW_NOTES[str(out)] = f"weights moved {weight_change(src, out):.2e} (relative; the stamp: {DEFAULT_ALPHA:g})"
     return out
+
+
+def weight_change(a: Path, b: Path) -> float:
+    """RMS over weight matrices of ||b - a|| / ||a|| per tensor: how far an attack moved them."""
+    errors = []
+    with Checkpoint.open(a) as ca, Checkpoint.open(b) as cb:
+        for name, (_, info) in ca.tensors.items():
+            if len(info.shape) == 2 and info.dtype in ("F32", "F16", "BF16") and name in cb.tensors:
+                errors.append(attacks.relative_error(to_float32(info.dtype, ca.raw(name)),
+                                                     to_float32(cb.info(name).dtype, cb.raw(name))))
+    return float(np.sqrt(np.mean(np.square(errors)))) if errors else 0.0
 
 
 def unstamped_finetune(setup: Setup) -> Path:
@@ -322,6 +339,8 @@ def run_row(setup: Setup, spec: Spec) -> Row:
     suspect = None
     try:
         suspect = spec.run(setup)
+        if str(suspect) in ROW_NOTES:
+            row.note = "; ".join(x for x in (row.note, ROW_NOTES.pop(str(suspect))) if x)
         report = setup.lab.scan(suspect, model_name=setup.model, assume_licensees=ASSUMED_LICENSEES)
     except NotRun as exc:
         row.status = f"not run: {exc}"
