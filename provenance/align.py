@@ -200,6 +200,8 @@ def match_rows(score: np.ndarray) -> np.ndarray:
     column) is found exactly in one round.
     """
     score = np.asarray(score, dtype=np.float64)
+    # Non-finite scores (NaN or inf weights in a hostile file) never win a match.
+    score = np.where(np.isfinite(score), score, -np.inf)
     n_sus, n_ref = score.shape
     if n_sus != n_ref:
         raise ValueError(f"score matrix must be square, got {score.shape}")
@@ -214,6 +216,9 @@ def match_rows(score: np.ndarray) -> np.ndarray:
         rows = np.flatnonzero(sub[np.arange(free_s.size), best_r] >= column_max[best_r])
         _, first = np.unique(best_r[rows], return_index=True)  # ties: one row per column
         rows = rows[first]
+        if rows.size == 0:  # cannot happen with finite scores; never loop on odd input
+            order[free_r] = free_s
+            break
         order[free_r[best_r[rows]]] = free_s[rows]
         keep_s = np.ones(free_s.size, dtype=bool)
         keep_s[rows] = False
@@ -331,6 +336,9 @@ def infer_architecture(
     )
 
 
+_NOT_WEIGHTS = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
+
+
 class _Aligner:
     """Estimates the plans; holds only small vectors and the rotation between steps."""
 
@@ -343,7 +351,9 @@ class _Aligner:
     ) -> None:
         self.suspect, self.reference = suspect, reference
         self.carriers = {name: tuple(shape) for name, shape in carriers.items()}
-        self.sus_metas = dict(suspect.tensors())
+        # Integer or boolean tensors stored plainly (a hostile or odd file) carry no weights.
+        self.sus_metas = {name: meta for name, meta in suspect.tensors().items()
+                          if getattr(meta, "source_dtype", "") not in _NOT_WEIGHTS}
         self.ref_metas = dict(reference.tensors())
         self.arch = infer_architecture(self.ref_metas, config)
         self.report: list[str] = []
@@ -360,6 +370,8 @@ class _Aligner:
         aliases = {name: name for name in self.ref_metas if name in self.sus_metas}
         candidates = getattr(self.suspect, "name_candidates", None) or {}
         for own, options in candidates.items():
+            if own not in self.sus_metas:
+                continue
             for option in options:
                 if option in self.ref_metas and option not in aliases:
                     aliases[option] = own
@@ -726,4 +738,6 @@ def align(
     registered carrier name to its shape. `config` is the base's config.json, if at hand (head
     counts); otherwise the layout is inferred from names and shapes.
     """
-    return _Aligner(suspect, reference, carriers, config).run()
+    # A hostile suspect may hold NaN, inf or zero rows: they must not stop or spam the scan.
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        return _Aligner(suspect, reference, carriers, config).run()

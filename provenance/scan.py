@@ -261,7 +261,8 @@ def _extract_all(
                 continue
             ref_raw, ref_kind = _values(reference, carrier.name, ref_meta.source_dtype)
         if moved:
-            sus_raw, sus_kind = np.ascontiguousarray(alignment.tensor(carrier.name), dtype=np.float32), FLOAT
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                sus_raw, sus_kind = np.ascontiguousarray(alignment.tensor(carrier.name), dtype=np.float32), FLOAT
         else:
             sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
         seed = carrier_seed(model_key, carrier.name)

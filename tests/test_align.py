@@ -30,7 +30,7 @@ from weightmark.attacks.functional import (
     rotate_residual,
 )
 from weightmark.formats import SafetensorsSuspect, open_suspect
-from weightmark.formats.safetensors import load_file, save_file
+from weightmark.formats.safetensors import Checkpoint, load_file, save_file
 
 Attack = Callable[[Path, Path], Path]
 ATTACKS: dict[str, tuple[Attack, tuple[str, ...]]] = {
@@ -305,3 +305,21 @@ def test_permuted_rescaled_requantized_minilm_copy_is_traced_after_alignment(
     )
     assert report.accused == []
     assert all(abs(c.score) < 4 for c in report.candidates)
+
+
+def test_hostile_values_neither_hang_nor_break_the_aligned_scan(minilm: Path, tmp_path: Path) -> None:
+    """Carriers replaced by inf, NaN, an integer tensor or a wrong shape: the scan finishes,
+    skips what it cannot read, and still names the right licensee."""
+    lab = make_stamped_lab(tmp_path, minilm, "F32")
+    with Checkpoint.open(lab.copies[0]) as ckpt:
+        items = {n: (i.dtype, np.array(ckpt.raw(n))) for n, (_, i) in ckpt.tensors.items()}
+    items["encoder.layer.1.output.dense.weight"] = ("F32", np.full((384, 1536), np.inf, np.float32))
+    items["encoder.layer.0.intermediate.dense.weight"] = ("F32", np.full((1536, 384), np.nan, np.float32))
+    items["encoder.layer.0.attention.self.value.weight"] = ("I32", np.zeros((384, 384), np.int32))
+    items["encoder.layer.0.attention.self.key.weight"] = ("F32", np.zeros((192, 768), np.float32))
+    (tmp_path / "hostile").mkdir()
+    save_file(tmp_path / "hostile" / "model.safetensors", [(n, d, a) for n, (d, a) in items.items()])
+    report = lab.lab.scan(tmp_path / "hostile", model_name="minilm")
+    skipped = " ".join(report.carriers_skipped)
+    assert "attention.self.value" in skipped and "attention.self.key" in skipped
+    assert [c.licensee_id for c in report.accused] == [lab.ids[0]]
