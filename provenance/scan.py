@@ -1,8 +1,10 @@
 """Scanning a suspect checkpoint: extract the z statistics, score every issued codeword, accuse.
 
-The only p-values reported are those the scheme supports: for an innocent licensee, whose
-codeword is uniform and independent of the suspect, P(S >= t) <= exp(-t^2/2) (Hoeffding);
-over the N codewords of the model the family-wise bound is min(1, N p).
+The only p-values reported are those the scheme supports. An innocent licensee's codeword is
+independent of the suspect (and of the re-alignment, which reads only the suspect and the
+reference): under ss-v1 (uniform codes) P(S >= t) <= exp(-t^2/2) (Hoeffding); under tardos-v2
+the exact Chernoff bound of the Tardos score given the biases and z (weightmark.tardos). Over
+the N codewords of the model the family-wise bound is min(1, N p).
 """
 
 from __future__ import annotations
