@@ -58,6 +58,7 @@ eval: $(EVAL_STAMP)
 	$(EVAL_BIN)/python benchmarks/bench_fidelity.py
 	$(EVAL_BIN)/python benchmarks/eval_fidelity_llm.py
 	$(EVAL_BIN)/python benchmarks/eval_robustness.py
+	$(EVAL_BIN)/python benchmarks/eval_false_accusations.py
 
 # Readers against bitsandbytes / compressed-tensors on files those libraries write.
 peers: $(EVAL_STAMP)
