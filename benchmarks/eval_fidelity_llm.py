@@ -26,15 +26,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import Timer  # noqa: E402
 from benchmarks.smollm2 import float_base  # noqa: E402
 from weightmark import Lab  # noqa: E402
 from weightmark.attacks import requantize  # noqa: E402
@@ -45,7 +45,6 @@ RESULTS = REPO / "benchmarks" / "results"
 CACHE = REPO / "benchmarks" / "out" / "cache"
 PASSAGE_TOKENS = 1024
 KL_RATIO_TARGET = 0.25  # stamped KL <= 0.25 x Q8_0 KL
-_T = TypeVar("_T")
 
 
 @dataclass
@@ -59,21 +58,6 @@ class Row:
     greedy_changed: float
     weight_rel_change: float
     seconds: float
-
-
-class Timer:
-    """Wall-clock seconds per named stage."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.stages: dict[str, float] = {}
-
-    def run(self, name: str, fn: Callable[[], _T]) -> _T:
-        t0 = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
 
 
 def passages(tokenizer: Any, count: int) -> list[tuple[str, list[int]]]:

@@ -33,10 +33,7 @@ from weightmark.model import (
     GGUF_FLOAT_TYPES,
     GGUF_FORMAT,
     PACKED_FORMATS,
-    file_stats,
-    gguf_file_stats,
-    gguf_manifest_id,
-    manifest_id,
+    open_registered_base,
 )
 from weightmark.progress import NO_PROGRESS, Progress
 from weightmark.registry.policy import Policy
@@ -46,8 +43,6 @@ from weightmark.scheme import DEFAULT_ALPHA, DEFAULT_COLLUSION, carrier_seed
 __all__ = [
     "keyed_steps",
     "nudge_packed",
-    "open_registered_gguf",
-    "open_registered_packed",
     "quantized_variant",
     "stamp_quantized_base",
     "write_code_stamped",
@@ -253,36 +248,6 @@ def write_packed_stamped(
     return write_like(base, target, transform, progress.advance)
 
 
-def open_registered_packed(model: Model) -> Checkpoint:
-    """Open the GPTQ base a model was registered from, refusing it if its bytes changed since."""
-    path = Path(model.base_path)
-    if not path.exists():
-        raise InputFileError(path, f"the registered base of model {model.name!r} is no longer there")
-    ckpt = Checkpoint.open(path)
-    try:
-        if file_stats(ckpt) != model.files and manifest_id(ckpt) != model.model_id:
-            raise InputFileError(path, f"weights changed since model {model.name!r} was registered")
-    except BaseException:
-        ckpt.close()
-        raise
-    return ckpt
-
-
-def open_registered_gguf(model: Model) -> GGUFModel:
-    """Open the GGUF base a model was registered from, refusing it if its bytes changed since."""
-    path = Path(model.base_path)
-    if not path.is_file():
-        raise InputFileError(path, f"the registered base of model {model.name!r} is no longer there")
-    base = GGUFModel(path)
-    try:
-        if gguf_file_stats(base) != model.files and gguf_manifest_id(base) != model.model_id:
-            raise InputFileError(path, f"weights changed since model {model.name!r} was registered")
-    except BaseException:
-        base.close()
-        raise
-    return base
-
-
 def quantized_variant(fmt: str, carriers: dict[str, Carrier]) -> str:
     """'quantized:<format>:<types>' from the carriers' stored types (quantized:gguf:Q4_1+Q8_0)."""
     types = Counter(c.dtype for c in carriers.values())
@@ -321,7 +286,7 @@ def stamp_quantized_base(
     carriers = {c.name: c for c in registry.carriers(model.model_id)}
     out = Path(out)
     is_gguf = model.format == GGUF_FORMAT
-    opened = open_registered_gguf(model) if is_gguf else open_registered_packed(model)
+    opened = open_registered_base(model)
     with opened as base:
         variant = quantized_variant(model.format, carriers)
         policy_record = policy_gate(policy, licensee.jurisdiction, variant, override_reason)

@@ -175,35 +175,26 @@ class Lab:
         path = Path(path).resolve()
         fmt = base_format(path)
         if fmt == GGUF_FORMAT:
-            with open_gguf_base(path) as gguf_base:
-                total = sum(gguf_base.info(n).nbytes for n in gguf_base.tensors())
-                progress.begin(f"registering {name}", 2 * total)
-                try:
-                    model_id = gguf_manifest_id(gguf_base, progress.advance)
-                    carriers = gguf_carriers(gguf_base, progress.advance)
-                finally:
-                    progress.end()
-                stats = gguf_file_stats(gguf_base)
+            base = open_gguf_base(path)
+            total = sum(base.info(n).nbytes for n in base.tensors())
+            identify, find_carriers, file_stats_of = gguf_manifest_id, gguf_carriers, gguf_file_stats
         elif fmt in PACKED_FORMATS:
-            with Checkpoint.open(path) as ckpt:
-                total = sum(info.nbytes for _, info in ckpt.tensors.values())
-                progress.begin(f"registering {name}", 2 * total)
-                try:
-                    model_id = manifest_id(ckpt, progress.advance)
-                    carriers = packed_carriers(path, progress.advance)
-                finally:
-                    progress.end()
-                stats = file_stats(ckpt)
+            base = Checkpoint.open(path)
+            total = sum(info.nbytes for _, info in base.tensors.values())
+            identify, file_stats_of = manifest_id, file_stats
+            find_carriers = lambda _, advance: packed_carriers(path, advance)  # noqa: E731
         else:
-            with open_base(path) as ckpt:
-                total = sum(info.nbytes for _, info in ckpt.tensors.values())
-                progress.begin(f"registering {name}", 2 * total)
-                try:
-                    model_id = manifest_id(ckpt, progress.advance)
-                    carriers = carriers_of(ckpt, progress.advance)
-                finally:
-                    progress.end()
-                stats = file_stats(ckpt)
+            base = open_base(path)
+            total = sum(info.nbytes for _, info in base.tensors.values())
+            identify, find_carriers, file_stats_of = manifest_id, carriers_of, file_stats
+        with base:
+            progress.begin(f"registering {name}", 2 * total)
+            try:
+                model_id = identify(base, progress.advance)
+                carriers = find_carriers(base, progress.advance)
+            finally:
+                progress.end()
+            stats = file_stats_of(base)
         if not carriers:
             raise InputFileError(path, "no tensor can carry a watermark")
         return self.registry.add_model(model_id, name, str(path), fmt, stats, carriers, keys)

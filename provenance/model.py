@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from weightmark.canonical import as_2d, to_float32
 from weightmark.errors import InputFileError
 from weightmark.formats.safetensors import Checkpoint
-from weightmark.registry.store import Carrier
+from weightmark.registry.store import Carrier, Model
 from weightmark.scheme import MIN_CARRIER_ELEMENTS, is_carrier, row_rms
 
 if TYPE_CHECKING:
@@ -203,3 +203,24 @@ def gguf_carriers(model: GGUFModel, progress: Progress | None = None) -> list[Ca
         if progress:
             progress(model.info(name).nbytes)
     return out
+
+
+def open_registered_base(model: Model) -> Checkpoint | GGUFModel:
+    """Open the base a model was registered from (safetensors, GPTQ folder or GGUF file),
+    refusing it if its weights changed since."""
+    path = Path(model.base_path)
+    if not path.exists():
+        raise InputFileError(path, f"the registered base of model {model.name!r} is no longer there")
+    if model.format == GGUF_FORMAT:
+        from weightmark.formats.gguf import GGUFModel
+
+        base, stats, identity = GGUFModel(path), gguf_file_stats, gguf_manifest_id
+    else:
+        base, stats, identity = Checkpoint.open(path), file_stats, manifest_id
+    try:
+        if stats(base) != model.files and identity(base) != model.model_id:
+            raise InputFileError(path, f"weights changed since model {model.name!r} was registered")
+    except BaseException:
+        base.close()
+        raise
+    return base

@@ -68,15 +68,22 @@ class SchemeParams:
 
     @classmethod
     def parse(cls, text: str) -> SchemeParams:
-        parts = text.split(";")
-        fields = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-        expected = {"shape": "rowrms", "round": "stochastic", "hash": "splitmix64"}
-        if parts[0] != SCHEME_NAME or any(fields.get(k) != v for k, v in expected.items()):
-            raise UsageError(f"unsupported scheme string {text!r}")
+        fields = scheme_fields(text, SCHEME_NAME)
         try:
             return cls(code_length=int(fields["L"]), alpha=float(fields["alpha"]))
         except (KeyError, ValueError):
             raise UsageError(f"malformed scheme string {text!r}") from None
+
+
+def scheme_fields(text: str, name: str) -> dict[str, str]:
+    """The key=value fields of a scheme string named `name` with the embedding every scheme
+    shares (row-RMS shaping, stochastic rounding, SplitMix64); UsageError for anything else."""
+    parts = text.split(";")
+    fields = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    expected = {"shape": "rowrms", "round": "stochastic", "hash": "splitmix64"}
+    if parts[0] != name or any(fields.get(k) != v for k, v in expected.items()):
+        raise UsageError(f"unsupported scheme string {text!r}")
+    return fields
 
 
 def parse_scheme(text: str) -> SchemeParams | TardosParams:

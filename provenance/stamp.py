@@ -15,7 +15,7 @@ from weightmark.formats.safetensors import Checkpoint, TensorInfo, write_like
 from weightmark.fsutil import staged_output
 from weightmark.kernels import embed
 from weightmark.keys import LabKeys
-from weightmark.model import file_stats, manifest_id
+from weightmark.model import open_registered_base
 from weightmark.progress import NO_PROGRESS, Progress
 from weightmark.quantized_stamp import (
     dtype_stamper,
@@ -35,21 +35,6 @@ from weightmark.scheme import (
     choose_scheme,
 )
 from weightmark.tardos import TardosParams
-
-
-def open_registered_base(model: Model) -> Checkpoint:
-    """Open the base a model was registered from, refusing it if its weights changed since."""
-    path = Path(model.base_path)
-    if not path.exists():
-        raise InputFileError(path, f"the registered base of model {model.name!r} is no longer there")
-    ckpt = Checkpoint.open(path)
-    try:
-        if file_stats(ckpt) != model.files and manifest_id(ckpt) != model.model_id:
-            raise InputFileError(path, f"weights changed since model {model.name!r} was registered")
-    except BaseException:
-        ckpt.close()
-        raise
-    return ckpt
 
 
 def variant_of(ckpt: Checkpoint, carrier_names: set[str]) -> str:

@@ -32,6 +32,7 @@ from weightmark.errors import UsageError
 from weightmark.kernels import score_codewords
 from weightmark.kernels.config import PARALLEL
 from weightmark.kernels.prng import element_hash
+from weightmark.scheme import scheme_fields
 
 SCHEME_NAME = "tardos-v2"
 DEFAULT_ALPHA = 0.002
@@ -74,11 +75,7 @@ class TardosParams:
 
     @classmethod
     def parse(cls, text: str) -> TardosParams:
-        parts = text.split(";")
-        fields = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-        expected = {"shape": "rowrms", "round": "stochastic", "hash": "splitmix64"}
-        if parts[0] != SCHEME_NAME or any(fields.get(k) != v for k, v in expected.items()):
-            raise UsageError(f"unsupported scheme string {text!r}")
+        fields = scheme_fields(text, SCHEME_NAME)
         try:
             return cls(
                 code_length=int(fields["L"]),
