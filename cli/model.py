@@ -56,3 +56,25 @@ def list_models(home: HomeOption = None, json_out: JsonOption = False) -> None:
         return
     for r in rows:
         typer.echo(f"{r['name']}\t{r['model_id'][:16]}\t{r['base_path']}")
+
+
+@app.command("relocate")
+def relocate(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    path: Annotated[Path, typer.Argument(help="Where the model's base files are now.")],
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Point a model at its moved base files, after checking they are the registered weights.
+
+    The manifest id is recomputed from the files at PATH; different weights are refused
+    (exit 3). The new location goes into a signed registry entry.
+
+    Example: weightmark model relocate minilm /data/models/all-MiniLM-L6-v2
+    """
+    with open_lab(home) as lab:
+        model = lab.relocate_model(name, path, progress=BarProgress())
+    if json_out:
+        print_json({"name": model.name, "model_id": model.model_id, "base_path": model.base_path})
+    else:
+        typer.echo(f"Relocated {model.name} to {model.base_path}.")

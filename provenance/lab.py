@@ -78,6 +78,8 @@ class Lab:
             installed = policy.current(self.home)
             self._registry.policy_in_force = None if installed is None else {
                 "version": installed.version, "date": installed.date.isoformat(), "sha256": installed.sha256}
+            # Checked reads anchor on lab.pub: finish a rotation the log recorded first.
+            self._finish_rotation()
         return self._registry
 
     @property
@@ -112,10 +114,18 @@ class Lab:
         return trust_from_entries(self.registry.log_entries())
 
     def verify_log(self) -> VerifiedLog:
-        """Recompute the whole log from the database; the current key must be this home's lab.pub."""
+        """Check the database file (integrity, foreign keys), recompute the whole log from it, and
+        re-derive every table row a command reads from the signed entries; the current key must
+        be this home's lab.pub. Raises a RegistryError naming the first thing that does not hold."""
         registry = self.registry
-        entries = registry.log_entries()
-        result = verify_log(entries, registry.checkpoints(), trust_from_entries(entries))
+        registry.check_integrity()
+        with registry.snapshot():
+            entries = registry.log_entries()
+            result = verify_log(entries, registry.checkpoints(), trust_from_entries(entries))
+            # After the log itself, so that a deleted entry is named as such rather than by a
+            # row that refers to it.
+            registry.check_foreign_keys()
+            registry.verify_tables(entries)
         self._finish_rotation()
         pub_path = self.home / _keys.PUBLIC_KEY_FILE
         try:
@@ -129,10 +139,11 @@ class Lab:
     def rotate_keys(self) -> _keys.LabKeys:
         """New signing key, same watermark secret; the handover checkpoint is signed by both."""
         old = self.keys
+        registry = self.registry  # a database that is not a usable registry stops us before any key is written
         phrase = self._passphrase() if _keys.is_encrypted(self.home) else None
         new = old.rotated()
         write_bytes_atomic(self.home / _keys.NEXT_KEY_FILE, _keys.seal(new, phrase), mode=0o600)
-        self.registry.rotate_key(old, new.key_id, new.public_pem, new.signing_key)
+        registry.rotate_key(old, new.key_id, new.public_pem, new.signing_key)
         self._finish_rotation()
         return self.keys
 
@@ -198,6 +209,49 @@ class Lab:
         if not carriers:
             raise InputFileError(path, "no tensor can carry a watermark")
         return self.registry.add_model(model_id, name, str(path), fmt, stats, carriers, keys)
+
+    def relocate_model(self, name: str, path: str | os.PathLike[str], progress: Progress = NO_PROGRESS) -> Model:
+        """Point a model at its moved base files, once they are shown to be the registered weights
+        (the manifest id recomputed as `register_model` does); the new location is signed."""
+        from weightmark.formats.safetensors import Checkpoint
+        from weightmark.model import (
+            GGUF_FORMAT,
+            base_format,
+            file_stats,
+            gguf_file_stats,
+            gguf_manifest_id,
+            manifest_id,
+        )
+
+        keys = self.keys
+        model = self.registry.model(name)
+        path = Path(path).resolve()
+        if not path.exists():
+            raise InputFileError(path, "no such file or folder")
+        fmt = base_format(path)
+        if fmt != model.format:
+            raise InputFileError(path, f"is a {fmt} base, but model {name!r} was registered from a {model.format} one")
+        if fmt == GGUF_FORMAT:
+            from weightmark.formats.gguf import GGUFModel
+
+            base = GGUFModel(path)
+            total = sum(base.info(n).nbytes for n in base.tensors())
+            identify, file_stats_of = gguf_manifest_id, gguf_file_stats
+        else:
+            base = Checkpoint.open(path)
+            total = sum(info.nbytes for _, info in base.tensors.values())
+            identify, file_stats_of = manifest_id, file_stats
+        with base:
+            progress.begin(f"checking {path.name}", total)
+            try:
+                model_id = identify(base, progress.advance)
+            finally:
+                progress.end()
+            stats = file_stats_of(base)
+        if model_id != model.model_id:
+            raise InputFileError(path, f"weights differ from model {name!r} (manifest id {model_id[:16]}, "
+                                       f"registered {model.model_id[:16]})")
+        return self.registry.relocate_model(model, str(path), stats, keys)
 
     def add_licensee(self, name: str, jurisdiction: str, email: str | None = None) -> Licensee:
         return self.registry.add_licensee(name, jurisdiction, email, self.keys)
