@@ -286,14 +286,19 @@ def inspect_database(path: Path) -> None:
         raise RegistryError(f"{path}: empty file (0 bytes), not a registry database")
     if head != SQLITE_MAGIC:
         raise RegistryError(f"{path}: not an SQLite database, so not a weightmark registry")
+    # Read-only; and with no write-ahead log beside the file (a registry closed cleanly), as an
+    # immutable file, so that not even SQLite's -shm and -wal side files are created.
+    wal = Path(f"{path}-wal").exists()
     try:
-        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=60.0)
+        db = sqlite3.connect(path.resolve().as_uri() + ("?mode=ro" if wal else "?mode=ro&immutable=1"),
+                             uri=True, timeout=60.0)
     except sqlite3.DatabaseError as exc:
         raise RegistryError(f"{path}: cannot open the registry database ({exc})") from None
     try:
         problems = [r[0] for r in db.execute("PRAGMA quick_check(1)")]
         if problems != ["ok"]:
-            raise RegistryError(f"{path}: the database is corrupted ({problems[0]}); restore it from a backup")
+            raise RegistryError(f"{path}: the database is corrupted ({' '.join(str(problems[0]).split())}); "
+                                "restore it from a backup")
         found = {r[0] for r in db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
         if "schema_migrations" not in found:
@@ -634,7 +639,7 @@ class Registry:
         """PRAGMA integrity_check: raise RegistryError naming the first problem SQLite finds."""
         problems = [r[0] for r in self._db.execute("PRAGMA integrity_check(1)")]
         if problems != ["ok"]:
-            raise RegistryError(f"{self.path}: the database is corrupted ({problems[0]})")
+            raise RegistryError(f"{self.path}: the database is corrupted ({' '.join(str(problems[0]).split())})")
 
     def check_foreign_keys(self) -> None:
         """PRAGMA foreign_key_check: raise TableMismatch naming the first row that refers to nothing."""
