@@ -806,10 +806,12 @@ class Registry:
         statements = self.signed_statements([*by_id.values(), *index.locations.values()])
         for d in dicts:
             idx = by_id[d["model_id"]]
+            where = f"models row model_id={d['model_id']}"
+            compare(where, d, _expected(tables.expected_model, idx, statements[idx]), idx, values=False)
             moved = index.locations.get(d["model_id"])
-            location = None if moved is None else statements[moved]["predicate"]
-            compare(f"models row model_id={d['model_id']}", d,
-                    _expected(tables.expected_model, idx, statements[idx], location), idx, values=False)
+            at, location = _expected(tables.expected_location, idx, statements[idx],
+                                     {} if moved is None else {moved: statements[moved]})
+            compare(where, d, location, at, values=False)
         return [Model(d["model_id"], d["name"], d["base_path"], d["format"], d["files"], d["created_at"],
                       d["entry_idx"]) for d in dicts]
 

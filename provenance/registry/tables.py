@@ -112,24 +112,31 @@ def expected_licensee(idx: int, stmt: dict[str, Any]) -> dict[str, Any]:
             "email": p["email"], "created_at": p["created_at"], "entry_idx": idx}
 
 
-def expected_model(idx: int, stmt: dict[str, Any], location: dict[str, Any] | None) -> dict[str, Any]:
-    """The models row. `location` is the predicate of the model's latest relocation, if any.
-
-    Models registered before the model predicate carried `base_path` and `files` have neither
-    signed; those two columns are then left out (the scan checks the base against the model id
-    and file stats before it uses it as a reference).
-    """
+def expected_model(idx: int, stmt: dict[str, Any]) -> dict[str, Any]:
+    """The models row, but for where its base files are (see expected_location)."""
     p = stmt["predicate"]
     _, model_id = _subject(stmt)
     row: dict[str, Any] = {"model_id": p["model_id"], "name": p["name"], "format": p["format"],
                            "created_at": p["registered_at"], "entry_idx": idx}
     if model_id != p["model_id"]:
         row["model_id"] = Check(lambda _: False, f"two model ids ({model_id} and {p['model_id']})")
-    where = location if location is not None else p
-    if "base_path" in where:
-        row["base_path"] = where["base_path"]
-        row["files"] = where["files"]
     return row
+
+
+def expected_location(model_idx: int, model: dict[str, Any], moves: dict[int, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """(entry, {base_path, files}) for a models row: from the model's latest signed relocation
+    (`moves`: at most one, entry -> statement), else from its model entry.
+
+    Models registered before the model predicate carried `base_path` and `files` have neither
+    signed; the two columns are then left out ({}), and the scan checks such a base against the
+    model's file stats before it uses it as a reference.
+    """
+    for idx, stmt in moves.items():
+        return idx, {"base_path": stmt["predicate"]["base_path"], "files": stmt["predicate"]["files"]}
+    p = model["predicate"]
+    if "base_path" not in p:
+        return model_idx, {}
+    return model_idx, {"base_path": p["base_path"], "files": p["files"]}
 
 
 def expected_issued(idx: int, stmt: dict[str, Any]) -> dict[str, Any]:
@@ -280,11 +287,6 @@ def _verify_licensees(db: sqlite3.Connection, index: SignedIndex, statements: di
             raise TableMismatch(f"licensees: no row for licensee {lid} of signed entry {idx} (a deleted row)")
 
 
-def _location(index: SignedIndex, statements: dict[int, dict[str, Any]], model_id: str) -> dict[str, Any] | None:
-    idx = index.locations.get(model_id)
-    return None if idx is None else statements[idx]["predicate"]
-
-
 def _verify_models(db: sqlite3.Connection, index: SignedIndex, statements: dict[int, dict[str, Any]]) -> None:
     rows = db.execute(f"SELECT {', '.join(MODEL_COLUMNS)} FROM models ORDER BY entry_idx, model_id").fetchall()
     stored = _by_entry(rows, MODEL_COLUMNS, "model_id")
@@ -293,7 +295,10 @@ def _verify_models(db: sqlite3.Connection, index: SignedIndex, statements: dict[
         idx = index.models.get(row["model_id"])
         if idx is None:
             raise TableMismatch(f"{where}: no signed model entry has this model id (an added row)")
-        compare(where, row, expected_model(idx, statements[idx], _location(index, statements, row["model_id"])), idx)
+        compare(where, row, expected_model(idx, statements[idx]), idx)
+        moved = index.locations.get(row["model_id"])
+        at, location = expected_location(idx, statements[idx], {} if moved is None else {moved: statements[moved]})
+        compare(where, row, location, at)
     for model_id, idx in sorted(index.models.items(), key=lambda kv: kv[1]):
         if model_id not in stored:
             raise TableMismatch(f"models: no row for model {model_id} of signed entry {idx} (a deleted row)")
