@@ -79,7 +79,8 @@ class Lab:
             self._registry.policy_in_force = None if installed is None else {
                 "version": installed.version, "date": installed.date.isoformat(), "sha256": installed.sha256}
             # Checked reads anchor on lab.pub: finish a rotation the log recorded first.
-            self._finish_rotation()
+            if (self.home / _keys.NEXT_KEY_FILE).exists():
+                self._finish_rotation()
         return self._registry
 
     @property
@@ -96,6 +97,9 @@ class Lab:
         """Complete a rotation the log recorded but the key files did not (a crash in between),
         or drop one the log never recorded. Needs no passphrase: only the key id is read."""
         pending_path = self.home / _keys.NEXT_KEY_FILE
+        if not pending_path.exists():
+            return
+        _ = self.registry  # opening the registry may itself finish the rotation
         if not pending_path.exists():
             return
         pending_id = _keys.sealed_key_id(pending_path)

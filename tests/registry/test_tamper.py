@@ -318,3 +318,19 @@ def test_each_signature_is_checked_once_per_registry(tmp_path: Path) -> None:
         assert len(lab.registry._statements) == 200
     print(f"licensees(): first {first * 1e3:.1f} ms, again {again * 1e3:.1f} ms", file=sys.stderr)
     assert again < first
+
+
+def test_checked_reads_follow_a_key_rotation_and_anchor_on_lab_pub(world: World, tmp_path: Path, capsys) -> None:
+    home = copy_home(world, tmp_path)
+    code, out, err = cli(capsys, "keys", "rotate", "--home", str(home))
+    assert code == 0, err
+    code, out, err = cli(capsys, "licensee", "list", "--home", str(home))
+    assert code == 0 and len(out.splitlines()) == 4, err
+    # Another lab's public key in this home: the log's key chain no longer ends in the anchor.
+    other = Lab.init(tmp_path / "other", passphrase=None)
+    other.close()
+    shutil.copy(tmp_path / "other" / "lab.pub", home / "lab.pub")
+    for args in (["licensee", "list"], ["scan", str(world.copies[0])], ["registry", "verify"]):
+        code, out, err = cli(capsys, *args, "--home", str(home))
+        assert code == 4 and out == "", (args, err)
+        assert "lab.pub: is not the log's current signing key" in one_error_line(err)
