@@ -340,6 +340,8 @@ class Registry:
         self.policy_in_force: dict[str, Any] | None = None
         self._index: SignedIndex | None = None
         self._trust: Trust | None = None
+        self._tree = CompactRange()  # frontier of the entries in _index
+        self._chain: list[LogEntry] = []  # genesis and rotation entries in _index
         self._statements: dict[int, dict[str, Any]] = {}  # entries whose signature was checked
         self._carriers: dict[str, list[Carrier]] = {}
         if create:
@@ -524,23 +526,32 @@ class Registry:
         It is rebuilt when a row refers to an entry past it (an append since).
         """
         if self._index is None or self._index.size <= covering:
-            self._index = None
-            self._index, self._trust = self._build_index()
+            known, self._index = self._index, None
+            self._index, self._trust = self._read_log(known)
             if self._index.size <= covering:
                 raise TableMismatch(f"entry {covering}: referred to by a table row but not in the signed log "
                                     f"(which ends at entry {self._index.size - 1})")
         return self._index
 
-    def _build_index(self) -> tuple[SignedIndex, Trust]:
+    def _read_log(self, known: SignedIndex | None) -> tuple[SignedIndex, Trust]:
+        """Read the log into `known` (None: from entry 0), check it against the latest checkpoint.
+
+        Extending a known index reads only the entries appended since; the tree's frontier and
+        the key chain's entries are kept between calls for that.
+        """
         with self.snapshot() as db:
             latest = db.execute("SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
             if latest is None:
                 raise RegistryError(f"{self.path}: no signed checkpoint yet")
             size, _, note = latest
-            index = SignedIndex(size)
-            tree = CompactRange()
-            chain: list[LogEntry] = []
-            rows = db.execute("SELECT idx, payload_type, payload, key_id, signature, leaf_hash FROM entries ORDER BY idx")
+            if known is None:
+                index, tree, chain = SignedIndex(size), CompactRange(), []
+            else:
+                index, chain = known, list(self._chain)
+                tree = CompactRange(self._tree.size, self._tree.hashes)
+                index.size = size
+            rows = db.execute("SELECT idx, payload_type, payload, key_id, signature, leaf_hash FROM entries"
+                              " WHERE idx >= ? ORDER BY idx", (len(index.kinds),))
             for row in rows:
                 idx = len(index.kinds)
                 if row[0] != idx:
@@ -577,6 +588,7 @@ class Registry:
             raise KeyProblem(f"{pub_path}: cannot read the lab's public key ({exc.strerror})") from None
         if pub.strip() != trust.current.pem.strip():
             raise LogVerificationError(f"{pub_path}: is not the log's current signing key")
+        self._tree, self._chain = tree, chain
         return index, trust
 
     def signed_statements(self, idxs: Iterable[int]) -> dict[int, dict[str, Any]]:

@@ -334,3 +334,21 @@ def test_checked_reads_follow_a_key_rotation_and_anchor_on_lab_pub(world: World,
         code, out, err = cli(capsys, *args, "--home", str(home))
         assert code == 4 and out == "", (args, err)
         assert "lab.pub: is not the log's current signing key" in one_error_line(err)
+
+
+def test_reads_see_entries_appended_after_the_first_read(world: World, tmp_path: Path) -> None:
+    """The cached pass over the log is extended, not trusted stale, when rows name newer entries."""
+    home = copy_home(world, tmp_path)
+    with Lab(home) as reader, Lab(home) as writer:
+        assert len(reader.registry.licensees()) == 4
+        size = reader.registry.signed_index().size
+        added = writer.add_licensee("Late Arrival GmbH", "DE")
+        same = reader.add_licensee("Own Append Ltd", "GB")
+        names = [lic.name for lic in reader.registry.licensees()]
+        assert names[-2:] == ["Late Arrival GmbH", "Own Append Ltd"]
+        assert reader.registry.signed_index().size == size + 2
+        assert reader.registry.licensee(added.id).name == "Late Arrival GmbH"
+        assert reader.registry.licensee(same.id).jurisdiction == "GB"
+    edit(home, f"UPDATE licensees SET name = 'Mallory' WHERE id = '{added.id}'")
+    with Lab(home) as lab, pytest.raises(RegistryError, match=f"licensees row id={added.id}: name does not match"):
+        lab.registry.licensees()
