@@ -187,6 +187,7 @@ class Lab:
         )
 
         keys = self.keys
+        registry = self.registry  # refuse an unusable registry before reading the weights
         path = Path(path).resolve()
         fmt = base_format(path)
         if fmt == GGUF_FORMAT:
@@ -212,7 +213,7 @@ class Lab:
             stats = file_stats_of(base)
         if not carriers:
             raise InputFileError(path, "no tensor can carry a watermark")
-        return self.registry.add_model(model_id, name, str(path), fmt, stats, carriers, keys)
+        return registry.add_model(model_id, name, str(path), fmt, stats, carriers, keys)
 
     def relocate_model(self, name: str, path: str | os.PathLike[str], progress: Progress = NO_PROGRESS) -> Model:
         """Point a model at its moved base files, once they are shown to be the registered weights

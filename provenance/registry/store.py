@@ -265,7 +265,7 @@ def _tables_of(versions: Iterable[int]) -> set[str]:
     done = set(versions)
     for version, sql in MIGRATIONS:
         if version in done:
-            names.update(re.findall(r"CREATE TABLE (\w+)", sql))
+            names.update(re.findall(r"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", sql, flags=re.IGNORECASE))
     return names
 
 

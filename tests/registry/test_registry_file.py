@@ -99,6 +99,7 @@ def commands(home: Path, tmp_path: Path, minilm: Path) -> list[list[str]]:
         ["registry", "consistency", "1"], ["registry", "export", "--out", str(tmp_path / "export")],
         ["licensee", "list"], ["licensee", "show", "lic-00000000"], ["licensee", "add", "New Ltd", "--jurisdiction", "GB"],
         ["model", "list"], ["model", "relocate", "minilm", str(minilm)],
+        ["model", "register", str(minilm), "--name", "minilm2"],
         ["stamp", "minilm", "--licensee", "lic-00000000", "--out", str(tmp_path / "copy")],
         ["scan", str(minilm)], ["keys", "trust", "--out", str(tmp_path / "trust.json")], ["keys", "rotate"],
     ]
