@@ -634,7 +634,7 @@ class Registry:
     def checked_entry(self, idx: int) -> Entry:
         """An entry whose signature, leaf and checkpoint inclusion hold, and whose kind column
         is its signed kind (`created_at` is when the row was written: bookkeeping, not signed)."""
-        if idx < 0:
+        if not 0 <= idx < self.entry_count():
             raise NotFound(f"no registry entry {idx}")
         self.signed_statements([idx])
         entry = self.entry(idx)
