@@ -9,6 +9,7 @@ never acted on. A file is only opened as a registry after read-only checks that 
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import hashlib
 import json
@@ -39,7 +40,7 @@ from weightmark.registry.log import (
 )
 from weightmark.registry.merkle import CompactRange, leaf_hash
 from weightmark.registry.note import Checkpoint as NoteCheckpoint
-from weightmark.registry.note import NoteError, parse_checkpoint, sign_note, verify_note
+from weightmark.registry.note import NoteError, sign_note, verify_note
 from weightmark.registry.tables import (
     CARRIER_COLUMNS,
     ISSUED_COLUMNS,
@@ -671,13 +672,16 @@ class Registry:
             meta = db.execute("SELECT key, value FROM log_meta ORDER BY key").fetchall()
             if meta != [("origin", origin)]:
                 raise TableMismatch(f"log_meta rows are {meta} but the signed entry 0 says origin {origin}")
+            # Every checkpoint's note was verified with the log; its root column must be the
+            # note's (the third line of the body). Only the latest frontier is ever resumed.
+            latest = db.execute("SELECT MAX(size) FROM checkpoints").fetchone()[0]
             for size, root, note, frontier in db.execute("SELECT size, root, note, frontier FROM checkpoints"):
                 where = f"checkpoints row size={size}"
                 try:
-                    signed_root = parse_checkpoint(bytes(note).split(b"\n\n", 1)[0] + b"\n").root
-                    hashes = [bytes.fromhex(h) for h in json.loads(frontier)]
-                    resumed = CompactRange(size, hashes).root()
-                except (NoteError, ValueError, TypeError):
+                    signed_root = base64.b64decode(bytes(note).split(b"\n", 3)[2], validate=True)
+                    resumed = signed_root if size != latest else CompactRange(
+                        size, [bytes.fromhex(h) for h in json.loads(frontier)]).root()
+                except (IndexError, ValueError, TypeError):
                     raise TableMismatch(f"{where}: note or frontier is unreadable") from None
                 if root != signed_root:
                     raise TableMismatch(f"{where}: root is not the root its signed note states")

@@ -252,11 +252,11 @@ def verify_tables(db: sqlite3.Connection, entries: Sequence[LogEntry]) -> None:
     is missing or has no entry. Tables are checked in that order, rows in entry order."""
     statements: dict[int, dict[str, Any]] = {}
     index = SignedIndex(len(entries))
-    for entry in entries:
+    kinds = db.execute("SELECT idx, kind FROM entries ORDER BY idx")
+    for entry, (idx, kind) in zip(entries, kinds, strict=False):
         stmt = json.loads(entry.payload)
         index.add(entry.idx, stmt)
-        kind = db.execute("SELECT kind FROM entries WHERE idx = ?", (entry.idx,)).fetchone()[0]
-        if kind != index.kinds[-1]:
+        if idx != entry.idx or kind != index.kinds[-1]:
             raise TableMismatch(f"entries row idx={entry.idx}: kind is {show(kind)} but the signed entry "
                                 f"{entry.idx} says {index.kinds[-1]}")
         if index.kinds[-1] in ("licensee", "model", "model-relocation", "issued-copy"):
