@@ -9,6 +9,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import run_cli
@@ -143,3 +144,51 @@ def test_relocate_to_nothing_usable_is_refused(relocated: Moved, tmp_path: Path,
 def test_relocate_unknown_model_is_exit_4(relocated: Moved) -> None:
     r = run_cli("model", "relocate", "nope", str(relocated.new), home=relocated.home)
     assert r.returncode == 4 and "no model named 'nope'" in r.stderr
+
+
+def legacy_home(tmp_path: Path, base: Path) -> tuple[Path, str]:
+    """A lab whose model entry is signed as before `base_path` and `files` were in the predicate."""
+    from weightmark.formats.safetensors import Checkpoint
+    from weightmark.model import file_stats, manifest_id
+    from weightmark.registry.envelope import statement
+    from weightmark.registry.store import now
+    from weightmark.registry.tables import row_scale_sha256
+
+    lab = Lab.init(tmp_path / "lab", passphrase=None)
+    reg, keys = lab.registry, lab.keys
+    with Checkpoint.open(base) as ckpt:
+        model_id, stats = manifest_id(ckpt), file_stats(ckpt)
+    scale = np.ones(4, dtype="<f4").tobytes()
+    digest, count, elements = row_scale_sha256([("w", "F32", (4, 1024), scale)])
+    created = now()
+    predicate = {"model_id": model_id, "name": "old", "format": "safetensors", "carriers": count,
+                 "carrier_elements": elements, "row_scale_sha256": digest, "registered_at": created}
+    with reg._write() as db:  # the registration of an earlier version, byte for byte
+        idx = reg._append(db, "model", statement("model", "old", model_id, predicate), keys)
+        db.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (model_id, "old", str(base), "safetensors", json.dumps(stats), created, idx))
+        db.execute("INSERT INTO carriers VALUES (?, 0, 'w', 'F32', '[4, 1024]', ?)", (model_id, scale))
+    lab.close()
+    return tmp_path / "lab", model_id
+
+
+def test_model_registered_before_base_path_was_signed(tmp_path: Path, minilm: Path) -> None:
+    """Its base_path cannot be checked from the log (documented); relocating it signs one."""
+    base = tmp_path / "base"
+    shutil.copytree(minilm, base)
+    home, model_id = legacy_home(tmp_path, base)
+    assert run_cli("registry", "verify", home=home).returncode == 0
+    con = sqlite3.connect(home / DB_FILE)
+    con.execute("UPDATE models SET base_path = '/elsewhere'")
+    con.commit()
+    con.close()
+    assert run_cli("registry", "verify", home=home).returncode == 0  # nothing signed to compare with
+    r = run_cli("model", "relocate", "old", str(base), home=home)
+    assert r.returncode == 0, r.stderr
+    assert run_cli("registry", "verify", home=home).returncode == 0
+    con = sqlite3.connect(home / DB_FILE)
+    con.execute("UPDATE models SET base_path = '/elsewhere'")
+    con.commit()
+    con.close()
+    r = run_cli("registry", "verify", home=home)
+    assert r.returncode == 4 and f"models row model_id={model_id}: base_path is /elsewhere" in r.stderr
