@@ -75,7 +75,7 @@ def check(
         if not model["changes"]:
             typer.echo("  no country's outcome changes")
         for change in model["changes"]:
-            typer.echo(f"  {change['before']} -> {change['after']}: {' '.join(change['countries'])}")
+            typer.echo(f"  {change['before']} -> {change['after']}: {_countries_text(change['countries'])}")
     denied = report["issued_now_denied"]
     if denied:
         err.print(f"{len(denied)} {'copy was' if len(denied) == 1 else 'copies were'} already issued to "
@@ -85,3 +85,14 @@ def check(
                        f"{row['legal_name']}\t{row['variant']}\t{row['rule']}")
     else:
         typer.echo("No copy already issued would be denied.")
+
+
+def _countries_text(codes: list[str]) -> str:
+    """A country list, or 'N countries: every country except ...' when that is shorter."""
+    import pycountry
+
+    everything = {c.alpha_2 for c in pycountry.countries}
+    rest = sorted(everything - set(codes))
+    if len(codes) > 40 and len(rest) < len(codes):
+        return f"{len(codes)} countries: every country except {' '.join(rest)} (--json lists them)"
+    return " ".join(codes)

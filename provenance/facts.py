@@ -50,7 +50,7 @@ MAX_CONFIG_BYTES = 1 << 20
 NUMERIC_FACTS = ("params", "active_params", "moe_total_params", "experts", "experts_active",
                  "context_length", "training_flops", "training_tokens")
 MEASURED_FACTS = ("params", "active_params", "moe_total_params", "moe", "experts", "experts_active",
-                  "architecture", "context_length", "dtypes", "quantization")
+                  "architecture", "context_length", "dtypes", "quantization")  # experts: 0 for dense
 BENCHMARK_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _CAPABILITY = re.compile(r"[a-z0-9][a-z0-9-]*")
 
@@ -152,13 +152,25 @@ def _facts_from(total_and_moe: tuple[int, int, int | None, int | None], config: 
     total, routed, observed_experts, active = total_and_moe
     experts = _config_int(config, _EXPERT_KEYS) or observed_experts
     moe = bool(routed) or (experts or 0) > 1
+    if not moe:
+        active_how = "a dense model: every parameter is active"
+    elif not routed:
+        active = total
+        active_how = ("the config declares experts but no expert tensor was recognised by name, so every "
+                      "parameter is counted as active (an upper bound)")
+    elif active is None:
+        active_how = "unknown: the config does not say how many experts are active per token"
+    else:
+        active_how = (f"non-expert parameters plus {experts_active} of each layer's experts "
+                      "(each layer's expert parameters x active / experts)")
     return {
         "params": total,
         "params_method": how,
         "moe": moe,
-        "experts": experts if moe else None,
-        "experts_active": experts_active if moe else None,
+        "experts": experts if moe else 0,
+        "experts_active": experts_active if moe else 0,
         "active_params": active,
+        "active_params_method": active_how,
         "moe_total_params": total if moe else 0,
         "architecture": architecture,
         "context_length": context,
@@ -365,10 +377,10 @@ def facts_in_force(entries: Iterable[tuple[int, str, str, dict[str, Any]]]) -> d
             continue
         estimate = pred.get("estimate") if kind != "model" else None
         for name, value in measured.items():
-            if name == "params_method":
+            if name.endswith("_method"):  # how a measured fact was measured: the note of that fact
                 continue
             source = "estimated" if (estimate and name == "training_flops") else how
-            text = estimate if source == "estimated" else (measured.get("params_method") if name == "params" else note)
+            text = estimate if source == "estimated" else measured.get(f"{name}_method", note)
             out[name] = Fact(name, value, source, idx, key_id, str(at), by, text)
     return out
 

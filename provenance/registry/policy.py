@@ -537,7 +537,8 @@ class Policy:
             needs = sorted({f for r in classification.refused for f in r.missing_facts})
             names = ", ".join(r.name for r in classification.refused)
             refusal = (f"{self.label}: control class {names} needs {', '.join(needs)}, which the model does not "
-                       f"have, and the policy says missing = \"refuse\"; declare it with `weightmark model declare`")
+                       f"have, and the policy says missing = \"refuse\"; declare it with `weightmark model declare` "
+                       f"(or record measured facts with `weightmark model measure`)")
         classes = classification.tripped
         text = chosen.rule + (f" (control classes tripped: {', '.join(classes)})" if classes else
                               " (no control class tripped)")

@@ -99,6 +99,7 @@ def test_minilm_params_are_the_sum_of_its_tensor_sizes(minilm: Path) -> None:
     assert facts["params"] == expected == sum(facts["dtypes"].values())
     assert 22_000_000 < expected < 23_000_000
     assert facts["moe"] is False and facts["moe_total_params"] == 0 and facts["active_params"] == expected
+    assert (facts["experts"], facts["experts_active"]) == (0, 0)  # a rule on experts is clear, not missing
     assert facts["architecture"] == "BertModel" and facts["context_length"] == 512
 
 
