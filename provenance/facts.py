@@ -42,6 +42,7 @@ __all__ = [
     "facts_in_force",
     "load_declaration_file",
     "measure",
+    "parse_benchmark",
     "verified_facts",
 ]
 

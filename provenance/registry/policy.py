@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from weightmark.errors import InputFileError, RegistryError, UsageError
+from weightmark.facts import NUMERIC_FACTS
 from weightmark.fsutil import write_bytes_atomic
 from weightmark.registry.store import country_name, validate_jurisdiction
 
@@ -108,8 +109,6 @@ _CAPABILITY_TERM = re.compile(r"\s*capability:(?P<cap>[a-z0-9][a-z0-9-]*)\s*")
 # misspelt fact cannot become a benchmark nobody declares.
 KNOWN_BENCHMARKS = ("mmlu", "mmlu-pro", "gpqa", "gpqa-diamond", "humaneval", "math", "gsm8k",
                     "swe-bench-verified", "hle", "arc-agi")
-NUMERIC_FACTS = ("params", "active_params", "moe_total_params", "experts", "experts_active",
-                 "context_length", "training_flops", "training_tokens")
 
 
 @dataclass(frozen=True)
@@ -122,11 +121,6 @@ class Rule:
     op: str | None = None
     bound: float | None = None
     parts: tuple[Rule, ...] = ()
-
-    def facts(self) -> set[str]:
-        if self.kind in ("any-of", "all-of"):
-            return set().union(*(p.facts() for p in self.parts))
-        return {"capabilities" if self.kind == "capability" else str(self.fact)}
 
     def evaluate(self, facts: dict[str, Fact], trace: list[dict[str, Any]]) -> bool | None:
         """True (tripped), False (clear) or None (a fact it needs is missing); each threshold

@@ -152,6 +152,24 @@ def test_fused_3d_experts_count_the_same(tmp_path: Path, moe: tuple[Path, tuple[
     assert (facts["params"], facts["active_params"], facts["experts"]) == (total, active, EXPERTS)
 
 
+def test_gptq_base_counts_logical_weights_not_packed_words(tmp_path: Path,
+                                                            moe: tuple[Path, tuple[int, int, int]]) -> None:
+    folder, (total, _, active) = moe
+    lab = Lab.init(tmp_path / "home", passphrase=None)
+    lab.register_model(folder, name="moe")
+    lid = lab.add_licensee("Northwind Research Ltd", "GB").id
+    lab.stamp("moe", lid, tmp_path / "gptq", fmt="gptq:4bit-g128")
+    shapes = header_shapes(tmp_path / "gptq" / "model.safetensors")
+    packed = {k: v for k, v in shapes.items() if k.endswith(".qweight")}
+    assert packed  # some layers really are packed int32 words: 8 four-bit weights each
+    side = (".qzeros", ".scales", ".g_idx")
+    expected = sum(rows * 8 * cols for rows, cols in packed.values()) + sum(
+        math.prod(v) for k, v in shapes.items() if not k.endswith((".qweight", *side)))
+    facts = measure(tmp_path / "gptq", "gptq")
+    assert facts["params"] == expected == total and facts["active_params"] == active
+    assert facts["quantization"] == "gptq 4-bit"
+
+
 # -- rules on both sides of their bounds ------------------------------------------------------------
 
 
@@ -340,6 +358,31 @@ def test_measure_records_facts_for_a_model_registered_without_them(tmp_path: Pat
     facts = lab.model_facts("old")
     assert facts["params"].value == moe[1][0] and facts["params"].entry == idx
     assert lab.registry.entry(idx).statement["predicate"]["how"] == "measured"
+
+
+def test_a_quantized_gguf_base_is_classified_and_its_stamp_records_it(tmp_path: Path) -> None:
+    """The code-moving stamp of a quantized base passes the same gate and records the same facts."""
+    from tests.test_quantized_base import TINY_META, _tiny_tensors
+    from weightmark.formats.gguf import write_gguf
+
+    tensors = _tiny_tensors(np.random.default_rng(11))
+    base = tmp_path / "tiny.gguf"
+    write_gguf(base, "llama", tensors, "F16", TINY_META)
+    expected = sum(w.size for _, w in tensors)
+    assert measure(base, "gguf")["dtypes"] == {"F16": sum(w.size for _, w in tensors if w.ndim == 2),
+                                               "F32": sum(w.size for _, w in tensors if w.ndim == 1)}
+    lab = Lab.init(tmp_path / "home", passphrase=None)
+    lab.register_model(base, name="tiny")
+    assert lab.model_facts("tiny")["params"].value == expected
+    install(lab, policy_text('"params > 1e4"', missing="refuse", default="denied"), tmp_path)
+    de = lab.add_licensee("Falkenstein KI GmbH", "DE").id
+    with pytest.raises(PolicyDenied, match="control class 'controlled'"):
+        lab.stamp("tiny", de, tmp_path / "de.gguf")
+    gb = lab.add_licensee("Northwind Research Ltd", "GB").id
+    issued = lab.stamp("tiny", gb, tmp_path / "gb.gguf")
+    record = lab.registry.entry(issued.entry_idx).statement["predicate"]["policy"]
+    assert record["control"]["classes"] == ["controlled"] and record["decision"] == "allowed"
+    assert record["control"]["results"][0]["rules"][0]["value"] == expected
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------
