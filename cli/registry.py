@@ -15,7 +15,7 @@ from weightmark.registry import policy
 from weightmark.registry.envelope import envelope, verify
 from weightmark.registry.log import LogVerificationError, b64
 from weightmark.registry.merkle import consistency_proof, inclusion_proof, leaf_hash
-from weightmark.registry.store import Entry, validate_jurisdiction
+from weightmark.registry.store import validate_jurisdiction
 
 app = typer.Typer(help="Look up the signed registry.", no_args_is_help=True)
 
@@ -87,7 +87,7 @@ def find(
         hits = lab.registry.find_issued(licensee, jurisdiction, model_id, _utc(since, "--since"),
                                         _utc(until, "--until"), countries)
         if control_class is not None:
-            hits = [(c, lic) for c, lic in hits if control_class in _recorded_classes(lab.registry.entry(c.entry_idx))]
+            hits = lab.issued_in_control_class(hits, control_class)
     rows = [{**copy.to_json(), "model": names.get(copy.model_id), "licensee_name": lic.name,
              "jurisdiction": lic.jurisdiction} for copy, lic in hits]
     if json_out:
@@ -96,14 +96,6 @@ def find(
     for r in rows:
         typer.echo(f"entry {r['entry_id']}\t{r['model']}\t{r['licensee_id']}\t{r['jurisdiction']}\t"
                    f"{r['licensee_name']}\t{r['issued_at']}")
-
-
-def _recorded_classes(entry: Entry) -> list[str]:
-    """The control classes an issued copy's signed policy record names (none before classes)."""
-    policy_record = entry.statement.get("predicate", {}).get("policy") or {}
-    control = policy_record.get("control") or {}
-    classes = control.get("classes")
-    return classes if isinstance(classes, list) else []
 
 
 def _utc(text: str | None, option: str) -> str | None:

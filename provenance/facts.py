@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from weightmark.errors import InputFileError, RegistryError, UsageError
 
 if TYPE_CHECKING:
+    from weightmark.registry.log import Trust
     from weightmark.registry.store import Model, Registry
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "load_declaration_file",
     "measure",
     "parse_benchmark",
+    "recorded_control_classes",
+    "signed_statement",
     "verified_facts",
 ]
 
@@ -99,7 +102,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise InputFileError(path, "is not a JSON object, so not a model config")
     text = doc.get("text_config")  # multimodal configs keep the language model's numbers here
-    return {**text, **doc} if isinstance(text, dict) else doc
+    return {**doc, **text} if isinstance(text, dict) else doc
 
 
 def _config_int(config: Mapping[str, Any], keys: Iterable[str]) -> int | None:
@@ -390,28 +393,49 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def verified_facts(registry: Registry, model: Model) -> dict[str, Fact]:
-    """The facts in force for `model`, read from its signed entries, each signature checked
-    against the log's key chain (RegistryError naming the entry when one does not verify)."""
+def signed_statement(registry: Registry, idx: int, trust: Trust | None = None) -> dict[str, Any]:
+    """The statement of entry `idx`, after checking its signature against the log's key chain
+    (RegistryError naming the entry when it does not verify)."""
     from cryptography.exceptions import InvalidSignature
 
     from weightmark.registry.envelope import verify
-    from weightmark.registry.log import LogVerificationError, statement_kind, trust_from_entries
+    from weightmark.registry.log import LogVerificationError, trust_from_entries
+
+    if trust is None:
+        trust = trust_from_entries(registry.key_chain_entries())
+    entry = registry.entry(idx)
+    try:
+        verify(entry.payload, entry.signature, trust.key_for(entry.key_id, entry.idx).public_key)
+        statement = entry.statement
+        if statement["predicate"]["log_index"] != idx:
+            raise LogVerificationError(f"entry {idx}: the statement names log index "
+                                       f"{statement['predicate']['log_index']}")
+    except (InvalidSignature, LogVerificationError, KeyError, TypeError, ValueError):
+        raise RegistryError(f"entry {idx}: its signed statement does not verify; "
+                            "run `weightmark registry verify`") from None
+    return statement
+
+
+def verified_facts(registry: Registry, model: Model) -> dict[str, Fact]:
+    """The facts in force for `model`, read from its signed entries, each signature checked
+    against the log's key chain (RegistryError naming the entry when one does not verify)."""
+    from weightmark.registry.log import statement_kind, trust_from_entries
 
     trust = trust_from_entries(registry.key_chain_entries())
     found = []
     for entry in registry.model_fact_entries(model):
-        try:
-            verify(entry.payload, entry.signature, trust.key_for(entry.key_id, entry.idx).public_key)
-        except (InvalidSignature, LogVerificationError):
-            raise RegistryError(f"entry {entry.idx}: the signature of model {model.name!r}'s facts does not "
-                                "verify; run `weightmark registry verify`") from None
-        statement = entry.statement
+        statement = signed_statement(registry, entry.idx, trust)
         kind = statement_kind(statement)
-        pred = statement.get("predicate", {})
-        if kind not in ("model", "model-facts") or pred.get("model_id") != model.model_id \
-                or pred.get("log_index") != entry.idx:
+        pred = statement["predicate"]
+        if kind not in ("model", "model-facts") or pred.get("model_id") != model.model_id:
             raise RegistryError(f"entry {entry.idx}: is not a signed fact entry of model {model.name!r}; "
                                 "run `weightmark registry verify`")
         found.append((entry.idx, kind, entry.key_id, pred))
     return facts_in_force(found)
+
+
+def recorded_control_classes(statement: Mapping[str, Any]) -> list[str]:
+    """The control classes an issued copy's signed policy record names (none before classes)."""
+    record = statement.get("predicate", {}).get("policy") or {}
+    classes = (record.get("control") or {}).get("classes")
+    return [c for c in classes if isinstance(c, str)] if isinstance(classes, list) else []

@@ -298,6 +298,16 @@ class Lab:
                              "gets its tiers")
         return chosen.classify(self.model_facts(model_name))
 
+    def issued_in_control_class(self, copies: list[tuple[IssuedCopy, Licensee]],
+                                control_class: str) -> list[tuple[IssuedCopy, Licensee]]:
+        """The copies whose signed policy record (signature checked) classified the model in `control_class`."""
+        from weightmark.facts import recorded_control_classes, signed_statement
+        from weightmark.registry.log import trust_from_entries
+
+        trust = trust_from_entries(self.registry.key_chain_entries())
+        return [(copy, lic) for copy, lic in copies
+                if control_class in recorded_control_classes(signed_statement(self.registry, copy.entry_idx, trust))]
+
     def check_policy(self, source: str | os.PathLike[str]) -> dict[str, object]:
         """What installing the policy file `source` would change, model by model and country by
         country, and which copies already issued it would deny (nothing is installed)."""

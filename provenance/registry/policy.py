@@ -681,11 +681,9 @@ def check(registry: Registry, installed: Policy | None, new: Policy) -> dict[str
     """Compare `new` with the installed policy for every registered model and every country, and
     list the copies already issued that `new` would deny. Reads only signed entries (verified)."""
     import pycountry
-    from cryptography.exceptions import InvalidSignature
 
-    from weightmark.facts import verified_facts
-    from weightmark.registry.envelope import verify
-    from weightmark.registry.log import LogVerificationError, trust_from_entries
+    from weightmark.facts import signed_statement, verified_facts
+    from weightmark.registry.log import trust_from_entries
 
     countries = sorted(c.alpha_2 for c in pycountry.countries)
     models = []
@@ -712,17 +710,11 @@ def check(registry: Registry, installed: Policy | None, new: Policy) -> dict[str
     trust = trust_from_entries(registry.key_chain_entries())
     denied = []
     for copy, _ in registry.find_issued():
-        entry = registry.entry(copy.entry_idx)
-        try:
-            verify(entry.payload, entry.signature, trust.key_for(entry.key_id, entry.idx).public_key)
-        except (InvalidSignature, LogVerificationError):
-            raise RegistryError(f"entry {entry.idx}: the issued copy's signature does not verify; "
-                                "run `weightmark registry verify`") from None
-        pred = entry.statement["predicate"]
+        pred = signed_statement(registry, copy.entry_idx, trust)["predicate"]
         decision = new.decide(pred["jurisdiction"], pred["variant"],
                               facts_of.get(pred["model_id"], {}) if new.classes else None)
         if not decision.allowed:
-            denied.append({"entry_id": entry.idx, "model": names.get(pred["model_id"], pred["model_id"]),
+            denied.append({"entry_id": copy.entry_idx, "model": names.get(pred["model_id"], pred["model_id"]),
                            "licensee_id": pred["licensee_id"], "legal_name": pred["legal_name"],
                            "jurisdiction": pred["jurisdiction"], "variant": pred["variant"],
                            "issued_at": pred["issued_at"], "rule": decision.refusal or decision.rule})
