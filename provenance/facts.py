@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 from weightmark.errors import InputFileError, RegistryError, UsageError
 
 if TYPE_CHECKING:
-    from weightmark.registry.log import Trust
+    from weightmark.registry.log import LogEntry, Trust
     from weightmark.registry.store import Model, Registry
 
 __all__ = [
     "BENCHMARK_NAME",
+    "check_fact_index",
     "MEASURED_FACTS",
     "NUMERIC_FACTS",
     "Fact",
@@ -439,3 +440,23 @@ def recorded_control_classes(statement: Mapping[str, Any]) -> list[str]:
     record = statement.get("predicate", {}).get("policy") or {}
     classes = (record.get("control") or {}).get("classes")
     return [c for c in classes if isinstance(c, str)] if isinstance(classes, list) else []
+
+
+def check_fact_index(registry: Registry, entries: Iterable[LogEntry]) -> None:
+    """The model-facts index must list exactly the log's `model-facts` entries (a deleted row would
+    hide a declaration from later decisions); LogVerificationError naming the first difference."""
+    from weightmark.registry.log import LogVerificationError, statement_kind
+
+    signed = {}
+    for entry in entries:
+        if b"model-facts" not in entry.payload:  # cheap pre-filter, as for key rotations
+            continue
+        statement = entry.statement
+        if statement_kind(statement) == "model-facts":
+            signed[entry.idx] = statement["predicate"].get("model_id")
+    indexed = dict(registry.model_fact_index())
+    for idx in sorted(set(signed) | set(indexed)):
+        if signed.get(idx) != indexed.get(idx):
+            what = "is missing from" if idx not in indexed else "is not a model-facts entry of" \
+                if idx not in signed else "names another model in"
+            raise LogVerificationError(f"entry {idx}: {what} the model-facts index")

@@ -117,6 +117,9 @@ class Lab:
         registry = self.registry
         entries = registry.log_entries()
         result = verify_log(entries, registry.checkpoints(), trust_from_entries(entries))
+        from weightmark.facts import check_fact_index
+
+        check_fact_index(registry, entries)
         self._finish_rotation()
         pub_path = self.home / _keys.PUBLIC_KEY_FILE
         try:

@@ -664,3 +664,8 @@ class Registry:
         return [LogEntry(*row) for row in self._db.execute(
             "SELECT idx, payload_type, payload, key_id, signature, leaf_hash FROM entries"
             " WHERE idx = 0 OR kind = 'key-rotation' ORDER BY idx")]
+
+    def model_fact_index(self) -> list[tuple[int, str]]:
+        """Every (entry index, model id) row of the model-facts index, in log order."""
+        return [(idx, mid) for idx, mid in self._db.execute(
+            "SELECT entry_idx, model_id FROM model_facts ORDER BY entry_idx")]

@@ -344,6 +344,24 @@ def test_tampered_fact_entry_is_not_used(tmp_path: Path, moe: tuple[Path, tuple[
         Lab(tmp_path / "home").model_facts("moe")
 
 
+def test_verify_catches_a_declaration_hidden_from_the_index(tmp_path: Path,
+                                                            moe: tuple[Path, tuple[int, int, int]]) -> None:
+    from weightmark.registry.log import LogVerificationError
+
+    lab = Lab.init(tmp_path / "home", passphrase=None)
+    lab.register_model(moe[0], name="moe")
+    lab.declare_facts("moe", training_flops=1e24)
+    idx = lab.declare_facts("moe", training_flops=3e25)
+    lab.verify_log()
+    lab.close()
+    with sqlite3.connect(tmp_path / "home" / "registry.db") as db:
+        db.execute("DELETE FROM model_facts WHERE entry_idx = ?", (idx,))
+    lab = Lab(tmp_path / "home")
+    assert lab.model_facts("moe")["training_flops"].value == 1e24  # what a hidden row would do
+    with pytest.raises(LogVerificationError, match=f"entry {idx}: is missing from the model-facts index"):
+        lab.verify_log()
+
+
 def test_measure_records_facts_for_a_model_registered_without_them(tmp_path: Path,
                                                                    moe: tuple[Path, tuple[int, int, int]]) -> None:
     from weightmark.formats.safetensors import Checkpoint
