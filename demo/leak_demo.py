@@ -174,7 +174,6 @@ def export_control(env: dict[str, str], work: Path, gb_licensee: str) -> None:
     print(run(env, "policy", "check", str(policy)))
     run(env, "policy", "set", str(policy))
     print(run(env, "model", "classify", "frontier-preview"))
-    print(run(env, "model", "classify", "minilm"))
     in_licensee = run(env, "licensee", "add", "Mumbai AI Labs Pvt Ltd", "--jurisdiction", "IN").strip()
     outcomes = []
     for model in ("minilm", "frontier-preview"):
