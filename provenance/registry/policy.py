@@ -197,9 +197,6 @@ class ControlClass:
     default: str
     tiers: tuple[Tier, ...]
 
-    def tier_of(self, country: str) -> Tier | None:
-        return next((t for t in self.tiers if country in t.countries), None)
-
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "rule": self.rule.to_json(),
                 "missing": self.missing, "default": self.default, "tiers": [t.to_json() for t in self.tiers]}

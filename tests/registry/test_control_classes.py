@@ -247,6 +247,24 @@ def test_a_policy_without_classes_decides_as_before() -> None:
     assert "control" not in old.decide("GB", "full-precision:F32").to_json()
 
 
+def test_example_policy_classes_mirror_the_thresholds() -> None:
+    example = Policy.load(Path(__file__).resolve().parents[2] / "examples" / "policy.toml")
+    assert [c.name for c in example.classes] == ["compute-1e26", "large-model", "high-capability"]
+    declared = {"params": fact("params", 7 * 10**10), "moe_total_params": fact("moe_total_params", 0),
+                "training_flops": fact("training_flops", 3.1e25), "mmlu": fact("mmlu", 0.862),
+                "gpqa-diamond": fact("gpqa-diamond", 0.45)}
+    assert example.classify(declared).tripped == ["large-model", "high-capability"]
+    small = {**declared, "training_flops": fact("training_flops", 1e22), "mmlu": fact("mmlu", 0.5)}
+    assert example.classify(small).tripped == []
+    assert example.classify({}).tripped == ["compute-1e26", "large-model", "high-capability"]  # missing = tripped
+    full = "full-precision:BF16"
+    assert example.decide("JP", full, declared).allowed and example.decide("JP", full, {}).allowed  # allies
+    big_in_br = example.decide("BR", "quantized:gguf:Q4_K_M", declared)
+    assert big_in_br.allowed and big_in_br.allow == "quantized-only"
+    assert not example.decide("CL", "quantized:gguf:Q4_K_M", declared).allowed  # class default: denied
+    assert example.decide("CL", "quantized:gguf:Q4_K_M", small).allowed  # the policy's own default
+
+
 # -- a lab: declarations, decisions, records ---------------------------------------------------------
 
 
