@@ -447,6 +447,10 @@ def test_cli_classify_shows_each_rule_with_its_fact(cli_lab: dict) -> None:
     assert rules["mmlu > 0.85"]["result"] == "clear" and rules["mmlu > 0.85"]["note"] == "card v1"
     text = ok(run_cli("model", "classify", "moe", home=cli_lab["home"])).stdout
     assert "no control class tripped" in text and "training_flops > 1e25: clear" in text
+    measured = json.loads(ok(run_cli("model", "measure", "moe", "--json", home=cli_lab["home"])).stdout)
+    params = measured["facts"]["params"]
+    assert params["source"] == "measured" and params["entry"] == measured["entry_id"]
+    assert measured["facts"]["training_flops"]["value"] == 4e24  # declared facts stay in force
 
 
 def test_cli_policy_check_reports_copies_a_new_policy_would_deny(cli_lab: dict) -> None:
