@@ -145,6 +145,16 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX entries_created ON entries(created_at);
         """,
     ),
+    (
+        5,
+        """
+        CREATE TABLE model_facts (
+            entry_idx INTEGER PRIMARY KEY REFERENCES entries(idx),
+            model_id TEXT NOT NULL REFERENCES models(model_id)
+        );
+        CREATE INDEX model_facts_by_model ON model_facts(model_id);
+        """,
+    ),
 ]
 
 
@@ -312,9 +322,9 @@ def inspect_database(path: Path) -> None:
         if max(versions) > known[-1]:
             raise RegistryError(f"{path}: registry schema version {max(versions)} is newer than this weightmark "
                                 f"knows ({known[-1]}); use a newer weightmark")
-        if versions != set(known[: len(versions)]):
-            raise RegistryError(f"{path}: schema versions {sorted(versions)} are not weightmark's migrations "
-                                f"{known[: len(versions)]}")
+        if unknown := sorted(versions - set(known)):
+            raise RegistryError(f"{path}: schema version {unknown[0]} is not one of weightmark's migrations "
+                                f"{known}")
         expected = _tables_of(versions)
         if foreign := sorted(found - expected):
             raise RegistryError(f"{path}: holds table {foreign[0]!r}, which is not part of a weightmark registry")
@@ -757,6 +767,7 @@ class Registry:
         files: dict[str, dict[str, int]],
         carriers: Sequence[Carrier],
         signer: Signer,
+        facts: dict[str, Any] | None = None,
     ) -> Model:
         if not name.strip():
             raise UsageError("model name must not be empty")
@@ -774,6 +785,8 @@ class Registry:
             "base_path": base_path,
             "files": files,
         }
+        if facts is not None:
+            predicate["facts"] = facts  # measured at registration (see weightmark.facts)
         with self._write() as db:
             clash = db.execute("SELECT name FROM models WHERE model_id = ? OR name = ?", (model_id, name)).fetchone()
             if clash is not None:
@@ -1028,6 +1041,42 @@ class Registry:
         return list(zip(copies, licensees, strict=True))
 
 
+    # -- model facts (export-control classification) --------------------------------------------
+
+    def add_model_facts(self, model: Model, facts: dict[str, Any], how: str, signer: Signer,
+                        by: str | None = None, source: str | None = None,
+                        estimate: str | None = None) -> int:
+        """Append a signed `model-facts` entry: facts `how` ("measured" or "declared") about a
+        model, with who declared them (the signing key, and `by` if given), when, and from what."""
+        at = now()
+        predicate = {"model_id": model.model_id, "model_name": model.name, "how": how, "facts": facts,
+                     "by": by, "source": source, "estimate": estimate, "declared_by_key_id": signer.key_id,
+                     "at": at}
+        digest = hashlib.sha256(canonical_json(facts)).hexdigest()
+        with self._write() as db:
+            idx = self._append(db, "model-facts", statement("model-facts", model.name, digest, predicate), signer)
+            db.execute("INSERT INTO model_facts VALUES (?, ?)", (idx, model.model_id))
+        return idx
+
+    def model_fact_entries(self, model: Model) -> list[Entry]:
+        """The model's signed `model` entry and its `model-facts` entries, in log order."""
+        rows = self._db.execute("SELECT entry_idx FROM model_facts WHERE model_id = ? ORDER BY entry_idx",
+                                (model.model_id,)).fetchall()
+        return [self.entry(model.entry_idx)] + [self.entry(r[0]) for r in rows]
+
+    def key_chain_entries(self) -> list[LogEntry]:
+        """The genesis and key-rotation entries: enough to rebuild the log's key chain (each link
+        is verified by trust_from_entries; a hidden rotation leaves later signatures unverifiable)."""
+        return [LogEntry(*row) for row in self._db.execute(
+            "SELECT idx, payload_type, payload, key_id, signature, leaf_hash FROM entries"
+            " WHERE idx = 0 OR kind = 'key-rotation' ORDER BY idx")]
+
+    def model_fact_index(self) -> list[tuple[int, str]]:
+        """Every (entry index, model id) row of the model-facts index, in log order."""
+        return [(idx, mid) for idx, mid in self._db.execute(
+            "SELECT entry_idx, model_id FROM model_facts ORDER BY entry_idx")]
+
+
 def _expected(derive: Any, *args: Any) -> Any:
     """Call a tables.* derivation, turning a signed entry that lacks a field into a clear error."""
     try:
@@ -1035,5 +1084,3 @@ def _expected(derive: Any, *args: Any) -> Any:
     except (KeyError, TypeError, IndexError) as exc:
         raise RegistryError(f"a signed entry lacks a field its table row needs ({exc}); "
                             "run `weightmark registry verify`") from None
-
-
