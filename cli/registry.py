@@ -197,7 +197,9 @@ def consistency(
 
 @app.command("export")
 def export(
-    out: Annotated[Path, typer.Option("--out", help="Folder to create with the log's files.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to create with the log's files (must not exist).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier log export at --out (a folder holding "
+                                        "exactly entries.jsonl, checkpoints.jsonl, trust.json); nothing else.")] = False,
     home: HomeOption = None,
 ) -> None:
     """Export the log (entries, checkpoints, trust file) for offline verification by others.
@@ -205,6 +207,6 @@ def export(
     Example: weightmark registry export --out ./log-export && weightmark registry verify --from ./log-export
     """
     with open_lab(home) as lab:
-        count = lab.export_log(out)
+        count = lab.export_log(out, overwrite=force)
     err.print(f"Exported {count} entries to {out}")
     typer.echo(str(out))

@@ -16,6 +16,7 @@ from weightmark.cli.common import (
     open_lab,
     print_json,
 )
+from weightmark.outputs import EVIDENCE
 from weightmark.registry.store import country_name
 from weightmark.scheme import DEFAULT_THRESHOLD
 
@@ -28,7 +29,8 @@ def scan(
     threshold: Annotated[float, typer.Option("--threshold", help="Accuse when the family-wise p-value is at most this.")] = DEFAULT_THRESHOLD,
     assume_licensees: Annotated[int, typer.Option("--assume-licensees", help="Correct for at least this many licensees.")] = 0,
     realign: Annotated[bool, typer.Option("--realign/--no-realign", help="Undo permutations, rescaling, rotation and renamed or transposed tensors before a non-blind scan.")] = True,
-    evidence: Annotated[Path | None, typer.Option("--evidence", help="Write a signed evidence bundle of the accusations here.")] = None,
+    evidence: Annotated[Path | None, typer.Option("--evidence", help="Write a signed evidence bundle of the accusations here (must not exist).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --evidence replace an earlier evidence bundle (JSON of the weightmark evidence format); nothing else, and nothing in the lab home.")] = False,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -39,11 +41,13 @@ def scan(
     Example: weightmark scan ./leaked-model --json
     """
     with open_lab(home) as lab:
+        if evidence is not None:
+            lab.output(evidence, EVIDENCE, force)  # refuse a bad --evidence before the scan, not after
         report = lab.scan(suspect, model, reference, blind, threshold, assume_licensees, progress=BarProgress(),
                           realign=realign)
         if evidence is not None:
             if report.accused:
-                lab.evidence(report, evidence)
+                lab.evidence(report, evidence, overwrite=force)
                 err.print(f"Evidence bundle written to {evidence} (verify: weightmark evidence verify "
                           f"{evidence} --pubkey LAB.pub)")
             else:
