@@ -49,3 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    finally:
+        # The command is over (done or rolled back): a late signal must not raise during exit.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -84,14 +84,18 @@ def find(
         names = {m.model_id: m.name for m in lab.registry.models()}
         hits = lab.registry.find_issued(licensee, jurisdiction, model_id, _utc(since, "--since"),
                                         _utc(until, "--until"), countries)
+        voided = lab.registry.voided_issues()
+    # A voided issue keeps its codeword (scans still score it) but no copy left the lab.
     rows = [{**copy.to_json(), "model": names.get(copy.model_id), "licensee_name": lic.name,
-             "jurisdiction": lic.jurisdiction} for copy, lic in hits]
+             "jurisdiction": lic.jurisdiction, "delivered": copy.entry_idx not in voided,
+             "void_entry_id": voided.get(copy.entry_idx)} for copy, lic in hits]
     if json_out:
         print_json(rows)
         return
     for r in rows:
+        note = "" if r["delivered"] else f"\tnever delivered (entry {r['void_entry_id']})"
         typer.echo(f"entry {r['entry_id']}\t{r['model']}\t{r['licensee_id']}\t{r['jurisdiction']}\t"
-                   f"{r['licensee_name']}\t{r['issued_at']}")
+                   f"{r['licensee_name']}\t{r['issued_at']}{note}")
 
 
 def _utc(text: str | None, option: str) -> str | None:

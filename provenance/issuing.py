@@ -159,16 +159,25 @@ def _begin(home: Path, target: Target, is_dir: bool, model_id: str, codeword_ind
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM (delivered when the block ends): a commit is always followed by
-    its rename."""
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them: a commit is always
+    followed by its rename. (Python-level handlers, not a signal mask: the kernel may deliver a
+    process signal to any thread, and numba's worker threads do not share our mask.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])  # now handled as it would have been
 
 
 def _publish(staging: Path, final: Path, backup: Path, replace: bool) -> None:

@@ -9,7 +9,7 @@ What each kind recognises positively before --force may replace it:
 - a stamped copy: its files hash to the manifest of a signed issued-copy entry of this lab that
   was written to that same path (no marker file: a marker can be copied into anything, while a
   manifest match proves the bytes are exactly a copy this registry issued there);
-- an evidence bundle: a JSON object whose `format` is the evidence format;
+- an evidence bundle: a signed JSON bundle whose `format` is the evidence format;
 - a public key: a PEM file holding one Ed25519 public key and nothing secret;
 - a trust file: JSON that parses as a trust file;
 - an exported log: a folder holding exactly the export's three files.
@@ -77,7 +77,8 @@ def _is_evidence(path: Path, _: Registry | None) -> bool:
         doc = json.loads(data) if data is not None else None
     except ValueError:
         return False
-    return isinstance(doc, dict) and doc.get("format") == EVIDENCE_FORMAT
+    bundle = doc.get("bundle") if isinstance(doc, dict) else None
+    return isinstance(bundle, dict) and bundle.get("format") == EVIDENCE_FORMAT and "signature" in doc
 
 
 def _is_public_key(path: Path, _: Registry | None) -> bool:
