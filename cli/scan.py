@@ -65,8 +65,9 @@ def scan(
     echo(f"Watermark of this model's key present: {present} (p = {format_p(report.presence_log10_p)})")
     if report.accused:
         for c in report.accused:
+            undelivered = "" if c.delivered else " (recorded as never delivered)"
             echo(f"ACCUSED:  {c.name} ({c.licensee_id}), jurisdiction {c.jurisdiction} "
-                 f"({country_name(c.jurisdiction)}), registry entry {c.entry_id}")
+                 f"({country_name(c.jurisdiction)}), registry entry {c.entry_id}{undelivered}")
             echo(f"          score {c.score:.1f}, p = {format_p(c.log10_p)}, family-wise p = "
                  f"{format_p(c.log10_family_wise_p)} over {report.family_size} issued codewords")
     else:

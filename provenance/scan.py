@@ -56,6 +56,7 @@ class Candidate:
     score: float
     log10_p: float
     log10_family_wise_p: float
+    delivered: bool = True  # False: an issue-void entry says this copy never left the lab
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +70,7 @@ class Candidate:
             "log10_p_value": round(self.log10_p, 4),
             "family_wise_p_value": p_from_log10(self.log10_family_wise_p),
             "log10_family_wise_p_value": round(self.log10_family_wise_p, 4),
+            "delivered": self.delivered,
         }
 
 
@@ -341,6 +343,7 @@ def scan(
         if presence is None or log_p < presence[1]:
             presence = (stat, log_p, k)
     licensees = {lic.id: lic for lic in registry.licensees()}
+    voided = registry.voided_issues()  # still scored: the codeword was reserved for that licensee
     candidates: list[Candidate] = []
     for text, copies in by_scheme.items():
         scheme = params[copies[0].entry_idx]
@@ -349,7 +352,8 @@ def scan(
         for copy, score, lp in zip(copies, scores, log_ps, strict=True):
             lic = licensees[copy.licensee_id]
             candidates.append(Candidate(lic.id, lic.name, lic.jurisdiction, copy.entry_idx, copy.codeword_index,
-                                        text, float(score), float(lp), log10_family_wise(float(lp), family)))
+                                        text, float(score), float(lp), log10_family_wise(float(lp), family),
+                                        copy.entry_idx not in voided))
     candidates.sort(key=lambda c: (c.log10_p, -c.score))
     scheme = candidates[0].scheme if candidates else str(SchemeParams(code_length=code_lengths[0]))
     return ScanReport(
