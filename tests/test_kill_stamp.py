@@ -305,3 +305,56 @@ def test_a_stamp_in_progress_is_left_alone(kill_lab: tuple[Path, Path, str]) -> 
     assert proc.wait(60) == 0
     assert outcome(home, out) == "delivered"
     check_lab(home, outdir)
+
+
+def test_replacement_killed_between_its_two_renames(kill_lab: tuple[Path, Path, str]) -> None:
+    """--force over an earlier copy moves it aside, then moves the new one in; a kill between
+    the two is finished by the next command (the new copy in place, the old one gone)."""
+    home, outdir, licensee = kill_lab
+    out = outdir / "replaced"
+    first = start_stamp(home, licensee, out)
+    assert first.wait(60) == 0
+    earlier = _latest_files(home, out)
+    proc = start_stamp(home, licensee, out, force=True, pause="before-rename", hold=60.0)
+    assert wait_for(proc, "@before-rename")
+    proc.kill()
+    proc.wait(60)
+    (staging,) = temp_names(outdir)
+    backup = staging.with_name(staging.name.replace(".tmp-", ".old-"))
+    os.rename(out, backup)  # as the first rename of the replacement does
+    follow = run_cli("registry", "find", "--json", home=home)
+    assert follow.returncode == 0, follow.stderr
+    assert "finished an interrupted stamp" in follow.stderr
+    assert len(entries_at(home, out)) == 2
+    newer = _latest_files(home, out)
+    assert newer != earlier and manifest_matches(out, newer)
+    check_lab(home, outdir)
+
+
+def test_lost_replacement_restores_the_earlier_copy(tmp_path: Path) -> None:
+    """A replacement whose new copy is lost after its entry is voided, and the earlier copy,
+    already moved aside, is put back."""
+    base = write_sharded_base(tmp_path / "base")
+    with Lab.init(tmp_path / "lab", passphrase=None) as lab:
+        lab.register_model(base, name="toy")
+        licensee = lab.add_licensee("Northwind Research Ltd", "GB").id
+    home, outdir = tmp_path / "lab", tmp_path / "out"
+    outdir.mkdir()
+    out = outdir / "copy"
+    assert start_stamp(home, licensee, out).wait(60) == 0
+    earlier = _latest_files(home, out)
+    proc = start_stamp(home, licensee, out, force=True, pause="before-rename", hold=60.0)
+    assert wait_for(proc, "@before-rename")
+    proc.kill()
+    proc.wait(60)
+    (staging,) = temp_names(outdir)
+    import shutil
+
+    shutil.rmtree(staging)
+    os.rename(out, staging.with_name(staging.name.replace(".tmp-", ".old-")))
+    follow = run_cli("registry", "find", "--json", home=home)
+    assert follow.returncode == 0, follow.stderr
+    rows = json.loads(follow.stdout)
+    assert [r["delivered"] for r in rows] == [True, False]
+    assert manifest_matches(out, earlier)
+    check_lab(home, outdir)
