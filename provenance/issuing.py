@@ -248,6 +248,7 @@ def issue_copy(
                 registry.void_issue(issued, "the copy could not be moved into place", signer)
                 voided = True
                 _remove(journal.staging)
+                _restore_backup(journal)
                 raise
     except BaseException:
         if not committed:
