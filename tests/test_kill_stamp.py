@@ -358,3 +358,21 @@ def test_lost_replacement_restores_the_earlier_copy(tmp_path: Path) -> None:
     assert [r["delivered"] for r in rows] == [True, False]
     assert manifest_matches(out, earlier)
     check_lab(home, outdir)
+
+
+def test_a_file_appearing_at_the_output_meanwhile_is_not_clobbered(kill_lab: tuple[Path, Path, str]) -> None:
+    """Something created at --out while the copy is written stays; the signed entry is voided
+    on the spot (its copy was never delivered) and nothing is left behind."""
+    home, outdir, licensee = kill_lab
+    out = outdir / "raced"
+    proc = start_stamp(home, licensee, out, pause="copy-written", hold=1.0)
+    assert wait_for(proc, "@copy-written")
+    out.write_bytes(b"someone else's file\n")
+    assert proc.wait(60) == 3
+    assert proc.stderr is not None
+    lines = [line for line in proc.stderr.read().strip().splitlines() if not line.startswith("@")]
+    assert lines == [f"Error: {out}: appeared while writing; pass --force to replace it"]
+    assert out.read_bytes() == b"someone else's file\n"
+    assert outcome(home, out) == "voided"
+    out.unlink()
+    check_lab(home, outdir)
