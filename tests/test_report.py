@@ -1,0 +1,208 @@
+"""Case reports and `evidence show`, rendered from real scans of the real MiniLM through the CLI."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LICENSEES, make_stamped_lab, run_cli
+from weightmark import attacks
+from weightmark.cli.common import format_p as cli_format_p
+from weightmark.keys import PUBLIC_KEY_FILE
+from weightmark.report import MARKER_TAG, format_p, measured_false_accusations, printable
+
+HOSTILE = "<script>alert('x')</script> \x1b[31mRed\u202e Ltd & Co"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Bundle:
+    path: Path
+    suspect: Path
+    scan: dict
+    accused_names: list[str]
+    innocent_names: list[str]
+    innocent_ids: list[str]
+
+
+@dataclass
+class Cases:
+    home: Path
+    pub: Path
+    bundles: dict[str, Bundle]
+    work: Path
+
+
+def _bundle(lab, work: Path, label: str, suspect: Path, names: dict[str, str], **scan_args) -> Bundle:
+    report = lab.scan(suspect, **scan_args)
+    path = work / f"{label}.json"
+    lab.evidence(report, path)
+    accused = {c.licensee_id for c in report.accused}
+    return Bundle(path, suspect, report.to_json(), [names[i] for i in accused],
+                  [n for i, n in names.items() if i not in accused], [i for i in names if i not in accused])
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Cases:
+    """Three v1-code copies plus one for a licensee whose name is markup and terminal escapes."""
+    work = tmp_path_factory.mktemp("report")
+    stamped = make_stamped_lab(work, minilm, "F32", collusion=1)
+    lab = stamped.lab
+    hostile = lab.add_licensee(HOSTILE, "GB").id
+    hostile_copy = work / "copy-hostile"
+    lab.stamp("minilm", hostile, hostile_copy, collusion=1)
+    names = {lid: name for lid, (name, _) in zip(stamped.ids, LICENSEES, strict=True)} | {hostile: HOSTILE}
+    q4 = attacks.requantize(hostile_copy, work / "q4", "Q4_0")
+    average = attacks.collude(stamped.copies, work / "average", "average")
+    bundles = {
+        "q4": _bundle(lab, work, "q4", q4, names),
+        "collusion": _bundle(lab, work, "collusion", average, names),
+        "blind": _bundle(lab, work, "blind", stamped.copies[1], names, blind=True),
+    }
+    pub = work / "LAB.pub"
+    pub.write_bytes((lab.home / PUBLIC_KEY_FILE).read_bytes())
+    return Cases(lab.home, pub, bundles, work)
+
+
+def _report(cases: Cases, label: str, out: Path, *extra: str):
+    return run_cli("report", str(cases.bundles[label].path), "--out", str(out), "--pubkey", str(cases.pub), *extra)
+
+
+def _images(document: str) -> list[bytes]:
+    import base64
+
+    return [base64.b64decode(m) for m in re.findall(r'<img src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)"', document)]
+
+
+@pytest.mark.parametrize("label,accused_count", [("q4", 1), ("collusion", 3), ("blind", 1)])
+def test_report_of_a_real_scan(cases: Cases, tmp_path: Path, label: str, accused_count: int) -> None:
+    bundle = cases.bundles[label]
+    out = tmp_path / "case.html"
+    result = _report(cases, label, out)
+    assert result.returncode == 0, result.stderr
+    document = out.read_text(encoding="utf-8")
+    assert document.startswith("<!DOCTYPE html>") and MARKER_TAG in document
+    assert len(bundle.scan["accused"]) == accused_count == len(bundle.accused_names)
+    for name in bundle.accused_names:
+        assert html.escape(printable(name)) in document
+    for claim in bundle.scan["accused"]:
+        assert format_p(claim["log10_p_value"]) in document
+        assert format_p(claim["log10_family_wise_p_value"]) in document
+        assert claim["licensee_id"] in document
+    # innocents appear as counts only: never a name or an id (v1 bundles list them as candidates)
+    for name in bundle.innocent_names:
+        assert html.escape(printable(name)) not in document and name not in document
+    for lid in bundle.innocent_ids:
+        assert lid not in document
+    if label != "collusion":
+        assert any(c["licensee_id"] in bundle.innocent_ids for c in bundle.scan["candidates"])
+    images = _images(document)
+    assert len(images) == document.count("<img ") >= 1
+    assert all(img.startswith(b"<?xml") and b"<svg" in img for img in images)
+
+
+def test_report_is_self_contained_and_escaped(cases: Cases, tmp_path: Path) -> None:
+    out = tmp_path / "case.html"
+    assert _report(cases, "q4", out).returncode == 0
+    document = out.read_text(encoding="utf-8")
+    # the accused's name is markup and terminal escapes: it must arrive as text
+    assert "<script" not in document.lower()
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; \\x1b[31mRed\\u202e Ltd &amp; Co" in document
+    assert "\x1b" not in document and "\u202e" not in document
+    # nothing is fetched: no external URL in any src, href, CSS url() or @import
+    assert not re.search(r'(src|href)\s*=\s*"(?!data:)', document)
+    assert "@import" not in document and not re.search(r"url\((?!data:)", document)
+    for img in _images(document):
+        svg = img.decode("utf-8")
+        assert "<text" not in svg and "<image" not in svg  # fonts drawn as paths, nothing linked
+        assert "xlink:href=\"http" not in svg and "href=\"http" not in svg
+
+
+def test_report_is_deterministic(cases: Cases, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.html", tmp_path / "b.html"
+    assert _report(cases, "collusion", a).returncode == 0
+    assert _report(cases, "collusion", b).returncode == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_tampered_bundle_gets_no_report(cases: Cases, tmp_path: Path) -> None:
+    data = bytearray(cases.bundles["q4"].path.read_bytes())
+    at = data.index(b'"score":') + len(b'"score":') + 1
+    data[at] = ord("7") if data[at] != ord("7") else ord("8")
+    bad = tmp_path / "tampered.json"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "case.html"
+    result = run_cli("report", str(bad), "--out", str(out), "--pubkey", str(cases.pub))
+    assert result.returncode == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and str(bad) in lines[0] and "Traceback" not in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+    shown = run_cli("evidence", "show", str(bad), "--pubkey", str(cases.pub))
+    assert shown.returncode == 3 and shown.stdout == ""
+
+
+def test_wrong_key_gets_no_report(cases: Cases, tmp_path: Path) -> None:
+    from weightmark import Lab
+
+    other = Lab.init(tmp_path / "other-lab", passphrase=None)
+    out = tmp_path / "case.html"
+    result = run_cli("report", str(cases.bundles["q4"].path), "--out", str(out), "--pubkey",
+                     str(other.home / PUBLIC_KEY_FILE))
+    assert result.returncode == 3 and result.stderr.startswith("Error: ") and not out.exists()
+
+
+def test_overwrite_rules(cases: Cases, tmp_path: Path) -> None:
+    out = tmp_path / "case.html"
+    assert _report(cases, "q4", out).returncode == 0
+    first = out.read_bytes()
+    again = _report(cases, "blind", out)
+    assert again.returncode == 2 and "--force" in again.stderr and out.read_bytes() == first
+    forced = _report(cases, "blind", out, "--force")
+    assert forced.returncode == 0 and out.read_bytes() != first and MARKER_TAG.encode() in out.read_bytes()
+    precious = tmp_path / "notes.html"
+    precious.write_text("<html><body>my own notes</body></html>")
+    refused = _report(cases, "q4", precious, "--force")
+    assert refused.returncode == 3 and "not a weightmark case report" in refused.stderr
+    assert precious.read_text() == "<html><body>my own notes</body></html>"
+
+
+def test_public_key_from_the_lab_home(cases: Cases, tmp_path: Path) -> None:
+    out = tmp_path / "case.html"
+    result = run_cli("report", str(cases.bundles["q4"].path), "--out", str(out), home=cases.home)
+    assert result.returncode == 0, result.stderr
+    missing = run_cli("report", str(cases.bundles["q4"].path), "--out", str(tmp_path / "x.html"),
+                      home=tmp_path / "nowhere")
+    assert missing.returncode == 3 and "--pubkey" in missing.stderr
+
+
+def test_evidence_show_prints_plain_escaped_text(cases: Cases) -> None:
+    bundle = cases.bundles["q4"]
+    result = run_cli("evidence", "show", str(bundle.path), "--pubkey", str(cases.pub))
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\u202e" not in result.stdout
+    assert "<script>alert('x')</script> \\x1b[31mRed\\u202e Ltd & Co" in result.stdout
+    claim = bundle.scan["accused"][0]
+    assert f"family-wise p = {format_p(claim['log10_family_wise_p_value'])}" in result.stdout
+    for name, lid in zip(bundle.innocent_names, bundle.innocent_ids, strict=True):
+        assert name not in result.stdout and lid not in result.stdout
+
+
+def test_format_p_matches_the_scan_printout() -> None:
+    for log10_p in [0.0, -0.0001, -0.3, -1.5, -2.999, -3.0, -3.2, -9.0, -42.7, -299.99, -300.0, -300.1, -888.94]:
+        assert format_p(log10_p) == cli_format_p(log10_p)
+
+
+def test_measured_figures_ship_with_the_package() -> None:
+    shipped = measured_false_accusations()
+    assert shipped["measured_on"] and shipped["weightmark_version"]
+    results = REPO / "benchmarks" / "results" / "false_accusations.json"
+    if not results.exists():
+        pytest.skip("not a source checkout")
+    measured = json.loads(results.read_text())
+    assert shipped["codewords_per_scan"] == measured["count"]
+    assert [{k: r[k] for k in s} for r, s in zip(measured["rows"], shipped["rows"], strict=True)] == shipped["rows"]
