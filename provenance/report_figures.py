@@ -90,9 +90,9 @@ def scores_figure(innocent_scores: Sequence[float], marks: Sequence[Mark],
             top.plot(innocents, np.zeros_like(innocents), "|", markersize=22, color=INNOCENT, markeredgewidth=2,
                      label=f"innocent codewords ({innocents.size:,})")
             top.set_yticks([])
-        for m in marks:
+        for k, m in enumerate(marks):
             top.axvline(m.score, color=ACCUSED, linewidth=1.6)
-            top.annotate(m.label, (m.score, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -10),
+            top.annotate(m.label, (m.score, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -10 - 10 * (k % 4)),
                          textcoords="offset points", color=ACCUSED, fontweight="bold")
         top.set_title("Score of every issued codeword (innocents as counts; accused in red)", loc="left")
         if innocents.size or marks:
@@ -100,9 +100,9 @@ def scores_figure(innocent_scores: Sequence[float], marks: Sequence[Mark],
         if curve.size:
             bottom.plot(curve[:, 0], curve[:, 1], color=CURVE, linewidth=1.6,
                         label="bound on an innocent's p-value at this score")
-        for m in marks:
+        for k, m in enumerate(marks):
             bottom.plot([m.score], [m.log10_p], "o", color=ACCUSED, markersize=5)
-            bottom.annotate(m.label, (m.score, m.log10_p), xytext=(5, 2), textcoords="offset points",
+            bottom.annotate(m.label, (m.score, m.log10_p), xytext=(-22, 2 + 9 * (k % 4)), textcoords="offset points",
                             color=ACCUSED, fontweight="bold")
         if log10_codeword_threshold is not None:
             bottom.axhline(log10_codeword_threshold, color="#444444", linestyle="--", linewidth=1,

@@ -5,68 +5,22 @@ from __future__ import annotations
 import html
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import LICENSEES, make_stamped_lab, run_cli
-from weightmark import attacks
+from tests.conftest import run_cli
+from tests.report_cases import Cases, build_cases
 from weightmark.cli.common import format_p as cli_format_p
 from weightmark.keys import PUBLIC_KEY_FILE
 from weightmark.report import MARKER_TAG, format_p, measured_false_accusations, printable
 
-HOSTILE = "<script>alert('x')</script> \x1b[31mRed\u202e Ltd & Co"
 REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class Bundle:
-    path: Path
-    suspect: Path
-    scan: dict
-    accused_names: list[str]
-    innocent_names: list[str]
-    innocent_ids: list[str]
-
-
-@dataclass
-class Cases:
-    home: Path
-    pub: Path
-    bundles: dict[str, Bundle]
-    work: Path
-
-
-def _bundle(lab, work: Path, label: str, suspect: Path, names: dict[str, str], **scan_args) -> Bundle:
-    report = lab.scan(suspect, **scan_args)
-    path = work / f"{label}.json"
-    lab.evidence(report, path)
-    accused = {c.licensee_id for c in report.accused}
-    return Bundle(path, suspect, report.to_json(), [names[i] for i in accused],
-                  [n for i, n in names.items() if i not in accused], [i for i in names if i not in accused])
 
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Cases:
-    """Three v1-code copies plus one for a licensee whose name is markup and terminal escapes."""
-    work = tmp_path_factory.mktemp("report")
-    stamped = make_stamped_lab(work, minilm, "F32", collusion=1)
-    lab = stamped.lab
-    hostile = lab.add_licensee(HOSTILE, "GB").id
-    hostile_copy = work / "copy-hostile"
-    lab.stamp("minilm", hostile, hostile_copy, collusion=1)
-    names = {lid: name for lid, (name, _) in zip(stamped.ids, LICENSEES, strict=True)} | {hostile: HOSTILE}
-    q4 = attacks.requantize(hostile_copy, work / "q4", "Q4_0")
-    average = attacks.collude(stamped.copies, work / "average", "average")
-    bundles = {
-        "q4": _bundle(lab, work, "q4", q4, names),
-        "collusion": _bundle(lab, work, "collusion", average, names),
-        "blind": _bundle(lab, work, "blind", stamped.copies[1], names, blind=True),
-    }
-    pub = work / "LAB.pub"
-    pub.write_bytes((lab.home / PUBLIC_KEY_FILE).read_bytes())
-    return Cases(lab.home, pub, bundles, work)
+    return build_cases(tmp_path_factory.mktemp("report"), minilm)
 
 
 def _report(cases: Cases, label: str, out: Path, *extra: str):
