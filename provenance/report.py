@@ -21,7 +21,9 @@ import hashlib
 import html
 import json
 import math
+import re
 import unicodedata
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -262,7 +264,7 @@ code, .hash, pre { font: 8pt/1.35 "DejaVu Sans Mono", Menlo, Consolas, monospace
 pre { white-space: pre-wrap; word-break: break-all; background: #f6f7f9; border: 0.6pt solid var(--rule);
   padding: 2mm 3mm; margin: 2mm 0 4mm; }
 figure { margin: 4mm 0; break-inside: avoid; page-break-inside: avoid; }
-figure img { display: block; width: 100%; height: auto; }
+figure img { display: block; width: 100%; height: auto; max-height: 210mm; object-fit: contain; }
 figcaption { font: 8.5pt/1.35 "DejaVu Sans", Helvetica, Arial, sans-serif; color: var(--muted); margin-top: 1.5mm; }
 .note { color: var(--muted); font-size: 9.5pt; }
 .absent { color: var(--muted); font-style: italic; }
@@ -557,8 +559,14 @@ def _error_rates(out: _Html, case: Case, measured: dict[str, Any]) -> None:
             body.append([_e(r.get("scan")), *(f"{float(v):.1e}" for v in _list(r.get("observed"))),
                          _e(format_p(float(r.get("min_log10_p", 0)))), "yes" if r.get("consistent") else "<b>NO</b>"])
         out.table(head, body, numeric=range(1, len(levels) + 2))
-        out.add(f"<p class=\"note\">Scheme measured: {_code(rows[0].get('scheme'))}. No family-wise p-value of a "
-                "never-issued codeword fell below 1 in any of these scans.</p>")
+        measured_scheme = str(rows[0].get("scheme", ""))
+        note = f"Scheme measured: {_code(measured_scheme)}."
+        if all(float(r.get("min_log10_family_wise_p", -1)) >= 0 for r in rows):
+            note += " No family-wise p-value of a never-issued codeword fell below 1 in any of these scans."
+        if case.scheme and case.scheme != measured_scheme:
+            note += (f" This scan used {_code(case.scheme)}: the guarantee above holds for it, but these "
+                     "measured figures are for the scheme measured.")
+        out.add(f'<p class="note">{note}</p>')
     out.add("</section>")
 
 
@@ -653,31 +661,56 @@ def is_report(path: Path) -> bool:
     return MARKER_TAG.encode() in head or (head.startswith(b"%PDF") and _pdf_is_ours(path))
 
 
-def _pdf_is_ours(path: Path) -> bool:
+def _pdf_is_ours(path: Path, max_bytes: int = 64 << 20) -> bool:
+    """A PDF whose document information (in a compressed object stream) names us as Creator."""
+    needle = b"/Creator (" + PDF_MARKER + b")"
     try:
-        return PDF_MARKER in Path(path).read_bytes()[-(1 << 20):] or PDF_MARKER in Path(path).read_bytes()[: 1 << 20]
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes)
     except OSError:
         return False
+    if needle in data:
+        return True
+    for found in re.finditer(rb"stream\r?\n", data):
+        try:
+            chunk = zlib.decompressobj().decompress(data[found.end():found.end() + (8 << 20)], 4 << 20)
+        except zlib.error:
+            continue
+        if needle in chunk:
+            return True
+    return False
+
+
+def _weasyprint() -> Any:
+    try:
+        import weasyprint
+    except (ImportError, OSError):
+        raise UsageError("--format pdf needs WeasyPrint (pip install 'weightmark[pdf]', and pango from the "
+                         "system); or open the HTML report in a browser and print it") from None
+    return weasyprint
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown report format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if fmt == "pdf":
+        _weasyprint()
 
 
 def render(case: Case, fmt: str = "html") -> bytes:
     """The report's bytes in `fmt` ("html", or "pdf" where WeasyPrint is installed)."""
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown report format {fmt!r} (choose from {', '.join(FORMATS)})")
+    _check_format(fmt)
     document = render_html(case)
     if fmt == "html":
         return document.encode("utf-8")
-    try:
-        import weasyprint
-    except (ImportError, OSError):
-        raise UsageError("--format pdf needs WeasyPrint (pip install 'weightmark[pdf]'); "
-                         "or open the HTML report in a browser and print it") from None
-    return weasyprint.HTML(string=document.replace(REPORT_MARKER, PDF_MARKER.decode())).write_pdf(
-        custom_metadata=True)
+    # WeasyPrint writes the generator meta tag as the PDF's Creator, which is_report looks for.
+    pdf = _weasyprint().HTML(string=document.replace(REPORT_MARKER, PDF_MARKER.decode())).write_pdf()
+    return bytes(pdf)
 
 
 def write_report(case: Case, out: Path, force: bool = False, fmt: str = "html") -> Path:
     """Write the report to `out` atomically; never over a file unless `force` and it is one of ours."""
+    _check_format(fmt)
     out = Path(out)
     if out.exists() or out.is_symlink():
         if not force:

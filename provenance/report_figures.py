@@ -37,7 +37,7 @@ INNOCENT = "#8a94a6"
 ACCUSED = "#b3261e"
 CURVE = "#1f4e79"
 MAX_QQ_POINTS = 1500
-MAX_NAMED_CARRIERS = 80
+MAX_NAMED_CARRIERS = 48
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def carrier_figure(names: Sequence[str], scores: Sequence[Sequence[float]], labe
     colours = [ACCUSED, CURVE, "#c77c02", "#2e7d32", "#6a1b9a", "#00838f"]
     with _style():
         if named:
-            fig = _figure(6.6, max(2.4, 0.75 + 0.13 * len(names) * max(1, min(len(labels), 3)) ** 0.5))
+            fig = _figure(6.6, min(7.5, max(2.4, 1.0 + 0.115 * len(names) * max(1, min(len(labels), 3)) ** 0.5)))
             ax = fig.subplots()
             rows = np.arange(len(names))
             width = 0.8 / max(1, len(labels))

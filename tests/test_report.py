@@ -160,3 +160,26 @@ def test_measured_figures_ship_with_the_package() -> None:
     measured = json.loads(results.read_text())
     assert shipped["codewords_per_scan"] == measured["count"]
     assert [{k: r[k] for k in s} for r, s in zip(measured["rows"], shipped["rows"], strict=True)] == shipped["rows"]
+
+
+def test_pdf_report(cases: Cases, tmp_path: Path) -> None:
+    pytest.importorskip("weasyprint")
+    from weightmark.report import is_report
+
+    out = tmp_path / "case.pdf"
+    result = _report(cases, "collusion", out, "--format", "pdf")
+    assert result.returncode == 0, result.stderr
+    data = out.read_bytes()
+    assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF")
+    assert is_report(out)
+    assert _report(cases, "q4", out, "--format", "pdf", "--force").returncode == 0
+    other = tmp_path / "other.pdf"
+    other.write_bytes(b"%PDF-1.4\n% someone else's document\n%%EOF\n")
+    assert not is_report(other)
+    refused = _report(cases, "q4", other, "--format", "pdf", "--force")
+    assert refused.returncode == 3 and other.read_bytes().startswith(b"%PDF-1.4\n% someone")
+
+
+def test_unknown_format_is_a_usage_error(cases: Cases, tmp_path: Path) -> None:
+    result = _report(cases, "q4", tmp_path / "case.docx", "--format", "docx")
+    assert result.returncode == 2 and result.stderr.startswith("Error: unknown report format") and not list(tmp_path.iterdir())
