@@ -17,6 +17,7 @@ counts and statistics; a v1 bundle's `candidates` list (names of the top scorers
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import json
@@ -24,11 +25,11 @@ import math
 import re
 import unicodedata
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -43,6 +44,8 @@ MARKER_TAG = f'<meta name="generator" content="{REPORT_MARKER}">'
 PDF_MARKER = b"weightmark-case-report"
 FORMATS = ("html", "pdf")
 MEASURED_DATA = "false_accusations.json"
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 # -- text for people --------------------------------------------------------------------------
@@ -200,6 +203,21 @@ def finding(case: Case) -> str:
             f"{names}; for each, {chance}.")
 
 
+def _renderable(fn: Callable[Concatenate[Case, P], R]) -> Callable[Concatenate[Case, P], R]:
+    """A signed bundle whose fields have unexpected types is refused with one line, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(case: Case, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(case, *args, **kwargs)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+            raise InputFileError(case.source, f"verifies, but a field cannot be shown ({type(exc).__name__}: "
+                                              f"{printable(exc)})") from None
+
+    return wrapper
+
+
+@_renderable
 def summary_lines(case: Case) -> list[str]:
     """The report's summary as plain terminal lines (for `weightmark evidence show`)."""
     scan = case.scan
@@ -323,6 +341,7 @@ def _labels(case: Case) -> list[str]:
     return [f"A{i + 1}" for i in range(len(case.accused))]
 
 
+@_renderable
 def render_html(case: Case, measured: dict[str, Any] | None = None) -> str:
     """The whole report as one HTML document: no external resources, figures as data: URIs."""
     if measured is None:

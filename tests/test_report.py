@@ -55,6 +55,8 @@ def test_report_of_a_real_scan(cases: Cases, tmp_path: Path, label: str, accused
         assert lid not in document
     if label != "collusion":
         assert any(c["licensee_id"] in bundle.innocent_ids for c in bundle.scan["candidates"])
+    if not accused_count:
+        assert "No licensee accused" in document and "ACCUSED" not in document
     images = _images(document)
     assert len(images) == document.count("<img ") >= 1
     assert all(img.startswith(b"<?xml") and b"<svg" in img for img in images)
@@ -182,3 +184,19 @@ def test_pdf_report(cases: Cases, tmp_path: Path) -> None:
 def test_unknown_format_is_a_usage_error(cases: Cases, tmp_path: Path) -> None:
     result = _report(cases, "q4", tmp_path / "case.docx", "--format", "docx")
     assert result.returncode == 2 and result.stderr.startswith("Error: unknown report format") and not list(tmp_path.iterdir())
+
+
+def test_signed_bundle_with_a_malformed_field_gets_one_line(cases: Cases, tmp_path: Path) -> None:
+    """A bundle the lab signed, but whose z statistics are not numbers: refused, no traceback."""
+    from weightmark import Lab
+    from weightmark.evidence import build_bundle
+
+    lab = Lab(cases.home, passphrase=None)
+    scan = dict(cases.bundles["q4"].scan, z=["not a number"])
+    bundle = tmp_path / "odd.json"
+    bundle.write_bytes(build_bundle(lab.registry, lab.keys, scan, "2026-12-05T19:00:00.000000Z"))
+    assert run_cli("evidence", "verify", str(bundle), "--pubkey", str(cases.pub)).returncode == 0
+    out = tmp_path / "case.html"
+    result = run_cli("report", str(bundle), "--out", str(out), "--pubkey", str(cases.pub))
+    assert result.returncode == 3 and not out.exists()
+    assert result.stderr.count("\n") == 1 and "verifies, but a field cannot be shown" in result.stderr
