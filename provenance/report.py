@@ -84,6 +84,10 @@ def country_name(code: str) -> str:
     return country.name if country is not None else "unknown country code"
 
 
+def _stat(value: Any, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{float(value):.{digits}f}"
+
+
 def _size(n: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
@@ -242,7 +246,7 @@ def summary_lines(case: Case) -> list[str]:
                  f"threshold {case.param('threshold')}, {case.param('family_size')} issued codewords")
     innocents = _dict(scan.get("innocents"))
     if innocents:
-        lines.append(f"Innocents: {innocents.get('count')} codewords, highest score {float(innocents.get('score_max', 0)):.2f}")
+        lines.append(f"Innocents: {innocents.get('count')} codewords, highest score {_stat(innocents.get('score_max'))}")
     tool = _dict(case.content.get("tool"))
     if tool:
         lines.append(f"Tool:     {printable(tool.get('name'))} {printable(tool.get('version'))} "
@@ -478,6 +482,11 @@ def _method(out: _Html, case: Case) -> None:
             ("Threshold (family-wise p at most)", _e(p.param("threshold"))),
             ("Licensees assumed for the correction", _e(p.param("assume_licensees", "not recorded"))),
             ("Registered models tried", _e(p.param("models_tried", "not recorded")))]
+    if p.param("models_considered") is not None:
+        rows.append(("Candidate models covered by the correction", _e(p.param("models_considered"))))
+    missing = _list(p.param("missing_shards"))
+    if missing:
+        rows.append(("Shards listed by the suspect but absent", "<br>".join(_code(m) for m in missing)))
     carriers = _dict(case.scan.get("carriers"))
     used = p.param("carriers_used", carriers.get("used"))
     registered = p.param("carriers_registered", carriers.get("registered"))
@@ -515,9 +524,8 @@ def _results(out: _Html, case: Case) -> None:
     innocents = _dict(case.scan.get("innocents"))
     if innocents:
         out.add(f"<p>The other {int(innocents.get('count', 0)):,} issued codewords (licensees not accused, shown "
-                f"only as numbers): highest score {float(innocents.get('score_max', 0)):.2f}, mean "
-                f"{float(innocents.get('score_mean', 0)):.2f}, standard deviation "
-                f"{float(innocents.get('score_std', 0)):.2f}.</p>")
+                f"only as numbers): highest score {_stat(innocents.get('score_max'))}, mean "
+                f"{_stat(innocents.get('score_mean'))}, standard deviation {_stat(innocents.get('score_std'))}.</p>")
     marks = [figs.Mark(label, float(c["score"]), float(c["log10_p_value"]))
              for label, (c, _) in zip(labels, case.accused, strict=True)]
     curve = _list(case.scan.get("bound_curve"))
@@ -525,7 +533,8 @@ def _results(out: _Html, case: Case) -> None:
         top = max(m.score for m in marks) * 1.1
         curve = [[s, -s * s / 2 / math.log(10)] for s in (top * i / 200 for i in range(201))]
     threshold, family = case.param("threshold"), case.param("family_size")
-    line = (math.log10(float(threshold)) - math.log10(max(1, int(family)))) if threshold and family else None
+    factor = max(1, int(family or 0)) * max(1, int(case.param("models_considered", 1) or 1))
+    line = math.log10(float(threshold)) - math.log10(factor) if threshold else None
     if innocents or marks:
         out.figure(figs.scores_figure([float(s) for s in _list(innocents.get("scores"))], marks, curve, line),
                    "Scores of the issued codewords and the innocents' bound",
@@ -545,9 +554,10 @@ def _results(out: _Html, case: Case) -> None:
     if signal and case.accused:
         out.figure(figs.carrier_figure([str(c.get("name")) for c in signal],
                                        [[float(v) for v in _list(c.get("scores"))] for c in signal], labels),
-                   "Score collected per carrier tensor",
-                   "Figure 3. How much of each accused score every carrier tensor contributes: the mark is spread "
-                   "through the whole model, not hidden in one place.")
+                   "Each accused codeword's score per carrier tensor",
+                   "Figure 3. Each accused codeword scored on every carrier tensor alone. A tensor that does not "
+                   "carry the codeword gives a score of about N(0,1), inside the grey band; the mark shows in "
+                   "tensor after tensor, spread through the whole model. An illustration, not a p-value.")
         out.table(["Carrier tensor", "Weights", *labels],
                   ([_code(c.get("name")), f"{int(c.get('elements', 0)):,}",
                     *(f"{float(v):.2f}" for v in _list(c.get("scores")))] for c in signal),

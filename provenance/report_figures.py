@@ -148,7 +148,8 @@ def z_figure(z: Sequence[float]) -> bytes:
 
 
 def carrier_figure(names: Sequence[str], scores: Sequence[Sequence[float]], labels: Sequence[str]) -> bytes:
-    """Per carrier tensor, the score each accused copy collects from it (grouped bars)."""
+    """Per carrier tensor, each accused codeword's score in that tensor alone (about N(0,1) where
+    the tensor carries no mark of it): grouped bars, or steps when there are many carriers."""
     values = np.asarray(scores, dtype=np.float64).reshape(len(names), len(labels))
     named = len(names) <= MAX_NAMED_CARRIERS
     colours = [ACCUSED, CURVE, "#c77c02", "#2e7d32", "#6a1b9a", "#00838f"]
@@ -163,7 +164,8 @@ def carrier_figure(names: Sequence[str], scores: Sequence[Sequence[float]], labe
                         color=colours[k % len(colours)], label=label)
             ax.set_yticks(rows, [_short(n) for n in names], fontsize=6.5)
             ax.invert_yaxis()
-            ax.set_xlabel("score contributed by this tensor")
+            ax.set_xlabel("the codeword's score in this tensor alone")
+            ax.axvspan(-2, 2, color="#eeeeee", zorder=0, label="chance range (|score| < 2)")
             ax.grid(axis="y", visible=False)
         else:
             fig = _figure(6.6, 3.0)
@@ -172,9 +174,11 @@ def carrier_figure(names: Sequence[str], scores: Sequence[Sequence[float]], labe
             for k, label in enumerate(labels):
                 ax.plot(index, values[:, k], drawstyle="steps-mid", color=colours[k % len(colours)], label=label)
             ax.set_xlabel("carrier tensor (in the model's order)")
-            ax.set_ylabel("score contributed")
-        ax.axvline(0, color="#444444", linewidth=0.8)
-        ax.set_title("Where the signal sits: score collected per carrier tensor", loc="left")
+            ax.set_ylabel("score in this tensor alone")
+            ax.axhspan(-2, 2, color="#eeeeee", zorder=0, label="chance range (|score| < 2)")
+        if named:
+            ax.axvline(0, color="#444444", linewidth=0.8)
+        ax.set_title("Where the signal sits: each accused codeword's score per carrier tensor", loc="left")
         ax.legend(loc="lower right", frameon=False, fontsize=7.5)
         return _svg(fig)
 

@@ -189,12 +189,16 @@ def test_unknown_format_is_a_usage_error(cases: Cases, tmp_path: Path) -> None:
 def test_signed_bundle_with_a_malformed_field_gets_one_line(cases: Cases, tmp_path: Path) -> None:
     """A bundle the lab signed, but whose z statistics are not numbers: refused, no traceback."""
     from weightmark import Lab
-    from weightmark.evidence import build_bundle
+    from weightmark.evidence import EVIDENCE_PAYLOAD_TYPE
+    from weightmark.registry.envelope import canonical_json, pae
+    from weightmark.registry.log import b64
 
     lab = Lab(cases.home, passphrase=None)
-    scan = dict(cases.bundles["q4"].scan, z=["not a number"])
+    content = json.loads(cases.bundles["q4"].path.read_bytes())["bundle"]
+    content["scan"]["z"] = ["not a number"]
+    signature = lab.keys.sign(pae(EVIDENCE_PAYLOAD_TYPE, canonical_json(content)))
     bundle = tmp_path / "odd.json"
-    bundle.write_bytes(build_bundle(lab.registry, lab.keys, scan, "2026-12-05T19:00:00.000000Z"))
+    bundle.write_bytes(canonical_json({"bundle": content, "signature": {"keyid": lab.keys.key_id, "sig": b64(signature)}}))
     assert run_cli("evidence", "verify", str(bundle), "--pubkey", str(cases.pub)).returncode == 0
     out = tmp_path / "case.html"
     result = run_cli("report", str(bundle), "--out", str(out), "--pubkey", str(cases.pub))
