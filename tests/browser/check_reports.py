@@ -16,6 +16,8 @@ and saves a screenshot of each report's first page under docs/report-examples/.
 from __future__ import annotations
 
 import argparse
+import base64
+import html
 import json
 import re
 import shutil
@@ -35,6 +37,7 @@ EXAMPLES = ROOT / "docs" / "report-examples"
 MAX_SCREENSHOT_BYTES = 300_000
 PAGES = (3, 20)  # a report prints on at least 3 and at most 20 pages
 FIGURE_MIN_WIDTH = 500  # CSS pixels: the figure spans the text column
+MIN_INK = 0.005  # share of non-white pixels below which a figure counts as blank
 CHROMIUM_FLAGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
     "--no-proxy-server", "--host-resolver-rules=MAP * ~NOTFOUND",
@@ -103,8 +106,18 @@ def requests_made(netlog: Path) -> set[str]:
     return {u for u in urls if not u.startswith(("file:", "data:"))}
 
 
+def measure_figures(browser: str, page: Path, work: Path) -> list[dict]:
+    """Open a copy of `page` with the probe script and return what it measured per image."""
+    probe_page = page.with_name(page.stem + "-probe.html")
+    probe_page.write_text(page.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    dom = run_browser(browser, probe_page, work / "profile", work / (page.stem + "-probe.netlog.json"),
+                      "--virtual-time-budget=5000", "--dump-dom")
+    found = re.search(r'<pre id="wm-probe">(.*?)</pre>', dom, re.S)
+    return json.loads(html.unescape(found.group(1))) if found else []
+
+
 def self_test(browser: str, work: Path) -> None:
-    """The request check must see a page that fetches an image and a style sheet."""
+    """The checks must be able to fail: a page that fetches two URLs, and a blank figure."""
     page = work / "leaky.html"
     page.write_text('<html><body><img src="http://example.invalid/x.png">'
                     '<link rel="stylesheet" href="https://fonts.example.invalid/a.css"></body></html>')
@@ -113,6 +126,13 @@ def self_test(browser: str, work: Path) -> None:
     seen = requests_made(log)
     if seen != {"http://example.invalid/x.png", "https://fonts.example.invalid/a.css"}:
         sys.exit(f"the request check does not work: it saw {sorted(seen)} on a page that fetches two URLs")
+    blank_svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="600" height="300"><rect width="600" height="300" fill="#fff"/></svg>'
+    blank = work / "blank.html"
+    blank.write_text(f'<html><body><img style="width:700px" src="data:image/svg+xml;base64,'
+                     f'{base64.b64encode(blank_svg).decode()}"></body></html>')
+    figures = measure_figures(browser, blank, work)
+    if len(figures) != 1 or figures[0]["ink"] is None or figures[0]["ink"] >= MIN_INK:
+        sys.exit(f"the blank-figure check does not work: {figures}")
 
 
 def pdf_pages(pdf: Path) -> int:
@@ -137,8 +157,6 @@ def check(label: str, bundle: Path, pub: Path, work: Path, browser: str, example
     if made.returncode != 0:
         return [f"{label}: report failed: {made.stderr.strip()}"]
     document = html_path.read_text(encoding="utf-8")
-    probe_page = work / f"{label}-probe.html"
-    probe_page.write_text(document.replace("</body>", PROBE + "</body>"), encoding="utf-8")
     a4_page = work / f"{label}-a4.html"
     a4_page.write_text(document.replace("</style>", "@page { size: A4; }</style>"), encoding="utf-8")
     profile = work / "profile"
@@ -162,18 +180,15 @@ def check(label: str, bundle: Path, pub: Path, work: Path, browser: str, example
         if not PAGES[0] <= pages[paper] <= PAGES[1]:
             problems.append(f"{label}: {pages[paper]} pages on {paper}")
 
-    log = work / f"{label}-probe.netlog.json"
-    dom = run_browser(browser, probe_page, profile, log, "--virtual-time-budget=5000", "--dump-dom")
-    logs.append(log)
-    found = re.search(r'<pre id="wm-probe">(.*?)</pre>', dom, re.S)
-    figures = json.loads(found.group(1).replace("&quot;", '"')) if found else []
+    figures = measure_figures(browser, html_path, work)
+    logs.append(work / f"{label}-probe.netlog.json")
     expected = document.count("<img ")
     if len(figures) != expected or expected == 0:
         problems.append(f"{label}: {len(figures)} figures measured, {expected} in the page")
     for i, fig in enumerate(figures, 1):
         if not fig["complete"] or min(fig["natural"]) <= 0 or fig["shown"][0] < FIGURE_MIN_WIDTH:
             problems.append(f"{label}: figure {i} not drawn at full width: {fig}")
-        if fig["error"] or fig["ink"] is None or not 0.005 <= fig["ink"] <= 0.6:
+        if fig["error"] or fig["ink"] is None or not MIN_INK <= fig["ink"] <= 0.6:
             problems.append(f"{label}: figure {i} looks blank or solid: {fig}")
 
     for log in logs:
