@@ -244,9 +244,16 @@ def summary_lines(case: Case) -> list[str]:
     lines.append(f"Model:    {printable(case.param('model', '?'))} ({printable(case.param('model_id', '?'))})")
     lines.append(f"Method:   {printable(case.param('mode', '?'))} scan, scheme {printable(case.scheme)}, "
                  f"threshold {case.param('threshold')}, {case.param('family_size')} issued codewords")
+    present = _dict(scan.get("watermark_present"))
+    if present:
+        lines.append(f"Watermark of this model's key present: {'yes' if present.get('present') else 'not shown'} "
+                     f"(p = {format_p(float(present.get('log10_p_value', 0)))})")
+    if warning := _reference_warning(case):
+        lines.append(f"WARNING:  {warning}")
     innocents = _dict(scan.get("innocents"))
     if innocents:
-        lines.append(f"Innocents: {innocents.get('count')} codewords, highest score {_stat(innocents.get('score_max'))}")
+        lines.append(f"Innocents: {innocents.get('count')} codewords (counts only), highest score "
+                     f"{_stat(innocents.get('score_max'))}")
     tool = _dict(case.content.get("tool"))
     if tool:
         lines.append(f"Tool:     {printable(tool.get('name'))} {printable(tool.get('version'))} "
@@ -442,11 +449,25 @@ def _examined(out: _Html, case: Case) -> None:
     out.add("</section>")
 
 
+def _alpha_words(case: Case) -> str:
+    found = re.search(r"(?:^|;)alpha=([0-9.eE+-]+)(?:;|$)", case.scheme)
+    return f"a fraction alpha = {html.escape(found.group(1))}" if found else "a small fraction"
+
+
+def _reference_warning(case: Case) -> str | None:
+    reference = _dict(case.content.get("reference"))
+    status = reference.get("status")
+    if status in ("missing", "changed"):
+        return (f"The registered base weights were {'missing' if status == 'missing' else 'changed since registration'}"
+                f" at {printable(reference.get('path'))}: this scan ran blind, with much less power.")
+    return None
+
+
 def _method(out: _Html, case: Case) -> None:
     out.add('<section><h2>3. Method</h2>')
     out.add("<p>Before it handed out each copy of the model, the lab added to its weights a faint pattern that "
             "is different for every licensee: a secret sequence of +1 and -1 values (the licensee's "
-            "<i>codeword</i>), spread over millions of weights, each weight nudged by about two thousandths of "
+            f"<i>codeword</i>), spread over millions of weights, each weight nudged by {_alpha_words(case)} of "
             "its row's typical size. The pattern does not change what the model does in any noticeable way, and "
             "it survives re-quantization, format conversion and mixing of copies. The lab records in a signed, "
             "append-only registry which codeword went to which licensee.</p>")
@@ -601,6 +622,8 @@ def _error_rates(out: _Html, case: Case, measured: dict[str, Any]) -> None:
 
 def _limitations(out: _Html, case: Case) -> None:
     out.add('<section><h2>6. Limitations</h2><ul>')
+    if warning := _reference_warning(case):
+        out.add(f"<li><b>{html.escape(warning)}</b></li>")
     mode = case.param("mode", case.scan.get("mode"))
     blind_note = (" <b>This scan was blind.</b>" if mode == "blind" else "")
     out.add(f"<li>Blind scans (without the unstamped base) see the base weights themselves as noise: their "
