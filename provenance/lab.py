@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightmark import keys as _keys
-from weightmark.errors import InputFileError, KeyProblem, RegistryError, UsageError
+from weightmark.errors import InputFileError, KeyProblem, RegistryError
 from weightmark.fsutil import write_bytes_atomic
 from weightmark.progress import NO_PROGRESS, Progress
 from weightmark.registry import policy
@@ -218,14 +218,17 @@ class Lab:
         return stamp(self.registry, self.keys, model_name, licensee_id, out, alpha, overwrite, progress,
                      policy.current(self.home), override_reason, fmt, collusion)
 
-    def evidence(self, report: ScanReport, out: str | os.PathLike[str]) -> Path:
-        """Write a signed evidence bundle for a scan's accusations."""
+    def evidence(self, report: ScanReport, out: str | os.PathLike[str],
+                 suspect: str | os.PathLike[str] | None = None) -> Path:
+        """Write a signed evidence bundle of a scan: its accusations, or that nobody was accused.
+
+        `suspect` (default: the path the scan read) is hashed file by file into the bundle.
+        """
         from weightmark.evidence import build_bundle
         from weightmark.registry.store import now
 
-        if not report.accused:
-            raise UsageError("nobody was accused, so there is no evidence bundle to write")
-        data = build_bundle(self.registry, self.keys, report.to_json(), now())
+        data = build_bundle(self.registry, self.keys, report, now(),
+                            suspect if suspect is not None else report.suspect)
         out = Path(out)
         write_bytes_atomic(out, data, mode=0o644)
         return out
