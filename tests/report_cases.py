@@ -2,7 +2,7 @@
 
 One lab, three v1-code copies (collusion 1) and a fourth for a licensee whose name is markup and
 terminal escapes; bundles for a Q4_0 re-quantized copy, an average of the three copies, a blind
-scan, and a scan that accuses nobody.
+scan, and a scan that accuses nobody (the unstamped base, blind).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def build_cases(work: Path, base: Path) -> Cases:
         "q4": _bundle(lab, work, "q4", q4, names),
         "collusion": _bundle(lab, work, "collusion", average, names),
         "blind": _bundle(lab, work, "blind", stamped.copies[1], names, blind=True),
+        "none": _bundle(lab, work, "none", base, names, model_name="minilm", blind=True),
     }
     pub = work / "LAB.pub"
     pub.write_bytes((lab.home / PUBLIC_KEY_FILE).read_bytes())

@@ -45,7 +45,7 @@ def _images(document: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'<img src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)"', document)]
 
 
-@pytest.mark.parametrize("label,accused_count", [("q4", 1), ("collusion", 3), ("blind", 1)])
+@pytest.mark.parametrize("label,accused_count", [("q4", 1), ("collusion", 3), ("blind", 1), ("none", 0)])
 def test_report_of_a_real_scan(cases: Cases, rendered: dict[str, Path], label: str, accused_count: int) -> None:
     bundle = cases.bundles[label]
     document = rendered[label].read_text(encoding="utf-8")
@@ -66,10 +66,17 @@ def test_report_of_a_real_scan(cases: Cases, rendered: dict[str, Path], label: s
     if '"format":"weightmark-evidence/v1"' in raw and bundle.innocent_ids:  # v1 bundles name top scorers
         assert any(lid in raw for lid in bundle.innocent_ids)
     if not accused_count:
-        assert "No licensee accused" in document and "ACCUSED" not in document
+        assert "No licensee accused" in document and "Accused licensee" not in document
+    content = json.loads(raw)["bundle"]
+    assert content["format"] == "weightmark-evidence/v2"
+    files = content["examined"]["files"]
+    assert files and all(f["sha256"] in document and f"{f['size']:,}" in document for f in files)
+    assert content["tool"]["version"] in document and content["parameters"]["scheme"] in document
+    # figures: scores with the bound and the z statistics always; the per-carrier signal when accused
     images = _images(document)
-    assert len(images) == document.count("<img ") >= 1
+    assert len(images) == document.count("<img ") == (3 if accused_count else 2)
     assert all(img.startswith(b"<?xml") and b"<svg" in img for img in images)
+    assert "not recorded" not in document.split("<h2>6.")[0]  # a v2 bundle leaves no gap before the limits
 
 
 def test_report_is_self_contained_and_escaped(rendered: dict[str, Path]) -> None:
@@ -155,6 +162,16 @@ def test_evidence_show_prints_plain_escaped_text(cases: Cases) -> None:
     assert f"family-wise p = {format_p(claim['log10_family_wise_p_value'])}" in result.stdout
     for name, lid in zip(bundle.innocent_names, bundle.innocent_ids, strict=True):
         assert name not in result.stdout and lid not in result.stdout
+    for f in json.loads(bundle.path.read_bytes())["bundle"]["examined"]["files"]:
+        assert f["sha256"] in result.stdout
+
+
+def test_evidence_show_without_accusation(cases: Cases) -> None:
+    result = run_cli("evidence", "show", str(cases.bundles["none"].path), "--pubkey", str(cases.pub))
+    assert result.returncode == 0, result.stderr
+    assert "Finding:  No licensee accused" in result.stdout and "ACCUSED" not in result.stdout
+    for name, lid in zip(cases.bundles["none"].innocent_names, cases.bundles["none"].innocent_ids, strict=True):
+        assert lid not in result.stdout and printable(name) not in result.stdout
 
 
 def test_format_p_matches_the_scan_printout() -> None:
