@@ -394,8 +394,6 @@ def _summary(out: _Html, case: Case) -> None:
                    "Family-wise p"], rows)
         out.add('<p class="note">Each accused entry is a signed record of the lab\'s registry; its signature, its '
                 "place in the append-only log and the log's signed checkpoint were verified (section 7).</p>")
-    else:
-        out.add("<p>No licensee accused.</p>")
     present = _dict(case.scan.get("watermark_present"))
     if present:
         out.add(f"<p>Is a watermark of this model's key present at all (whoever it was issued to)? "

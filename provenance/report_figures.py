@@ -178,7 +178,7 @@ def carrier_figure(names: Sequence[str], scores: Sequence[Sequence[float]], labe
             ax.axhspan(-2, 2, color="#eeeeee", zorder=0, label="chance range (|score| < 2)")
         if named:
             ax.axvline(0, color="#444444", linewidth=0.8)
-        ax.set_title("Where the signal sits: each accused codeword's score per carrier tensor", loc="left")
+        ax.set_title("Where the signal sits: score per carrier tensor", loc="left")
         ax.legend(loc="lower right", frameon=False, fontsize=7.5)
         return _svg(fig)
 

@@ -2,7 +2,7 @@
 
 One lab, three v1-code copies (collusion 1) and a fourth for a licensee whose name is markup and
 terminal escapes; bundles for a Q4_0 re-quantized copy, an average of the three copies, a blind
-scan, and a scan that accuses nobody (the unstamped base, blind).
+scan, a scan that accuses nobody (the unstamped base, blind), and the hostile-named copy.
 """
 
 from __future__ import annotations
@@ -52,13 +52,14 @@ def build_cases(work: Path, base: Path) -> Cases:
     hostile_copy = work / "copy-hostile"
     lab.stamp("minilm", hostile, hostile_copy, collusion=1)
     names = {lid: name for lid, (name, _) in zip(stamped.ids, LICENSEES, strict=True)} | {hostile: HOSTILE}
-    q4 = attacks.requantize(hostile_copy, work / "q4", "Q4_0")
+    q4 = attacks.requantize(stamped.copies[0], work / "q4", "Q4_0")
     average = attacks.collude(stamped.copies, work / "average", "average")
     bundles = {
         "q4": _bundle(lab, work, "q4", q4, names),
         "collusion": _bundle(lab, work, "collusion", average, names),
         "blind": _bundle(lab, work, "blind", stamped.copies[1], names, blind=True),
         "none": _bundle(lab, work, "none", base, names, model_name="minilm", blind=True),
+        "hostile": _bundle(lab, work, "hostile", hostile_copy, names),
     }
     pub = work / "LAB.pub"
     pub.write_bytes((lab.home / PUBLIC_KEY_FILE).read_bytes())

@@ -45,7 +45,7 @@ def _images(document: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'<img src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)"', document)]
 
 
-@pytest.mark.parametrize("label,accused_count", [("q4", 1), ("collusion", 3), ("blind", 1), ("none", 0)])
+@pytest.mark.parametrize("label,accused_count", [("q4", 1), ("collusion", 3), ("blind", 1), ("none", 0), ("hostile", 1)])
 def test_report_of_a_real_scan(cases: Cases, rendered: dict[str, Path], label: str, accused_count: int) -> None:
     bundle = cases.bundles[label]
     document = rendered[label].read_text(encoding="utf-8")
@@ -80,7 +80,7 @@ def test_report_of_a_real_scan(cases: Cases, rendered: dict[str, Path], label: s
 
 
 def test_report_is_self_contained_and_escaped(rendered: dict[str, Path]) -> None:
-    document = rendered["q4"].read_text(encoding="utf-8")
+    document = rendered["hostile"].read_text(encoding="utf-8")
     # the accused's name is markup and terminal escapes: it must arrive as text
     assert "<script" not in document.lower()
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; \\x1b[31mRed\\u202e Ltd &amp; Co" in document
@@ -153,7 +153,7 @@ def test_public_key_from_the_lab_home(cases: Cases, tmp_path: Path) -> None:
 
 
 def test_evidence_show_prints_plain_escaped_text(cases: Cases) -> None:
-    bundle = cases.bundles["q4"]
+    bundle = cases.bundles["hostile"]
     result = run_cli("evidence", "show", str(bundle.path), "--pubkey", str(cases.pub))
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stdout and "\u202e" not in result.stdout

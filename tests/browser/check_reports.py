@@ -34,6 +34,7 @@ from tests.conftest import minilm_dir, run_cli  # noqa: E402
 from tests.report_cases import build_cases  # noqa: E402
 
 EXAMPLES = ROOT / "docs" / "report-examples"
+EXAMPLE_LABELS = ("q4", "collusion", "blind", "none")
 MAX_SCREENSHOT_BYTES = 300_000
 PAGES = (3, 20)  # a report prints on at least 3 and at most 20 pages
 FIGURE_MIN_WIDTH = 500  # CSS pixels: the figure spans the text column
@@ -213,14 +214,14 @@ def main() -> None:
         (work / "cases").mkdir()
         cases = build_cases(work / "cases", minilm_dir())
         problems = []
-        for label, bundle in cases.bundles.items():
-            problems += check(label, bundle.path, cases.pub, work, browser, args.out)
+        for label in EXAMPLE_LABELS:
+            problems += check(label, cases.bundles[label].path, cases.pub, work, browser, args.out)
     finally:
         if args.keep:
             print(f"work folder: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"{len(cases.bundles)} reports checked in {time.perf_counter() - start:.0f} s")
+    print(f"{len(EXAMPLE_LABELS)} reports checked in {time.perf_counter() - start:.0f} s")
     if problems:
         print("\n".join(problems), file=sys.stderr)
         sys.exit(1)
