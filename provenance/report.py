@@ -290,6 +290,7 @@ tr { break-inside: avoid; }
 thead { display: table-header-group; }
 code, .hash, pre { font: 8pt/1.35 "DejaVu Sans Mono", Menlo, Consolas, monospace; }
 .hash { word-break: break-all; }
+.id { font: 8pt/1.35 "DejaVu Sans Mono", Menlo, Consolas, monospace; white-space: nowrap; }
 pre { white-space: pre-wrap; word-break: break-all; background: #f6f7f9; border: 0.6pt solid var(--rule);
   padding: 2mm 3mm; margin: 2mm 0 4mm; }
 figure { margin: 4mm 0; break-inside: avoid; page-break-inside: avoid; }
@@ -386,7 +387,7 @@ def _summary(out: _Html, case: Case) -> None:
         rows = []
         for label, (claim, predicate) in zip(_labels(case), case.accused, strict=True):
             code = str(claim.get("jurisdiction", ""))
-            rows.append([label, _e(claim.get("name")), _code(claim.get("licensee_id")),
+            rows.append([label, _e(claim.get("name")), f'<span class="id">{_e(claim.get("licensee_id"))}</span>',
                          f"{_e(code)} ({_e(country_name(code))})", _e(claim.get("entry_id")),
                          _e(predicate.get("issued_at", "?")),
                          _e(format_p(float(claim["log10_family_wise_p_value"])))])
