@@ -688,7 +688,9 @@ def _verify(out: _Html, case: Case) -> None:
              "# 3. Re-render this report from the bundle",
              "weightmark report BUNDLE.json --out case.html --pubkey LAB.pub"]
     if examined:
-        lines.append("# 4. The suspect files are the ones examined")
+        lines += ["# 4. The suspect files are exactly the ones examined (every file's sha256 and size)",
+                  "weightmark evidence verify BUNDLE.json --pubkey LAB.pub --suspect SUSPECT",
+                  "# or by hand, inside the suspect folder:"]
         lines += [f"sha256sum {printable(f.get('path'))}   # expect {printable(f.get('sha256'))}"
                   for f in _list(examined.get("files"))]
     lines += ["# 5. With the lab's registry (the lab or an auditor): repeat the scan itself",

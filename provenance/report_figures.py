@@ -130,7 +130,7 @@ def z_figure(z: Sequence[float]) -> bytes:
         hist.set_xlabel("z")
         hist.set_ylabel("density")
         hist.set_title("z statistics per code position", loc="left")
-        hist.legend(loc="upper left", frameon=False, fontsize=7.5)
+        hist.legend(loc="upper left", frameon=True, framealpha=0.9, edgecolor="none", fontsize=7.5)
         ordered = np.sort(values)
         n = ordered.size
         if n:
