@@ -214,20 +214,52 @@ def test_unknown_format_is_a_usage_error(cases: Cases, tmp_path: Path) -> None:
 
 def test_signed_bundle_with_a_malformed_field_gets_one_line(cases: Cases, tmp_path: Path) -> None:
     """A bundle the lab signed, but whose z statistics are not numbers: refused, no traceback."""
-    from weightmark import Lab
-    from weightmark.evidence import EVIDENCE_PAYLOAD_TYPE, verify_bundle
-    from weightmark.registry.envelope import canonical_json, pae
-    from weightmark.registry.log import b64
+    from weightmark.evidence import verify_bundle
     from weightmark.report import load_public_key
 
-    lab = Lab(cases.home, passphrase=None)
     content = json.loads(cases.bundles["q4"].path.read_bytes())["bundle"]
     content["scan"]["z"] = ["not a number"]
-    signature = lab.keys.sign(pae(EVIDENCE_PAYLOAD_TYPE, canonical_json(content)))
-    bundle = tmp_path / "odd.json"
-    bundle.write_bytes(canonical_json({"bundle": content, "signature": {"keyid": lab.keys.key_id, "sig": b64(signature)}}))
+    bundle = _sign(cases, content, tmp_path / "odd.json")
     verify_bundle(bundle.read_bytes(), load_public_key(cases.pub))  # the signature holds
     out = tmp_path / "case.html"
     result = run_cli("report", str(bundle), "--out", str(out), "--pubkey", str(cases.pub))
     assert result.returncode == 3 and not out.exists()
     assert result.stderr.count("\n") == 1 and "verifies, but a field cannot be shown" in result.stderr
+
+
+def _sign(cases: Cases, content: dict, path: Path) -> Path:
+    """`content` signed by the lab as a bundle, as an older weightmark (or a careless one) wrote it."""
+    from weightmark import Lab
+    from weightmark.evidence import EVIDENCE_PAYLOAD_TYPE
+    from weightmark.registry.envelope import canonical_json, pae
+    from weightmark.registry.log import b64
+
+    keys = Lab(cases.home, passphrase=None).keys
+    signature = keys.sign(pae(EVIDENCE_PAYLOAD_TYPE, canonical_json(content)))
+    path.write_bytes(canonical_json({"bundle": content, "signature": {"keyid": keys.key_id, "sig": b64(signature)}}))
+    return path
+
+
+def test_v1_bundle_renders_what_it_has_and_no_candidate_names(cases: Cases, tmp_path: Path) -> None:
+    """A v1 bundle lists the top scorers by name: the report shows the accused only, and says what
+    a v1 bundle does not record."""
+    bundle = cases.bundles["blind"]
+    v2 = json.loads(bundle.path.read_bytes())["bundle"]
+    v1 = {"format": "weightmark-evidence/v1", "created_at": v2["created_at"], "scan": bundle.scan,
+          "accusations": v2["accusations"], "tree_size": v2["tree_size"], "checkpoint": v2["checkpoint"],
+          "trust": v2["trust"]}
+    assert any(c["licensee_id"] in bundle.innocent_ids for c in bundle.scan["candidates"])
+    path = _sign(cases, v1, tmp_path / "v1.json")
+    out = tmp_path / "v1.html"
+    result = run_cli("report", str(path), "--out", str(out), "--pubkey", str(cases.pub))
+    assert result.returncode == 0, result.stderr
+    document = out.read_text(encoding="utf-8")
+    assert "weightmark-evidence/v1" in document and "does not record the examined files" in document
+    for name in bundle.accused_names:
+        assert html.escape(printable(name)) in document
+    for name, lid in zip(bundle.innocent_names, bundle.innocent_ids, strict=True):
+        assert html.escape(printable(name)) not in document and lid not in document
+    assert len(_images(document)) == 1  # the accused on the innocents' bound; no z, no carriers recorded
+    shown = run_cli("evidence", "show", str(path), "--pubkey", str(cases.pub))
+    assert shown.returncode == 0 and "file hashes not recorded in a v1 bundle" in shown.stdout
+    assert not any(lid in shown.stdout for lid in bundle.innocent_ids)
