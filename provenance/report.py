@@ -767,7 +767,7 @@ def write_report(case: Case, out: Path, force: bool = False, fmt: str = "html") 
     out = Path(out)
     if out.exists() or out.is_symlink():
         if not force:
-            raise UsageError(f"{out} exists (use --force to replace an earlier report)")
+            raise InputFileError(out, "already exists; pass --force to replace an earlier report")
         if not out.is_file() or not is_report(out):
             raise InputFileError(out, "exists and is not a weightmark case report; refusing to replace it")
     data = render(case, fmt)

@@ -133,7 +133,7 @@ def test_overwrite_rules(cases: Cases, rendered: dict[str, Path], tmp_path: Path
     out.write_bytes(rendered["q4"].read_bytes())
     first = out.read_bytes()
     again = _report(cases, "blind", out)
-    assert again.returncode == 2 and "--force" in again.stderr and out.read_bytes() == first
+    assert again.returncode == 3 and "already exists; pass --force" in again.stderr and out.read_bytes() == first
     forced = _report(cases, "blind", out, "--force")
     assert forced.returncode == 0 and out.read_bytes() != first and MARKER_TAG.encode() in out.read_bytes()
     precious = tmp_path / "notes.html"
