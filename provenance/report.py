@@ -493,35 +493,34 @@ def _method(out: _Html, case: Case) -> None:
             "valid whatever the dependence between scores), so that checking many licensees cannot produce an "
             "accusation by chance. A licensee is accused only when the family-wise p-value is at or below the "
             "threshold.</p>")
-    p = case
-    rows = [("Scan mode", _e(p.param("mode", case.scan.get("mode")))),
+    rows = [("Scan mode", _e(case.param("mode"))),
             ("Scheme (every parameter of the watermark)", _code(case.scheme or "not recorded")),
             ("Statistic", _e("soft Tardos score with the exact Chernoff bound" if case.tardos
                              else "normalised correlation with the Hoeffding bound")),
-            ("Issued codewords scored (family size)", _e(p.param("family_size"))),
-            ("Threshold (family-wise p at most)", _e(p.param("threshold"))),
-            ("Licensees assumed for the correction", _e(p.param("assume_licensees", "not recorded"))),
-            ("Registered models tried", _e(p.param("models_tried", "not recorded")))]
-    if p.param("models_considered") is not None:
-        rows.append(("Candidate models covered by the correction", _e(p.param("models_considered"))))
-    missing = _list(p.param("missing_shards"))
+            ("Issued codewords scored (family size)", _e(case.param("family_size"))),
+            ("Threshold (family-wise p at most)", _e(case.param("threshold"))),
+            ("Licensees assumed for the correction", _e(case.param("assume_licensees", "not recorded"))),
+            ("Registered models tried", _e(case.param("models_tried", "not recorded")))]
+    if case.param("models_considered") is not None:
+        rows.append(("Candidate models covered by the correction", _e(case.param("models_considered"))))
+    missing = _list(case.param("missing_shards"))
     if missing:
         rows.append(("Shards listed by the suspect but absent", "<br>".join(_code(m) for m in missing)))
     carriers = _dict(case.scan.get("carriers"))
-    used = p.param("carriers_used", carriers.get("used"))
-    registered = p.param("carriers_registered", carriers.get("registered"))
+    used = case.param("carriers_used", carriers.get("used"))
+    registered = case.param("carriers_registered", carriers.get("registered"))
     rows.append(("Carrier tensors used / registered", f"{_e(used)} / {_e(registered)}"))
-    if p.param("elements_used") is not None:
-        rows.append(("Weights read", f"{int(p.param('elements_used')):,}"))
-    rows.append(("Re-alignment to the reference", _e({True: "on", False: "off"}.get(p.param("realign"), "not recorded"))))
+    if case.param("elements_used") is not None:
+        rows.append(("Weights read", f"{int(case.param('elements_used')):,}"))
+    rows.append(("Re-alignment to the reference", _e({True: "on", False: "off"}.get(case.param("realign"), "not recorded"))))
     out.kv(rows)
-    aligned = _list(p.param("aligned", case.scan.get("aligned")))
+    aligned = _list(case.param("aligned"))
     out.add("<h3>Alignment steps undone</h3>")
     if aligned:
         out.add("<ul>", *(f"<li>{_e(a)}</li>" for a in aligned), "</ul>")
     else:
         out.add("<p>None: the suspect's tensors lined up with the reference as they were.</p>")
-    skipped = _list(p.param("carriers_skipped", carriers.get("skipped")))
+    skipped = _list(case.param("carriers_skipped", carriers.get("skipped")))
     out.add("<h3>Carriers skipped</h3>")
     if skipped:
         out.add("<ul>", *(f"<li>{_e(s)}</li>" for s in skipped), "</ul>")
@@ -623,7 +622,7 @@ def _limitations(out: _Html, case: Case) -> None:
     out.add('<section><h2>6. Limitations</h2><ul>')
     if warning := _reference_warning(case):
         out.add(f"<li><b>{html.escape(warning)}</b></li>")
-    mode = case.param("mode", case.scan.get("mode"))
+    mode = case.param("mode")
     blind_note = (" <b>This scan was blind.</b>" if mode == "blind" else "")
     out.add(f"<li>Blind scans (without the unstamped base) see the base weights themselves as noise: their "
             f"scores are several times smaller than non-blind ones, so a blind scan can miss a leak that a "
