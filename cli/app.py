@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from weightmark.cli import evidence, init, keys, licensee, model, policy, registry, scan, stamp
+from weightmark.cli.report import report
 
 app = typer.Typer(
     name="weightmark",
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.command("init")(init.init)
 app.command("stamp")(stamp.stamp)
 app.command("scan")(scan.scan)
+app.command("report")(report)
 app.add_typer(model.app, name="model")
 app.add_typer(licensee.app, name="licensee")
 app.add_typer(registry.app, name="registry")

@@ -9,7 +9,7 @@ import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from weightmark.cli.common import JsonOption, print_json
+from weightmark.cli.common import HomeOption, JsonOption, print_json
 from weightmark.errors import InputFileError
 
 app = typer.Typer(help="Evidence bundles from scans.", no_args_is_help=True)
@@ -59,3 +59,23 @@ def verify(
         typer.echo(f"  {accused['legal_name']} ({accused['licensee_id']}, {accused['jurisdiction']}) received "
                    f"entry {accused['log_index']} on {accused['issued_at']}; family-wise p = "
                    f"10^{claim['log10_family_wise_p_value']:.1f}")
+
+
+@app.command("show")
+def show(
+    bundle: Annotated[Path, typer.Argument(help="The evidence bundle (JSON) written by scan --evidence.")],
+    pubkey: Annotated[Path | None, typer.Option("--pubkey", help="The lab's public key (PEM) you trust (default: lab.pub of the lab home).", show_default=False)] = None,
+    home: HomeOption = None,
+) -> None:
+    """Verify a bundle, then print its case summary: the finding, the accused, what was examined.
+
+    Names are printed as plain text with control characters spelled out. Exit 3 when the bundle
+    does not verify (nothing is printed from it then).
+
+    Example: weightmark evidence show leak-evidence.json --pubkey LAB.pub
+    """
+    from weightmark.cli.report import read_case
+    from weightmark.report import summary_lines
+
+    for line in summary_lines(read_case(bundle, pubkey, home)):
+        typer.echo(line)
