@@ -9,7 +9,7 @@ import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from weightmark.cli.common import JsonOption, print_json
+from weightmark.cli.common import JsonOption, print_json, safe
 from weightmark.errors import InputFileError
 
 app = typer.Typer(help="Evidence bundles from scans.", no_args_is_help=True)
@@ -47,8 +47,8 @@ def verify(
         print_json({"ok": True, "tree_size": result.tree_size, "origin": result.origin,
                     "accused": result.accused, "scan": result.scan})
         return
-    typer.echo(f"Evidence verified against {result.origin} (log of {result.tree_size} entries).")
+    typer.echo(f"Evidence verified against {safe(result.origin)} (log of {result.tree_size} entries).")
     for accused, claim in zip(result.accused, result.scan["accused"], strict=True):
-        typer.echo(f"  {accused['legal_name']} ({accused['licensee_id']}, {accused['jurisdiction']}) received "
-                   f"entry {accused['log_index']} on {accused['issued_at']}; family-wise p = "
+        typer.echo(f"  {safe(accused['legal_name'])} ({safe(accused['licensee_id'])}, {safe(accused['jurisdiction'])}) "
+                   f"received entry {safe(accused['log_index'])} on {safe(accused['issued_at'])}; family-wise p = "
                    f"10^{claim['log10_family_wise_p_value']:.1f}")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from weightmark.cli.common import BarProgress, HomeOption, JsonOption, open_lab, print_json
+from weightmark.cli.common import BarProgress, HomeOption, JsonOption, open_lab, print_json, safe
 
 app = typer.Typer(help="Register and list base models.", no_args_is_help=True)
 
@@ -37,7 +37,7 @@ def register(
         print_json({"name": model.name, "model_id": model.model_id, "base_path": model.base_path,
                     "format": model.format, "carriers": len(carriers), "entry_id": model.entry_idx})
     else:
-        typer.echo(f"Registered {model.name} ({model.format}): model id {model.model_id}, {len(carriers)} "
+        typer.echo(f"Registered {safe(model.name)} ({model.format}): model id {model.model_id}, {len(carriers)} "
                    f"carrier tensors (entry {model.entry_idx}).")
 
 
@@ -55,4 +55,4 @@ def list_models(home: HomeOption = None, json_out: JsonOption = False) -> None:
         print_json(rows)
         return
     for r in rows:
-        typer.echo(f"{r['name']}\t{r['model_id'][:16]}\t{r['base_path']}")
+        typer.echo(f"{safe(r['name'])}\t{r['model_id'][:16]}\t{safe(r['base_path'])}")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from weightmark.cli.common import HomeOption, JsonOption, err, open_lab, print_json
+from weightmark.cli.common import HomeOption, JsonOption, info, open_lab, print_json, safe_lines
 from weightmark.registry import policy as policy_module
 
 app = typer.Typer(help="The jurisdiction policy stamping obeys.", no_args_is_help=True)
@@ -30,7 +30,7 @@ def show(home: HomeOption = None, json_out: JsonOption = False) -> None:
     if json_out:
         print_json(current.to_json())
     else:
-        typer.echo(current.describe())
+        typer.echo(safe_lines(current.describe()))
 
 
 @app.command("set")
@@ -44,4 +44,4 @@ def set_policy(
     """
     with open_lab(home) as lab:
         installed = policy_module.install(lab.home, file)
-    err.print(f"Installed {installed.label}.")
+    info(f"Installed {installed.label}.")

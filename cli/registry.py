@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from cryptography.exceptions import InvalidSignature
 
-from weightmark.cli.common import HomeOption, JsonOption, err, open_lab, print_json
+from weightmark.cli.common import HomeOption, JsonOption, info, open_lab, print_json, safe
 from weightmark.errors import UsageError
 from weightmark.registry import policy
 from weightmark.registry.envelope import envelope, verify
@@ -49,11 +49,12 @@ def show(
         print_json(doc)
         return
     st = entry.statement
-    typer.echo(f"entry {entry.idx}: {entry.kind}, {entry.created_at}, key {entry.key_id}, signature {status}")
-    typer.echo(f"subject: {st['subject'][0]['name']} sha256:{st['subject'][0]['digest']['sha256']}")
+    typer.echo(f"entry {entry.idx}: {safe(entry.kind)}, {safe(entry.created_at)}, key {safe(entry.key_id)}, "
+               f"signature {safe(status)}")
+    typer.echo(f"subject: {safe(st['subject'][0]['name'])} sha256:{safe(st['subject'][0]['digest']['sha256'])}")
     for k, v in st["predicate"].items():
         if k != "files":
-            typer.echo(f"  {k}: {v}")
+            typer.echo(f"  {safe(k)}: {safe(v)}")
 
 
 @app.command("find")
@@ -90,8 +91,8 @@ def find(
         print_json(rows)
         return
     for r in rows:
-        typer.echo(f"entry {r['entry_id']}\t{r['model']}\t{r['licensee_id']}\t{r['jurisdiction']}\t"
-                   f"{r['licensee_name']}\t{r['issued_at']}")
+        typer.echo(f"entry {r['entry_id']}\t{safe(r['model'])}\t{safe(r['licensee_id'])}\t{safe(r['jurisdiction'])}\t"
+                   f"{safe(r['licensee_name'])}\t{safe(r['issued_at'])}")
 
 
 def _utc(text: str | None, option: str) -> str | None:
@@ -135,7 +136,7 @@ def verify_cmd(
         print_json(doc)
     else:
         typer.echo(f"Log verified: {result.size} entries, {result.checkpoints} signed checkpoints, "
-                   f"root {doc['root']} ({result.trust.origin})")
+                   f"root {doc['root']} ({safe(result.trust.origin)})")
 
 
 @app.command("proof")
@@ -206,5 +207,5 @@ def export(
     """
     with open_lab(home) as lab:
         count = lab.export_log(out)
-    err.print(f"Exported {count} entries to {out}")
-    typer.echo(str(out))
+    info(f"Exported {count} entries to {out}")
+    typer.echo(safe(out))

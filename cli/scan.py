@@ -11,10 +11,11 @@ from weightmark.cli.common import (
     BarProgress,
     HomeOption,
     JsonOption,
-    err,
     format_p,
+    info,
     open_lab,
     print_json,
+    safe,
 )
 from weightmark.registry.store import country_name
 from weightmark.scheme import DEFAULT_THRESHOLD
@@ -44,24 +45,24 @@ def scan(
         if evidence is not None:
             if report.accused:
                 lab.evidence(report, evidence)
-                err.print(f"Evidence bundle written to {evidence} (verify: weightmark evidence verify "
+                info(f"Evidence bundle written to {evidence} (verify: weightmark evidence verify "
                           f"{evidence} --pubkey LAB.pub)")
             else:
-                err.print("Nobody accused: no evidence bundle written.")
+                info("Nobody accused: no evidence bundle written.")
     if json_out:
         print_json(report.to_json())
         return
     echo = typer.echo
     against = f"non-blind, against {report.reference}" if report.reference else "blind"
-    echo(f"Suspect:  {report.suspect} ({report.format}; {against})")
-    echo(f"Model:    {report.model} ({report.model_id[:16]}), {report.carriers_used}/{report.carriers_total} carriers")
+    echo(f"Suspect:  {safe(report.suspect)} ({safe(report.format)}; {safe(against)})")
+    echo(f"Model:    {safe(report.model)} ({report.model_id[:16]}), {report.carriers_used}/{report.carriers_total} carriers")
     for line in report.aligned:
-        echo(f"Aligned:  {line}")
+        echo(f"Aligned:  {safe(line)}")
     present = "yes" if report.watermark_present else "not shown"
     echo(f"Watermark of this model's key present: {present} (p = {format_p(report.presence_log10_p)})")
     if report.accused:
         for c in report.accused:
-            echo(f"ACCUSED:  {c.name} ({c.licensee_id}), jurisdiction {c.jurisdiction} "
+            echo(f"ACCUSED:  {safe(c.name)} ({safe(c.licensee_id)}), jurisdiction {safe(c.jurisdiction)} "
                  f"({country_name(c.jurisdiction)}), registry entry {c.entry_id}")
             echo(f"          score {c.score:.1f}, p = {format_p(c.log10_p)}, family-wise p = "
                  f"{format_p(c.log10_family_wise_p)} over {report.family_size} issued codewords")
@@ -70,4 +71,4 @@ def scan(
     if report.candidates:
         echo("Best scores:")
         for c in report.candidates[:5]:
-            echo(f"  {c.score:8.2f}  family-wise p = {format_p(c.log10_family_wise_p):>10}  {c.name} ({c.licensee_id}, {c.jurisdiction})")
+            echo(f"  {c.score:8.2f}  family-wise p = {format_p(c.log10_family_wise_p):>10}  {safe(c.name)} ({safe(c.licensee_id)}, {safe(c.jurisdiction)})")

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from weightmark.cli.common import BarProgress, HomeOption, JsonOption, err, open_lab, print_json
+from weightmark.cli.common import (
+    BarProgress,
+    HomeOption,
+    JsonOption,
+    info,
+    open_lab,
+    print_json,
+    safe,
+)
 from weightmark.scheme import DEFAULT_ALPHA, DEFAULT_COLLUSION
 
 
@@ -38,6 +46,6 @@ def stamp(
     if json_out:
         print_json(copy.to_json())
         return
-    err.print(f"Stamped {model_name} for {lic.name} ({lic.jurisdiction}): entry {copy.entry_idx}, "
+    info(f"Stamped {model_name} for {lic.name} ({lic.jurisdiction}): entry {copy.entry_idx}, "
               f"codeword {copy.codeword_index}, {copy.scheme}")
-    typer.echo(copy.out_path)
+    typer.echo(safe(copy.out_path))
