@@ -47,6 +47,15 @@ def _wants_json(args: list[str]) -> bool:
     return "--json" in options
 
 
+def _quiet_first(args: list[str]) -> list[str]:
+    """-q/--quiet is an option of the root command; accept it after the sub-command as well."""
+    end = args.index("--") if "--" in args else len(args)
+    head = [a for a in args[:end] if a not in ("-q", "--quiet")]
+    if len(head) == end:
+        return args
+    return ["--quiet", *head, *args[end:]]
+
+
 def _not_text(args: list[str]) -> str | None:
     """The first argument holding bytes that were not UTF-8 (Python keeps them as surrogates)."""
     for arg in args:
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     from weightmark.cli.common import Settings
     from weightmark.errors import WeightmarkError
 
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = _quiet_first(sys.argv[1:] if argv is None else list(argv))
     json_mode = _wants_json(args)
     _install_signal_handlers()
     try:

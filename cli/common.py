@@ -12,6 +12,7 @@ import getpass
 import json
 import re
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,7 +27,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from weightmark.errors import KeyProblem
+from weightmark.errors import KeyProblem, NotFound, UsageError
 from weightmark.lab import HOME_ENV, PASSPHRASE_ENV, Lab, passphrase_from_env
 from weightmark.registry.store import DB_FILE
 
@@ -119,6 +120,24 @@ def json_text(value: Any) -> str:
 def print_json(value: Any) -> None:
     """Print a result as JSON on stdout (the --json output of every command)."""
     typer.echo(json_text(value))
+
+
+def name_key(name: str) -> str:
+    """A licensee name for comparisons: NFKC, case-folded, runs of whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+
+
+def resolve_licensee(lab: Lab, text: str) -> str:
+    """A licensee id from an id or a legal name (compared by name_key); several -> UsageError."""
+    everyone = lab.registry.licensees()
+    if any(lic.id == text for lic in everyone):
+        return text
+    matches = [lic.id for lic in everyone if name_key(lic.name) == name_key(text)]
+    if not matches:
+        raise NotFound(f"no licensee with id or name {text!r} (see `weightmark licensee list`)")
+    if len(matches) > 1:
+        raise UsageError(f"{len(matches)} licensees are named {text!r}: {', '.join(matches)}; give one id")
+    return matches[0]
 
 
 def format_p(log10_p: float) -> str:

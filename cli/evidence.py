@@ -9,17 +9,15 @@ import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from weightmark.bounded import MAX_PEM_BYTES, read_bounded
 from weightmark.cli.common import JsonOption, print_json, safe
 from weightmark.errors import InputFileError
 
 app = typer.Typer(help="Evidence bundles from scans.", no_args_is_help=True)
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InputFileError(path, f"cannot read ({exc.strerror})") from None
+def _read(path: Path, limit: int, what: str) -> bytes:
+    return read_bounded(path, limit, what)
 
 
 @app.command("verify")
@@ -34,15 +32,15 @@ def verify(
 
     Example: weightmark evidence verify leak-evidence.json --pubkey LAB.pub
     """
-    from weightmark.evidence import verify_bundle
+    from weightmark.evidence import MAX_BUNDLE_BYTES, verify_bundle
 
     try:
-        key = load_pem_public_key(_read(pubkey))
+        key = load_pem_public_key(_read(pubkey, MAX_PEM_BYTES, "public key"))
     except ValueError:
         raise InputFileError(pubkey, "not a PEM public key") from None
     if not isinstance(key, Ed25519PublicKey):
         raise InputFileError(pubkey, "not an Ed25519 public key")
-    result = verify_bundle(_read(bundle), key, str(bundle))
+    result = verify_bundle(_read(bundle, MAX_BUNDLE_BYTES, "evidence bundle"), key, str(bundle))
     if json_out:
         print_json({"ok": True, "tree_size": result.tree_size, "origin": result.origin,
                     "accused": result.accused, "scan": result.scan})

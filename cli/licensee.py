@@ -6,7 +6,15 @@ from typing import Annotated
 
 import typer
 
-from weightmark.cli.common import HomeOption, JsonOption, open_lab, print_json, safe
+from weightmark.cli.common import (
+    HomeOption,
+    JsonOption,
+    name_key,
+    open_lab,
+    print_json,
+    safe,
+    warn,
+)
 from weightmark.registry.store import country_name, validate_jurisdiction
 
 app = typer.Typer(help="Manage licensees (who receives copies, and where).", no_args_is_help=True)
@@ -25,7 +33,10 @@ def add(
     """
     validate_jurisdiction(jurisdiction)
     with open_lab(home) as lab:
+        same = [lic.id for lic in lab.registry.licensees() if name_key(lic.name) == name_key(name)]
         licensee = lab.add_licensee(name, jurisdiction, email)
+    if same:
+        warn(f"a licensee with this name already exists ({', '.join(same)}); added {licensee.id} anyway")
     typer.echo(safe(licensee.id))
 
 

@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 from cryptography.exceptions import InvalidSignature
 
-from weightmark.cli.common import HomeOption, JsonOption, info, open_lab, print_json, safe
+from weightmark.cli.common import (
+    HomeOption,
+    JsonOption,
+    info,
+    open_lab,
+    print_json,
+    resolve_licensee,
+    safe,
+)
 from weightmark.errors import UsageError
 from weightmark.registry import policy
 from weightmark.registry.envelope import envelope, verify
@@ -59,7 +67,7 @@ def show(
 
 @app.command("find")
 def find(
-    licensee: Annotated[str | None, typer.Option("--licensee", help="Licensee id.")] = None,
+    licensee: Annotated[str | None, typer.Option("--licensee", help="Licensee id or legal name (case and spacing ignored).")] = None,
     jurisdiction: Annotated[str | None, typer.Option("--jurisdiction", help="ISO 3166-1 alpha-2 code.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model name.")] = None,
     tier: Annotated[str | None, typer.Option("--tier", help="Jurisdiction-policy tier name.")] = None,
@@ -75,6 +83,8 @@ def find(
     if jurisdiction:
         validate_jurisdiction(jurisdiction)
     with open_lab(home) as lab:
+        if licensee is not None:
+            licensee = resolve_licensee(lab, licensee)
         model_id = lab.registry.model(model).model_id if model else None
         countries = None
         if tier is not None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from weightmark.cli import EXIT_ACCUSED
 from weightmark.cli.common import (
     BarProgress,
     HomeOption,
@@ -20,6 +21,9 @@ from weightmark.cli.common import (
 from weightmark.registry.store import country_name
 from weightmark.scheme import DEFAULT_THRESHOLD
 
+if TYPE_CHECKING:
+    from weightmark.scan import ScanReport
+
 
 def scan(
     suspect: Annotated[Path, typer.Argument(help="The suspect checkpoint: safetensors file or folder, GGUF file, or a GPTQ/AWQ/compressed-tensors/bitsandbytes folder.")],
@@ -30,12 +34,14 @@ def scan(
     assume_licensees: Annotated[int, typer.Option("--assume-licensees", help="Correct for at least this many licensees.")] = 0,
     realign: Annotated[bool, typer.Option("--realign/--no-realign", help="Undo permutations, rescaling, rotation and renamed or transposed tensors before a non-blind scan.")] = True,
     evidence: Annotated[Path | None, typer.Option("--evidence", help="Write a signed evidence bundle of the accusations here.")] = None,
+    fail_on_accuse: Annotated[bool, typer.Option("--fail-on-accuse", help="Exit 10 when someone is accused (for scripts).")] = False,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Scan SUSPECT, score every copy issued of its model, and accuse only on a sound p-value.
 
-    Exit 0 whenever the scan ran, whatever it found.
+    Exit 0 whenever the scan ran, whatever it found; with --fail-on-accuse, exit 10 when a
+    licensee is accused.
 
     Example: weightmark scan ./leaked-model --json
     """
@@ -51,7 +57,13 @@ def scan(
                 info("Nobody accused: no evidence bundle written.")
     if json_out:
         print_json(report.to_json())
-        return
+    else:
+        _print_report(report)
+    if fail_on_accuse and report.accused:
+        raise typer.Exit(EXIT_ACCUSED)
+
+
+def _print_report(report: ScanReport) -> None:
     echo = typer.echo
     against = f"non-blind, against {report.reference}" if report.reference else "blind"
     echo(f"Suspect:  {safe(report.suspect)} ({safe(report.format)}; {safe(against)})")

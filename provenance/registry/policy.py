@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from weightmark.bounded import read_bounded
 from weightmark.errors import InputFileError, RegistryError, UsageError
 from weightmark.fsutil import write_bytes_atomic
 from weightmark.registry.store import country_name, validate_jurisdiction
@@ -180,14 +181,11 @@ def _parse_tier(source: str, index: int, table: object, owner: dict[str, str]) -
 
 
 def _read_limited(path: Path) -> bytes:
+    """A regular file of at most MAX_POLICY_BYTES (a FIFO or /dev/zero fails at once)."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_POLICY_BYTES + 1)
-    except OSError as exc:
-        raise PolicyFileError(path, f"cannot read the policy file: {exc.strerror or exc}") from exc
-    if len(data) > MAX_POLICY_BYTES:
-        raise PolicyFileError(path, f"is larger than {MAX_POLICY_BYTES} bytes; not a policy file")
-    return data
+        return read_bounded(path, MAX_POLICY_BYTES, "policy file")
+    except InputFileError as exc:
+        raise PolicyFileError(path, exc.problem) from None
 
 
 @dataclass(frozen=True)
