@@ -12,6 +12,7 @@ import os
 import signal
 import sqlite3
 import sys
+from pathlib import Path
 from types import FrameType
 
 # Exit codes, one table for every command.
@@ -85,6 +86,17 @@ def _os_error_message(exc: OSError) -> str:
     return f"{where}{exc.strerror or exc}"
 
 
+def _disk_full(path: Path | None) -> bool:
+    """True when the filesystem holding `path` has no block left for us (SQLite reports a full
+    disk as "disk I/O error" as often as "database or disk is full")."""
+    if path is None:
+        return False
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turn every failure into one `Error: ...` line."""
     import typer
@@ -96,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from weightmark.cli.app import app
     from weightmark.cli.common import Settings
-    from weightmark.errors import WeightmarkError
+    from weightmark.errors import RegistryError, WeightmarkError
 
     args = _quiet_first(sys.argv[1:] if argv is None else list(argv))
     json_mode = _wants_json(args)
@@ -118,11 +130,18 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.format_message() + hint, exc.exit_code, "UsageError", json_mode)
     except typer.Abort:
         _fail("interrupted", 130, "Interrupted", json_mode)
+    except RegistryError as exc:
+        if _disk_full(Settings.registry_path):
+            reason = str(exc).removeprefix(f"{Settings.registry_path}: ")
+            _fail(f"{Settings.registry_path}: no space left on device ({reason})", exc.exit_code,
+                  type(exc).__name__, json_mode)
+        _fail(str(exc), exc.exit_code, type(exc).__name__, json_mode)
     except WeightmarkError as exc:
         _fail(str(exc), exc.exit_code, type(exc).__name__, json_mode)
     except sqlite3.Error as exc:
         where = f"{Settings.registry_path}: " if Settings.registry_path else "registry: "
-        text = "no space left on device" if "full" in str(exc) else f"database error ({exc})"
+        full = "full" in str(exc) or _disk_full(Settings.registry_path)
+        text = "no space left on device" if full else f"database error ({exc})"
         _fail(where + text, EXIT_KEY_OR_REGISTRY, "RegistryError", json_mode)
     except OSError as exc:
         if exc.errno == errno.EPIPE:  # `weightmark ... | head`: the reader went away

@@ -16,6 +16,7 @@ from weightmark.cli.common import (
     print_json,
     safe,
 )
+from weightmark.errors import InputFileError
 from weightmark.scheme import DEFAULT_ALPHA, DEFAULT_COLLUSION
 
 
@@ -40,8 +41,13 @@ def stamp(
     Example: weightmark stamp smollm2 --licensee lic-1a2b3c4d --out acme.gguf --format gguf:Q4_K_M
     """
     with open_lab(home) as lab:
-        copy = lab.stamp(model_name, licensee, out, alpha=alpha, overwrite=force, progress=BarProgress(),
-                         override_reason=override_reason, fmt=fmt, collusion=collusion)
+        try:
+            copy = lab.stamp(model_name, licensee, out, alpha=alpha, overwrite=force, progress=BarProgress(),
+                             override_reason=override_reason, fmt=fmt, collusion=collusion)
+        except OSError as exc:
+            if exc.filename is None:  # a failed write says no file name: it was the output's
+                raise InputFileError(out, (exc.strerror or str(exc)).lower()) from None
+            raise
         lic = lab.registry.licensee(licensee)
     if json_out:
         print_json(copy.to_json())

@@ -193,7 +193,10 @@ class Lab:
         )
 
         keys = self.keys
-        path = Path(path).resolve()
+        try:
+            path = Path(path).resolve()
+        except RuntimeError:  # Python < 3.13 reports a symlink loop so
+            raise InputFileError(path, "symbolic link loop") from None
         fmt = base_format(path)
         if fmt == GGUF_FORMAT:
             base = open_gguf_base(path)
