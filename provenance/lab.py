@@ -103,7 +103,7 @@ class Lab:
     def keys(self) -> _keys.LabKeys:
         """The unlocked lab keys; the passphrase is asked for on first use."""
         if self._keys is None:
-            if not (self.home / _keys.KEY_FILE).exists():
+            if not os.path.lexists(self.home / _keys.KEY_FILE):
                 raise KeyProblem(f"{self.home}: no lab keys here; run `weightmark init` first")
             self._finish_rotation()
             phrase = self._passphrase() if _keys.is_encrypted(self.home) else None
