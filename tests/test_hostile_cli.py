@@ -44,6 +44,37 @@ def error_line(r: subprocess.CompletedProcess[str], code: int) -> str:
     return lines[0]
 
 
+@pytest.fixture
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Run the CLI entry point in this process (no interpreter start-up: for the long case
+    tables); same arguments and result as run_cli."""
+    from weightmark.cli import main
+    from weightmark.cli.common import Settings
+
+    def run(*args: str, home: Path | None = None, env: dict[str, str] | None = None):
+        for name in [k for k in os.environ if k.startswith("WEIGHTMARK_")]:
+            monkeypatch.delenv(name)
+        if home is not None:
+            monkeypatch.setenv("WEIGHTMARK_HOME", str(home))
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            Settings.quiet, Settings.registry_path = False, None
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` (symlinks to devices and FIFOs are recorded, not read)."""
     out = {}
@@ -58,18 +89,14 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> dict:
     """An unencrypted lab with MiniLM registered, one licensee per hostile name, one copy."""
+    from weightmark import Lab
+
     work = tmp_path_factory.mktemp("hostile-cli")
     home = work / "home"
-    assert run_cli("init", "--insecure-no-passphrase", "--home", str(home)).returncode == 0
-    r = run_cli("model", "register", str(minilm), "--name", "minilm", home=home)
-    assert r.returncode == 0, r.stderr
-    ids = {}
-    for key, name in NAMES.items():
-        r = run_cli("licensee", "add", name, "--jurisdiction", "GB", home=home)
-        assert r.returncode == 0, r.stderr
-        ids[key] = r.stdout.strip()
-    r = run_cli("stamp", "minilm", "--licensee", ids["markup"], "--out", str(work / "copy"), home=home)
-    assert r.returncode == 0, r.stderr
+    with Lab.init(home, passphrase=None) as setup:  # in-process: the CLI is what the tests run
+        setup.register_model(minilm, "minilm")
+        ids = {key: setup.add_licensee(name, "GB").id for key, name in NAMES.items()}
+        setup.stamp("minilm", ids["markup"], work / "copy")
     base_digest = hashlib.sha256((minilm / "model.safetensors").read_bytes()).hexdigest()
     yield {"home": home, "work": work, "ids": ids, "copy": work / "copy", "minilm": minilm}
     assert hashlib.sha256((minilm / "model.safetensors").read_bytes()).hexdigest() == base_digest
@@ -177,13 +204,13 @@ KEY_FILES = {
 
 
 @pytest.mark.parametrize("case", sorted(KEY_FILES))
-def test_hostile_key_file(case: str, home_copy: Path) -> None:
+def test_hostile_key_file(case: str, home_copy: Path, run_main) -> None:
     key_file = home_copy / "lab-keys.json"
     key_file.write_bytes(KEY_FILES[case])
     before = snapshot(home_copy)
     started = time.monotonic()
-    r = run_cli("licensee", "add", "Someone", "--jurisdiction", "GB", home=home_copy,
-                env={"WEIGHTMARK_PASSPHRASE": "a passphrase"})
+    r = run_main("licensee", "add", "Someone", "--jurisdiction", "GB", home=home_copy,
+                 env={"WEIGHTMARK_PASSPHRASE": "a passphrase"})
     line = error_line(r, 4)
     assert "lab-keys.json" in line
     assert time.monotonic() - started < 60, "a hostile key file must fail fast"
@@ -209,12 +236,12 @@ SPECIAL = ["dev-zero", "fifo", "symlink-loop", "folder"]
 
 
 @pytest.mark.parametrize("kind", SPECIAL)
-def test_key_file_that_is_not_a_regular_file(kind: str, home_copy: Path) -> None:
+def test_key_file_that_is_not_a_regular_file(kind: str, home_copy: Path, run_main) -> None:
     key_file = home_copy / "lab-keys.json"
     key_file.unlink()
     _special(kind, key_file)
     before = snapshot(home_copy)
-    r = run_cli("licensee", "add", "Someone", "--jurisdiction", "GB", home=home_copy)
+    r = run_main("licensee", "add", "Someone", "--jurisdiction", "GB", home=home_copy)
     assert "lab-keys.json" in error_line(r, 4)
     assert snapshot(home_copy) == before
 
@@ -222,7 +249,7 @@ def test_key_file_that_is_not_a_regular_file(kind: str, home_copy: Path) -> None
 @pytest.mark.parametrize("what", ["bundle", "pubkey", "policy"])
 @pytest.mark.parametrize("kind", SPECIAL + ["deep-json", "huge"])
 def test_bundle_pubkey_and_policy_files_are_read_with_a_cap(lab: dict, tmp_path: Path, what: str,
-                                                            kind: str) -> None:
+                                                            kind: str, run_main) -> None:
     target = tmp_path / f"hostile-{what}"
     if kind == "deep-json":
         target.write_bytes(b"[" * 200_000 + b"]" * 200_000)
@@ -235,11 +262,11 @@ def test_bundle_pubkey_and_policy_files_are_read_with_a_cap(lab: dict, tmp_path:
     registry_before = (lab["home"] / "registry.db").read_bytes()
     started = time.monotonic()
     if what == "bundle":
-        r = run_cli("evidence", "verify", str(target), "--pubkey", str(pub))
+        r = run_main("evidence", "verify", str(target), "--pubkey", str(pub))
     elif what == "pubkey":
-        r = run_cli("evidence", "verify", str(pub), "--pubkey", str(target))
+        r = run_main("evidence", "verify", str(pub), "--pubkey", str(target))
     else:
-        r = run_cli("policy", "set", str(target), home=lab["home"])
+        r = run_main("policy", "set", str(target), home=lab["home"])
     assert target.name in error_line(r, 3)
     assert time.monotonic() - started < 60
     assert (lab["home"] / "registry.db").read_bytes() == registry_before
