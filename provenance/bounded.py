@@ -20,6 +20,9 @@ from weightmark.errors import InputFileError
 MAX_PEM_BYTES = 16 << 10  # a PEM public key is a few hundred bytes
 # Deeper nesting than any file we write, far below what exhausts Python's stack.
 MAX_JSON_DEPTH = 64
+# Texts up to this size have their nesting checked before parsing (a pass in Python); longer
+# ones rely on the parser's own RecursionError.
+_DEPTH_SCAN_BYTES = 1 << 20
 
 
 def read_bounded(path: str | os.PathLike[str], limit: int, what: str = "file") -> bytes:
@@ -80,13 +83,16 @@ def json_depth_ok(data: bytes | str, limit: int = MAX_JSON_DEPTH) -> bool:
 
 def loads_json(data: bytes, source: str | os.PathLike[str], what: str = "JSON file") -> Any:
     """Parse UTF-8 JSON text; too deep, not UTF-8 or not JSON -> InputFileError naming `source`."""
-    if not json_depth_ok(data):
-        raise InputFileError(source, f"not a {what} (JSON nested deeper than {MAX_JSON_DEPTH} levels)")
+    too_deep = InputFileError(source, f"not a {what} (JSON nested deeper than {MAX_JSON_DEPTH} levels)")
+    if len(data) <= _DEPTH_SCAN_BYTES and not json_depth_ok(data):
+        raise too_deep
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise InputFileError(source, f"not a {what} (not UTF-8 text)") from None
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise too_deep from None
+    except ValueError as exc:
         raise InputFileError(source, f"not a {what} ({exc})") from None
 
 

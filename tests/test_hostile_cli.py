@@ -489,3 +489,42 @@ def test_lab_public_methods_have_docstrings_and_types_ship() -> None:
     assert {"init", "keys", "registry", "stamp", "scan", "add_licensee", "close"} <= set(public)
     assert [n for n in public if not doc(n)] == []
     assert files("weightmark").joinpath("py.typed").is_file()
+
+
+@pytest.fixture(scope="module")
+def export(lab: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from weightmark import Lab
+
+    out = tmp_path_factory.mktemp("export") / "log"
+    with Lab(lab["home"], passphrase=None) as opened:
+        opened.export_log(out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["trust.json", "entries.jsonl", "checkpoints.jsonl"])
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "symlink-loop", "deep-json"])
+def test_hostile_log_export(export: Path, tmp_path: Path, name: str, kind: str, run_main) -> None:
+    folder = tmp_path / "log"
+    shutil.copytree(export, folder)
+    (folder / name).unlink()
+    if kind == "deep-json":
+        (folder / name).write_bytes(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    else:
+        _special(kind, folder / name)
+    before = snapshot(folder)
+    assert name in error_line(run_main("registry", "verify", "--from", str(folder)), 3)
+    assert snapshot(folder) == before
+    assert run_main("registry", "verify", "--from", str(export)).returncode == 0
+
+
+def test_json_depth_check_skips_brackets_inside_strings() -> None:
+    from weightmark.bounded import MAX_JSON_DEPTH, json_depth_ok, loads_json
+    from weightmark.errors import InputFileError
+
+    assert json_depth_ok(json.dumps({"name": "[" * 1000 + '\\"{' * 1000}).encode())
+    assert json_depth_ok(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH)
+    assert not json_depth_ok(b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1))
+    assert loads_json(json.dumps({"a": "[[[{{{"}).encode(), "f") == {"a": "[[[{{{"}
+    big = b"[" * 3_000_000 + b"]" * 3_000_000  # above the pre-scan size: the parser's own limit
+    with pytest.raises(InputFileError, match="nested deeper"):
+        loads_json(big, "big.json")
