@@ -528,3 +528,40 @@ def test_json_depth_check_skips_brackets_inside_strings() -> None:
     big = b"[" * 3_000_000 + b"]" * 3_000_000  # above the pre-scan size: the parser's own limit
     with pytest.raises(InputFileError, match="nested deeper"):
         loads_json(big, "big.json")
+
+
+def test_passphrase_typed_on_a_terminal_that_is_not_text(encrypted_home: Path) -> None:
+    """Bytes that are not UTF-8 typed at the passphrase prompt (a real pseudo-terminal)."""
+    import pty
+    import select
+
+    before = snapshot(encrypted_home)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command, with the pseudo-terminal as its terminal
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTMARK_")}
+        env["WEIGHTMARK_HOME"] = str(encrypted_home)
+        os.execve(sys.executable, [sys.executable, "-m", "weightmark", "licensee", "add", "X",
+                                   "--jurisdiction", "GB"], env)
+    seen, typed = b"", False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if not select.select([fd], [], [], 0.5)[0]:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+        if b"Passphrase" in seen and not typed:
+            os.write(fd, b"pass\xff\xfeword\n")
+            typed = True
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert typed, seen
+    assert os.waitstatus_to_exitcode(status) == 4, seen
+    after_prompt = seen.split(b": ", 1)[1].decode()
+    assert after_prompt.strip().splitlines() == [
+        "Error: the passphrase typed is not valid text in the terminal's encoding"]
+    assert snapshot(encrypted_home) == before
