@@ -368,12 +368,13 @@ def test_registry_on_a_full_disk(tiny_fs: Path) -> None:
 
 def test_stamp_output_on_a_full_disk(lab: dict, tiny_fs: Path) -> None:
     out = tiny_fs / "copy"  # MiniLM is 90 MB: it cannot fit in 2 MiB
+    entries = json.loads(run_cli("registry", "verify", "--json", home=lab["home"]).stdout)["entries"]
     r = run_cli("stamp", "minilm", "--licensee", lab["ids"]["bidi"], "--out", str(out), home=lab["home"])
     line = error_line(r, 3)
     assert str(out) in line and "no space left on device" in line
     assert list(tiny_fs.iterdir()) == [], "a partial copy was left behind"
-    r = run_cli("registry", "verify", home=lab["home"])
-    assert r.returncode == 0, r.stderr
+    r = run_cli("registry", "verify", "--json", home=lab["home"])
+    assert r.returncode == 0 and json.loads(r.stdout)["entries"] == entries, "an entry for an unwritten copy"
 
 
 # -- 6. signals -----------------------------------------------------------------------------------
