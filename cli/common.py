@@ -71,15 +71,15 @@ def safe_lines(text: str) -> str:
 
 
 def info(message: str) -> None:
-    """An informational line on stderr (not with --quiet). `message` is printed as text, never
-    as rich markup; quote user-supplied parts with safe()."""
+    """An informational line on stderr (not with --quiet), through safe() and printed as text:
+    never rich markup, emoji codes or highlighting."""
     if not Settings.quiet:
-        err.print(safe(message), markup=False, highlight=False)
+        err.print(safe(message), markup=False, highlight=False, emoji=False)
 
 
 def warn(message: str) -> None:
     """A warning on stderr, shown even with --quiet."""
-    err.print(f"Warning: {safe(message)}", markup=False, highlight=False, style="bold red")
+    err.print(f"Warning: {safe(message)}", markup=False, highlight=False, emoji=False, style="bold red")
 
 
 def ask_passphrase() -> str | None:

@@ -27,10 +27,12 @@ from weightmark.registry.store import validate_jurisdiction
 
 app = typer.Typer(help="Look up the signed registry.", no_args_is_help=True)
 
+MAX_INDEX = 2**63 - 1  # SQLite's largest integer: a bigger entry number is a usage error
+
 
 @app.command("show")
 def show(
-    entry_id: Annotated[int, typer.Argument(help="Registry entry number.")],
+    entry_id: Annotated[int, typer.Argument(help="Registry entry number.", max=MAX_INDEX)],
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -151,7 +153,7 @@ def verify_cmd(
 
 @app.command("proof")
 def proof(
-    entry_id: Annotated[int, typer.Argument(help="Registry entry number.")],
+    entry_id: Annotated[int, typer.Argument(help="Registry entry number.", max=MAX_INDEX)],
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -179,8 +181,8 @@ def proof(
 
 @app.command("consistency")
 def consistency(
-    old_size: Annotated[int, typer.Argument(help="Size of the older checkpoint.")],
-    new_size: Annotated[int | None, typer.Argument(help="Size of the newer one (default: latest).")] = None,
+    old_size: Annotated[int, typer.Argument(help="Size of the older checkpoint.", max=MAX_INDEX)],
+    new_size: Annotated[int | None, typer.Argument(help="Size of the newer one (default: latest).", max=MAX_INDEX)] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:

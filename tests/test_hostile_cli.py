@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import run_cli
 
 NAMES = {
-    "markup": "Acme [/bold] Ltd [link=http://x]",
+    "markup": "Acme [/bold] Ltd [link=http://x] :smile:",
     "osc-title": "Evil \x1b]0;pwned\x07 Co",
     "csi-clear": "Clear \x1b[2J\x1b[H Co",
     "c1-csi": "C1 \x9b31m Co",
@@ -420,6 +420,10 @@ def test_version() -> None:
     (["scan", "x", "--threshold", "abc"], "--threshold"),
     (["stamp", "minilm", "--licensee", "x", "--out", "y", "--collusion", "0"], "--collusion"),
     (["licensee", "add", "X", "--jurisdiction", "GB", "--no-such-option"], "--no-such-option"),
+    (["registry", "show", "9" * 30], "entry_id"),
+    (["registry", "proof", "9" * 30], "entry_id"),
+    (["registry", "consistency", "1", "9" * 30], "new_size"),
+    (["stamp", "minilm", "--licensee", "x", "--out", "y", "--collusion", "9" * 30], "--collusion"),
 ])
 def test_usage_errors_are_one_line(lab: dict, args: list[str], needle: str) -> None:
     r = run_cli(*args, home=lab["home"])
@@ -457,13 +461,14 @@ def test_fail_on_accuse(lab: dict) -> None:
 
 
 def test_repeated_licensee_name_warns_and_find_takes_names(home_copy: Path) -> None:
-    r = run_cli("licensee", "add", "  acme [/BOLD]   ltd [LINK=http://x] ", "--jurisdiction", "DE", home=home_copy)
+    r = run_cli("licensee", "add", "  acme [/BOLD]   ltd [LINK=http://x]  :SMILE: ", "--jurisdiction", "DE",
+                home=home_copy)
     assert r.returncode == 0
     new_id = r.stdout.strip()
     assert r.stderr.startswith("Warning: a licensee with this name already exists (lic-")
     first = run_cli("licensee", "list", "--json", home=home_copy)
     markup_id = next(x["id"] for x in json.loads(first.stdout) if x["name"] == NAMES["markup"])
-    line = error_line(run_cli("registry", "find", "--licensee", "ACME [/bold] LTD [link=http://x]",
+    line = error_line(run_cli("registry", "find", "--licensee", "ACME [/bold] LTD [link=http://x] :smile:",
                               home=home_copy), 2)
     assert markup_id in line and new_id in line
     r = run_cli("registry", "find", "--licensee", "evil \x1b]0;PWNED\x07 co", "--json", home=home_copy)
