@@ -24,6 +24,7 @@ def _read(path: Path, limit: int, what: str) -> bytes:
 def verify(
     bundle: Annotated[Path, typer.Argument(help="The evidence bundle (JSON) written by scan --evidence.")],
     pubkey: Annotated[Path, typer.Option("--pubkey", help="The lab's public key (PEM) you trust.")],
+    suspect: Annotated[Path | None, typer.Option("--suspect", help="Also check that this file or folder is exactly what was examined (sha256 of every file).")] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Verify a bundle offline: signatures, the inclusion proof, the checkpoint, the claims.
@@ -32,7 +33,7 @@ def verify(
 
     Example: weightmark evidence verify leak-evidence.json --pubkey LAB.pub
     """
-    from weightmark.evidence import MAX_BUNDLE_BYTES, verify_bundle
+    from weightmark.evidence import MAX_BUNDLE_BYTES, check_examined, verify_bundle
 
     try:
         key = load_pem_public_key(_read(pubkey, MAX_PEM_BYTES, "public key"))
@@ -41,11 +42,17 @@ def verify(
     if not isinstance(key, Ed25519PublicKey):
         raise InputFileError(pubkey, "not an Ed25519 public key")
     result = verify_bundle(_read(bundle, MAX_BUNDLE_BYTES, "evidence bundle"), key, str(bundle))
+    if suspect is not None:
+        check_examined(result, suspect)
     if json_out:
         print_json({"ok": True, "tree_size": result.tree_size, "origin": result.origin,
                     "accused": result.accused, "scan": result.scan})
         return
     typer.echo(f"Evidence verified against {safe(result.origin)} (log of {result.tree_size} entries).")
+    if suspect is not None:
+        typer.echo(f"  {safe(suspect)} is exactly the examined checkpoint ({len(result.examined['files'])} files).")
+    if not result.accused:
+        typer.echo("  The bundle states that nobody was accused.")
     for accused, claim in zip(result.accused, result.scan["accused"], strict=True):
         typer.echo(f"  {safe(accused['legal_name'])} ({safe(accused['licensee_id'])}, {safe(accused['jurisdiction'])}) "
                    f"received entry {safe(accused['log_index'])} on {safe(accused['issued_at'])}; family-wise p = "

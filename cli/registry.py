@@ -75,10 +75,12 @@ def find(
     tier: Annotated[str | None, typer.Option("--tier", help="Jurisdiction-policy tier name.")] = None,
     since: Annotated[str | None, typer.Option("--since", help="Issued at or after (ISO 8601 date or time, UTC).")] = None,
     until: Annotated[str | None, typer.Option("--until", help="Issued before (ISO 8601 date or time, UTC).")] = None,
+    control_class: Annotated[str | None, typer.Option(
+        "--control-class", help="Copies whose signed policy record classified the model in this control class.")] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Find issued copies by licensee, jurisdiction, policy tier, model or issue time.
+    """Find issued copies by licensee, jurisdiction, policy tier, control class, model or issue time.
 
     Example: weightmark registry find --jurisdiction DE --since 2026-01-01 --json
     """
@@ -97,6 +99,8 @@ def find(
         names = {m.model_id: m.name for m in lab.registry.models()}
         hits = lab.registry.find_issued(licensee, jurisdiction, model_id, _utc(since, "--since"),
                                         _utc(until, "--until"), countries)
+        if control_class is not None:
+            hits = lab.issued_in_control_class(hits, control_class)
     rows = [{**copy.to_json(), "model": names.get(copy.model_id), "licensee_name": lic.name,
              "jurisdiction": lic.jurisdiction} for copy, lic in hits]
     if json_out:

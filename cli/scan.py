@@ -17,6 +17,7 @@ from weightmark.cli.common import (
     open_lab,
     print_json,
     safe,
+    warn,
 )
 from weightmark.registry.store import country_name
 from weightmark.scheme import DEFAULT_THRESHOLD
@@ -48,13 +49,17 @@ def scan(
     with open_lab(home) as lab:
         report = lab.scan(suspect, model, reference, blind, threshold, assume_licensees, progress=BarProgress(),
                           realign=realign)
+        if report.reference_warning:
+            warn(report.reference_warning)
+        if report.ambiguous:
+            warn("the suspect matches several registered models equally well "
+                 f"({', '.join(m['model'] for m in report.models)}); each was considered and the "
+                 f"p-values cover all {report.models_considered}")
         if evidence is not None:
-            if report.accused:
-                lab.evidence(report, evidence)
-                info(f"Evidence bundle written to {evidence} (verify: weightmark evidence verify "
-                          f"{evidence} --pubkey LAB.pub)")
-            else:
-                info("Nobody accused: no evidence bundle written.")
+            lab.evidence(report, evidence, suspect)
+            what = "its accusations" if report.accused else "that nobody was accused"
+            info(f"Evidence bundle stating {what} written to {evidence} (verify: weightmark evidence "
+                 f"verify {evidence} --pubkey LAB.pub --suspect {suspect})")
     if json_out:
         print_json(report.to_json())
     else:
@@ -67,7 +72,14 @@ def _print_report(report: ScanReport) -> None:
     echo = typer.echo
     against = f"non-blind, against {report.reference}" if report.reference else "blind"
     echo(f"Suspect:  {safe(report.suspect)} ({safe(report.format)}; {safe(against)})")
-    echo(f"Model:    {safe(report.model)} ({report.model_id[:16]}), {report.carriers_used}/{report.carriers_total} carriers")
+    echo(f"Model:    {safe(report.model)} ({report.model_id[:16]}), {report.carriers_used}/{report.carriers_total} "
+         f"carriers, {report.elements_used:,} elements")
+    if report.missing_shards:
+        echo(f"Partial:  {len(report.missing_shards)} shard(s) listed by the index are absent; scanned what is here")
+    if len(report.models) > 1:
+        tried = ", ".join(f"{m['model']} ({m['accused']} accused)" for m in report.models_scanned)
+        echo(f"Models:   {len(report.models)} registered models match; scanned {safe(tried)}; "
+             f"p-values cover {report.models_considered} candidate models")
     for line in report.aligned:
         echo(f"Aligned:  {safe(line)}")
     present = "yes" if report.watermark_present else "not shown"
@@ -77,7 +89,8 @@ def _print_report(report: ScanReport) -> None:
             echo(f"ACCUSED:  {safe(c.name)} ({safe(c.licensee_id)}), jurisdiction {safe(c.jurisdiction)} "
                  f"({country_name(c.jurisdiction)}), registry entry {c.entry_id}")
             echo(f"          score {c.score:.1f}, p = {format_p(c.log10_p)}, family-wise p = "
-                 f"{format_p(c.log10_family_wise_p)} over {report.family_size} issued codewords")
+                 f"{format_p(c.log10_family_wise_p)} over {report.family_size} issued codewords"
+                 + (f" x {report.models_considered} models" if report.models_considered > 1 else ""))
     else:
         echo(f"No licensee accused (threshold: family-wise p <= {report.threshold:g}).")
     if report.candidates:

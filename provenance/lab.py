@@ -25,6 +25,7 @@ from weightmark.registry.store import DB_FILE, IssuedCopy, Licensee, Model, Regi
 from weightmark.scheme import DEFAULT_ALPHA, DEFAULT_COLLUSION, DEFAULT_THRESHOLD
 
 if TYPE_CHECKING:
+    from weightmark.facts import Fact
     from weightmark.scan import ScanReport
 
 # Model registration, stamping and scanning import the numba kernels; they are imported when
@@ -136,6 +137,9 @@ class Lab:
         registry = self.registry
         entries = registry.log_entries()
         result = verify_log(entries, registry.checkpoints(), trust_from_entries(entries))
+        from weightmark.facts import check_fact_index
+
+        check_fact_index(registry, entries)
         self._finish_rotation()
         pub_path = self.home / _keys.PUBLIC_KEY_FILE
         try:
@@ -221,7 +225,10 @@ class Lab:
             stats = file_stats_of(base)
         if not carriers:
             raise InputFileError(path, "no tensor can carry a watermark")
-        return self.registry.add_model(model_id, name, str(path), fmt, stats, carriers, keys)
+        from weightmark.facts import measure
+
+        facts = measure(path, fmt)
+        return self.registry.add_model(model_id, name, str(path), fmt, stats, carriers, keys, facts=facts)
 
     def add_licensee(self, name: str, jurisdiction: str, email: str | None = None) -> Licensee:
         """Record a licensee (legal name, ISO 3166-1 alpha-2 country, contact) in a signed entry."""
@@ -243,14 +250,17 @@ class Lab:
         return stamp(self.registry, self.keys, model_name, licensee_id, out, alpha, overwrite, progress,
                      policy.current(self.home), override_reason, fmt, collusion)
 
-    def evidence(self, report: ScanReport, out: str | os.PathLike[str]) -> Path:
-        """Write a signed evidence bundle for a scan's accusations."""
+    def evidence(self, report: ScanReport, out: str | os.PathLike[str],
+                 suspect: str | os.PathLike[str] | None = None) -> Path:
+        """Write a signed evidence bundle of a scan: its accusations, or that nobody was accused.
+
+        `suspect` (default: the path the scan read) is hashed file by file into the bundle.
+        """
         from weightmark.evidence import build_bundle
         from weightmark.registry.store import now
 
-        if not report.accused:
-            raise UsageError("nobody was accused, so there is no evidence bundle to write")
-        data = build_bundle(self.registry, self.keys, report.to_json(), now())
+        data = build_bundle(self.registry, self.keys, report, now(),
+                            suspect if suspect is not None else report.suspect)
         out = Path(out)
         write_bytes_atomic(out, data, mode=0o644)
         return out
@@ -272,3 +282,68 @@ class Lab:
 
         return scan(self.registry, self.keys, suspect, model_name, reference, blind, threshold,
                     assume_licensees, progress, realign)
+
+    # -- model facts and export-control classes ------------------------------------------------
+
+    def model_facts(self, model_name: str) -> dict[str, Fact]:
+        """The facts in force for a model (measured and declared), from its verified signed entries."""
+        from weightmark.facts import verified_facts
+
+        return verified_facts(self.registry, self.registry.model(model_name))
+
+    def measure_model(self, model_name: str) -> int:
+        """Measure a registered model's base again and append a signed `model-facts` entry
+        (for models registered before facts were measured); returns its log index."""
+        from weightmark.facts import measure
+        from weightmark.model import open_registered_base
+
+        model = self.registry.model(model_name)
+        with open_registered_base(model):  # refuses a base whose weights changed
+            pass
+        facts = measure(model.base_path, model.format)
+        return self.registry.add_model_facts(model, facts, "measured", self.keys)
+
+    def declare_facts(self, model_name: str, training_flops: float | None = None,
+                      training_tokens: float | None = None, benchmarks: dict[str, float] | None = None,
+                      capabilities: tuple[str, ...] | list[str] = (), source: str | None = None,
+                      by: str | None = None) -> int:
+        """Append a signed declaration of facts the weights cannot show (training compute and
+        tokens, benchmark scores, capabilities); returns its log index. Tokens without flops
+        record flops estimated as 6 x active parameters x tokens, marked as an estimate."""
+        from weightmark.facts import declaration
+
+        model = self.registry.model(model_name)
+        facts = self.model_facts(model_name)
+        params = facts.get("active_params") or facts.get("params")
+        value = params.value if params is not None and isinstance(params.value, int) else None
+        declared = declaration(value, training_flops, training_tokens, benchmarks, capabilities, source)
+        who = (by or "").strip() or None
+        return self.registry.add_model_facts(model, declared["facts"], "declared", self.keys, by=who,
+                                             source=declared["source"], estimate=declared["estimate"])
+
+    def classify(self, model_name: str, against: policy.Policy | None = None) -> policy.Classification:
+        """Which control classes of the installed policy (or `against`) the model trips, rule by rule."""
+        chosen = against if against is not None else policy.current(self.home)
+        if chosen is None:
+            raise UsageError("no jurisdiction policy is installed (weightmark policy set FILE), so there are "
+                             "no control classes to classify by")
+        if not chosen.classes:
+            raise UsageError(f"{chosen.label} defines no control classes ([[class]] tables); every model "
+                             "gets its tiers")
+        return chosen.classify(self.model_facts(model_name))
+
+    def issued_in_control_class(self, copies: list[tuple[IssuedCopy, Licensee]],
+                                control_class: str) -> list[tuple[IssuedCopy, Licensee]]:
+        """The copies whose signed policy record (signature checked) classified the model in `control_class`."""
+        from weightmark.facts import recorded_control_classes, signed_statement
+        from weightmark.registry.log import trust_from_entries
+
+        trust = trust_from_entries(self.registry.key_chain_entries())
+        return [(copy, lic) for copy, lic in copies
+                if control_class in recorded_control_classes(signed_statement(self.registry, copy.entry_idx, trust))]
+
+    def check_policy(self, source: str | os.PathLike[str]) -> dict[str, object]:
+        """What installing the policy file `source` would change, model by model and country by
+        country, and which copies already issued it would deny (nothing is installed)."""
+        new = policy.Policy.load(source)
+        return policy.check(self.registry, policy.current(self.home), new)

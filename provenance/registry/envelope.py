@@ -18,6 +18,7 @@ PREDICATE_TYPES = {
     "issued-copy": f"{PREDICATE_BASE}/issued-copy/v1",
     "log-genesis": f"{PREDICATE_BASE}/log-genesis/v1",
     "key-rotation": f"{PREDICATE_BASE}/key-rotation/v1",
+    "model-facts": f"{PREDICATE_BASE}/model-facts/v1",
 }
 
 

@@ -119,6 +119,16 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX entries_created ON entries(created_at);
         """,
     ),
+    (
+        5,
+        """
+        CREATE TABLE model_facts (
+            entry_idx INTEGER PRIMARY KEY REFERENCES entries(idx),
+            model_id TEXT NOT NULL REFERENCES models(model_id)
+        );
+        CREATE INDEX model_facts_by_model ON model_facts(model_id);
+        """,
+    ),
 ]
 
 
@@ -452,6 +462,7 @@ class Registry:
         files: dict[str, dict[str, int]],
         carriers: Sequence[Carrier],
         signer: Signer,
+        facts: dict[str, Any] | None = None,
     ) -> Model:
         if not name.strip():
             raise UsageError("model name must not be empty")
@@ -469,6 +480,8 @@ class Registry:
             "row_scale_sha256": table.hexdigest(),
             "registered_at": created,
         }
+        if facts is not None:
+            predicate["facts"] = facts  # measured at registration (see weightmark.facts)
         with self._write() as db:
             clash = db.execute("SELECT name FROM models WHERE model_id = ? OR name = ?", (model_id, name)).fetchone()
             if clash is not None:
@@ -621,3 +634,38 @@ class Registry:
             args.extend(sorted(jurisdictions))
         n = len(IssuedCopy.__dataclass_fields__)
         return [(IssuedCopy(*r[:n]), Licensee(*r[n:])) for r in self._db.execute(sql + " ORDER BY i.entry_idx", args)]
+
+    # -- model facts (export-control classification) --------------------------------------------
+
+    def add_model_facts(self, model: Model, facts: dict[str, Any], how: str, signer: Signer,
+                        by: str | None = None, source: str | None = None,
+                        estimate: str | None = None) -> int:
+        """Append a signed `model-facts` entry: facts `how` ("measured" or "declared") about a
+        model, with who declared them (the signing key, and `by` if given), when, and from what."""
+        at = now()
+        predicate = {"model_id": model.model_id, "model_name": model.name, "how": how, "facts": facts,
+                     "by": by, "source": source, "estimate": estimate, "declared_by_key_id": signer.key_id,
+                     "at": at}
+        digest = hashlib.sha256(canonical_json(facts)).hexdigest()
+        with self._write() as db:
+            idx = self._append(db, "model-facts", statement("model-facts", model.name, digest, predicate), signer)
+            db.execute("INSERT INTO model_facts VALUES (?, ?)", (idx, model.model_id))
+        return idx
+
+    def model_fact_entries(self, model: Model) -> list[Entry]:
+        """The model's signed `model` entry and its `model-facts` entries, in log order."""
+        rows = self._db.execute("SELECT entry_idx FROM model_facts WHERE model_id = ? ORDER BY entry_idx",
+                                (model.model_id,)).fetchall()
+        return [self.entry(model.entry_idx)] + [self.entry(r[0]) for r in rows]
+
+    def key_chain_entries(self) -> list[LogEntry]:
+        """The genesis and key-rotation entries: enough to rebuild the log's key chain (each link
+        is verified by trust_from_entries; a hidden rotation leaves later signatures unverifiable)."""
+        return [LogEntry(*row) for row in self._db.execute(
+            "SELECT idx, payload_type, payload, key_id, signature, leaf_hash FROM entries"
+            " WHERE idx = 0 OR kind = 'key-rotation' ORDER BY idx")]
+
+    def model_fact_index(self) -> list[tuple[int, str]]:
+        """Every (entry index, model id) row of the model-facts index, in log order."""
+        return [(idx, mid) for idx, mid in self._db.execute(
+            "SELECT entry_idx, model_id FROM model_facts ORDER BY entry_idx")]
