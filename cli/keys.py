@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from weightmark.cli.common import HomeOption, err, open_lab
+from weightmark.cli.common import HomeOption, info, open_lab, safe
 
 app = typer.Typer(help="The lab's signing keys.", no_args_is_help=True)
 
@@ -25,7 +25,7 @@ def export_public(
     """
     with open_lab(home) as lab:
         lab.write_public_key(out, overwrite=force)
-    typer.echo(str(out))
+    typer.echo(safe(out))
 
 
 @app.command("trust")
@@ -41,7 +41,7 @@ def trust(
     """
     with open_lab(home) as lab:
         lab.write_trust(out, overwrite=force)
-    typer.echo(str(out))
+    typer.echo(safe(out))
 
 
 @app.command("rotate")
@@ -55,5 +55,5 @@ def rotate(home: HomeOption = None) -> None:
     with open_lab(home) as lab:
         old = lab.keys.key_id
         new = lab.rotate_keys().key_id
-    err.print(f"Signing key rotated: {old} -> {new}. Hand out the new public key and trust file.")
+    info(f"Signing key rotated: {old} -> {new}. Hand out the new public key and trust file.")
     typer.echo(new)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from weightmark.cli.common import BarProgress, HomeOption, JsonOption, open_lab, print_json
+from weightmark.cli.common import BarProgress, HomeOption, JsonOption, open_lab, print_json, safe
 
 app = typer.Typer(help="Register and list base models; measure, declare and classify their facts.",
                   no_args_is_help=True)
@@ -38,7 +38,7 @@ def register(
         print_json({"name": model.name, "model_id": model.model_id, "base_path": model.base_path,
                     "format": model.format, "carriers": len(carriers), "entry_id": model.entry_idx})
     else:
-        typer.echo(f"Registered {model.name} ({model.format}): model id {model.model_id}, {len(carriers)} "
+        typer.echo(f"Registered {safe(model.name)} ({model.format}): model id {model.model_id}, {len(carriers)} "
                    f"carrier tensors (entry {model.entry_idx}).")
 
 
@@ -56,7 +56,7 @@ def list_models(home: HomeOption = None, json_out: JsonOption = False) -> None:
         print_json(rows)
         return
     for r in rows:
-        typer.echo(f"{r['name']}\t{r['model_id'][:16]}\t{r['base_path']}")
+        typer.echo(f"{safe(r['name'])}\t{r['model_id'][:16]}\t{safe(r['base_path'])}")
 
 
 @app.command("relocate")
@@ -86,7 +86,7 @@ def _fact_text(value: object) -> str:
         return f"{value:.4g}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
-    return str(value)
+    return safe(value)
 
 
 @app.command("measure")
@@ -110,10 +110,10 @@ def _print_facts(name: str, entry: int, facts: dict, json_out: bool) -> None:
     if json_out:
         print_json({"model": name, "entry_id": entry, "facts": {k: f.to_json() for k, f in sorted(facts.items())}})
         return
-    typer.echo(f"Recorded facts of {name} in entry {entry}. Facts in force:")
+    typer.echo(f"Recorded facts of {safe(name)} in entry {entry}. Facts in force:")
     for key, fact in sorted(facts.items()):
-        who = f" by {fact.by}" if fact.by else ""
-        typer.echo(f"  {key}: {_fact_text(fact.value)} ({fact.source}{who}, entry {fact.entry}, {fact.at})")
+        who = f" by {safe(fact.by)}" if fact.by else ""
+        typer.echo(f"  {safe(key)}: {_fact_text(fact.value)} ({safe(fact.source)}{who}, entry {fact.entry}, {safe(fact.at)})")
 
 
 @app.command("declare")
@@ -172,14 +172,14 @@ def classify(
     if json_out:
         print_json({"model": name, **result.to_json()})
         return
-    typer.echo(f"{name} under {result.label}: "
-               + (f"control classes {', '.join(result.tripped)}" if result.tripped else "no control class tripped"))
+    typer.echo(f"{safe(name)} under {safe(result.label)}: "
+               + (f"control classes {safe(', '.join(result.tripped))}" if result.tripped else "no control class tripped"))
     for klass in result.results:
-        extra = f", missing facts {', '.join(klass.missing_facts)} count as {klass.missing}" \
+        extra = f", missing facts {safe(', '.join(klass.missing_facts))} count as {safe(klass.missing)}" \
             if klass.status == "missing" else ""
-        typer.echo(f"class {klass.name}: {klass.status}{extra}")
+        typer.echo(f"class {safe(klass.name)}: {safe(klass.status)}{extra}")
         for t in klass.trace:
-            who = f" by {t['by']}" if t.get("by") else ""
+            who = f" by {safe(t['by'])}" if t.get("by") else ""
             fact = "not known" if t["source"] is None else \
-                f"{t['fact']} = {_fact_text(t['value'])} ({t['source']}{who}, entry {t['entry']}, {t['at']})"
-            typer.echo(f"  {t['rule']}: {t['result']}; {fact}")
+                f"{safe(t['fact'])} = {_fact_text(t['value'])} ({safe(t['source'])}{who}, entry {t['entry']}, {safe(t['at'])})"
+            typer.echo(f"  {safe(t['rule'])}: {safe(t['result'])}; {fact}")

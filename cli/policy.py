@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from weightmark.cli.common import HomeOption, JsonOption, err, open_lab, print_json
+from weightmark.cli.common import (
+    HomeOption,
+    JsonOption,
+    info,
+    open_lab,
+    print_json,
+    safe,
+    safe_lines,
+)
 from weightmark.registry import policy as policy_module
 
 app = typer.Typer(help="The jurisdiction policy stamping obeys.", no_args_is_help=True)
@@ -30,7 +38,7 @@ def show(home: HomeOption = None, json_out: JsonOption = False) -> None:
     if json_out:
         print_json(current.to_json())
     else:
-        typer.echo(current.describe())
+        typer.echo(safe_lines(current.describe()))
 
 
 @app.command("set")
@@ -44,7 +52,7 @@ def set_policy(
     """
     with open_lab(home) as lab:
         installed = policy_module.install(lab.home, file)
-    err.print(f"Installed {installed.label}.")
+    info(f"Installed {installed.label}.")
 
 
 @app.command("check")
@@ -65,24 +73,24 @@ def check(
         print_json(report)
         return
     before = report["installed"] or "no installed policy"
-    typer.echo(f"{report['policy']} against {before}"
+    typer.echo(f"{safe(report['policy'])} against {safe(before)}"
                + ("" if report["installable"] else " (not installable: its version is not newer)"))
     for model in report["models"]:
-        classes = ", ".join(model["classes_after"]) or "none"
-        typer.echo(f"model {model['model']}: control classes {classes}")
+        classes = safe(", ".join(model["classes_after"]) or "none")
+        typer.echo(f"model {safe(model['model'])}: control classes {classes}")
         if model["refused_for_missing_facts"]:
-            typer.echo(f"  no copy until declared: {', '.join(model['refused_for_missing_facts'])}")
+            typer.echo(f"  no copy until declared: {safe(', '.join(model['refused_for_missing_facts']))}")
         if not model["changes"]:
             typer.echo("  no country's outcome changes")
         for change in model["changes"]:
-            typer.echo(f"  {change['before']} -> {change['after']}: {_countries_text(change['countries'])}")
+            typer.echo(f"  {safe(change['before'])} -> {safe(change['after'])}: {safe(_countries_text(change['countries']))}")
     denied = report["issued_now_denied"]
     if denied:
-        err.print(f"{len(denied)} {'copy was' if len(denied) == 1 else 'copies were'} already issued to "
-                  "jurisdictions this policy would deny:")
+        info(f"{len(denied)} {'copy was' if len(denied) == 1 else 'copies were'} already issued to "
+             "jurisdictions this policy would deny:")
         for row in denied:
-            typer.echo(f"issued entry {row['entry_id']}\t{row['model']}\t{row['jurisdiction']}\t"
-                       f"{row['legal_name']}\t{row['variant']}\t{row['rule']}")
+            typer.echo(f"issued entry {row['entry_id']}\t{safe(row['model'])}\t{safe(row['jurisdiction'])}\t"
+                       f"{safe(row['legal_name'])}\t{safe(row['variant'])}\t{safe(row['rule'])}")
     else:
         typer.echo("No copy already issued would be denied.")
 

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from weightmark.cli.common import HomeOption, JsonOption, err, open_lab, print_json
+from weightmark.cli.common import (
+    HomeOption,
+    JsonOption,
+    info,
+    open_lab,
+    print_json,
+    resolve_licensee,
+    safe,
+)
 from weightmark.errors import UsageError
 from weightmark.registry import policy
 from weightmark.registry.envelope import envelope
@@ -18,10 +26,12 @@ from weightmark.registry.store import validate_jurisdiction
 
 app = typer.Typer(help="Look up the signed registry.", no_args_is_help=True)
 
+MAX_INDEX = 2**63 - 1  # SQLite's largest integer: a bigger entry number is a usage error
+
 
 @app.command("show")
 def show(
-    entry_id: Annotated[int, typer.Argument(help="Registry entry number.")],
+    entry_id: Annotated[int, typer.Argument(help="Registry entry number.", max=MAX_INDEX)],
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -41,16 +51,17 @@ def show(
         print_json(doc)
         return
     st = entry.statement
-    typer.echo(f"entry {entry.idx}: {entry.kind}, {entry.created_at}, key {entry.key_id}, signature {status}")
-    typer.echo(f"subject: {st['subject'][0]['name']} sha256:{st['subject'][0]['digest']['sha256']}")
+    typer.echo(f"entry {entry.idx}: {safe(entry.kind)}, {safe(entry.created_at)}, key {safe(entry.key_id)}, "
+               f"signature {safe(status)}")
+    typer.echo(f"subject: {safe(st['subject'][0]['name'])} sha256:{safe(st['subject'][0]['digest']['sha256'])}")
     for k, v in st["predicate"].items():
         if k != "files":
-            typer.echo(f"  {k}: {v}")
+            typer.echo(f"  {safe(k)}: {safe(v)}")
 
 
 @app.command("find")
 def find(
-    licensee: Annotated[str | None, typer.Option("--licensee", help="Licensee id.")] = None,
+    licensee: Annotated[str | None, typer.Option("--licensee", help="Licensee id or legal name (case and spacing ignored).")] = None,
     jurisdiction: Annotated[str | None, typer.Option("--jurisdiction", help="ISO 3166-1 alpha-2 code.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model name.")] = None,
     tier: Annotated[str | None, typer.Option("--tier", help="Jurisdiction-policy tier name.")] = None,
@@ -68,6 +79,8 @@ def find(
     if jurisdiction:
         validate_jurisdiction(jurisdiction)
     with open_lab(home) as lab:
+        if licensee is not None:
+            licensee = resolve_licensee(lab, licensee)
         model_id = lab.registry.model(model).model_id if model else None
         countries = None
         if tier is not None:
@@ -90,8 +103,8 @@ def find(
         return
     for r in rows:
         note = "" if r["delivered"] else f"\tnever delivered (entry {r['void_entry_id']})"
-        typer.echo(f"entry {r['entry_id']}\t{r['model']}\t{r['licensee_id']}\t{r['jurisdiction']}\t"
-                   f"{r['licensee_name']}\t{r['issued_at']}{note}")
+        typer.echo(f"entry {r['entry_id']}\t{safe(r['model'])}\t{safe(r['licensee_id'])}\t{safe(r['jurisdiction'])}\t"
+                   f"{safe(r['licensee_name'])}\t{safe(r['issued_at'])}{note}")
 
 
 def _utc(text: str | None, option: str) -> str | None:
@@ -137,12 +150,12 @@ def verify_cmd(
         print_json(doc)
     else:
         typer.echo(f"Log verified: {result.size} entries, {result.checkpoints} signed checkpoints, "
-                   f"root {doc['root']} ({result.trust.origin})")
+                   f"root {doc['root']} ({safe(result.trust.origin)})")
 
 
 @app.command("proof")
 def proof(
-    entry_id: Annotated[int, typer.Argument(help="Registry entry number.")],
+    entry_id: Annotated[int, typer.Argument(help="Registry entry number.", max=MAX_INDEX)],
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -170,8 +183,8 @@ def proof(
 
 @app.command("consistency")
 def consistency(
-    old_size: Annotated[int, typer.Argument(help="Size of the older checkpoint.")],
-    new_size: Annotated[int | None, typer.Argument(help="Size of the newer one (default: latest).")] = None,
+    old_size: Annotated[int, typer.Argument(help="Size of the older checkpoint.", max=MAX_INDEX)],
+    new_size: Annotated[int | None, typer.Argument(help="Size of the newer one (default: latest).", max=MAX_INDEX)] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -210,5 +223,5 @@ def export(
     """
     with open_lab(home) as lab:
         count = lab.export_log(out, overwrite=force)
-    err.print(f"Exported {count} entries to {out}")
-    typer.echo(str(out))
+    info(f"Exported {count} entries to {out}")
+    typer.echo(safe(out))

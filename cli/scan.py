@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from weightmark.cli import EXIT_ACCUSED
 from weightmark.cli.common import (
     BarProgress,
     HomeOption,
     JsonOption,
     format_p,
+    info,
     open_lab,
     print_json,
+    safe,
+    warn,
 )
 from weightmark.outputs import EVIDENCE
 from weightmark.registry.store import country_name
 from weightmark.scheme import DEFAULT_THRESHOLD
+
+if TYPE_CHECKING:
+    from weightmark.scan import ScanReport
 
 
 def scan(
@@ -30,12 +37,14 @@ def scan(
     realign: Annotated[bool, typer.Option("--realign/--no-realign", help="Undo permutations, rescaling, rotation and renamed or transposed tensors before a non-blind scan.")] = True,
     evidence: Annotated[Path | None, typer.Option("--evidence", help="Write a signed evidence bundle of the accusations here (must not exist).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Let --evidence replace an earlier evidence bundle (JSON of the weightmark evidence format); nothing else, and nothing in the lab home.")] = False,
+    fail_on_accuse: Annotated[bool, typer.Option("--fail-on-accuse", help="Exit 10 when someone is accused (for scripts).")] = False,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Scan SUSPECT, score every copy issued of its model, and accuse only on a sound p-value.
 
-    Exit 0 whenever the scan ran, whatever it found.
+    Exit 0 whenever the scan ran, whatever it found; with --fail-on-accuse, exit 10 when a
+    licensee is accused.
 
     Example: weightmark scan ./leaked-model --json
     """
@@ -45,38 +54,44 @@ def scan(
         report = lab.scan(suspect, model, reference, blind, threshold, assume_licensees, progress=BarProgress(),
                           realign=realign)
         if report.reference_warning:
-            typer.echo(f"Warning: {report.reference_warning}", err=True)
+            warn(report.reference_warning)
         if report.ambiguous:
-            typer.echo("Warning: the suspect matches several registered models equally well "
-                       f"({', '.join(m['model'] for m in report.models)}); each was considered and the "
-                       f"p-values cover all {report.models_considered}", err=True)
+            warn("the suspect matches several registered models equally well "
+                 f"({', '.join(m['model'] for m in report.models)}); each was considered and the "
+                 f"p-values cover all {report.models_considered}")
         if evidence is not None:
             lab.evidence(report, evidence, suspect, overwrite=force)
             what = "its accusations" if report.accused else "that nobody was accused"
-            typer.echo(f"Evidence bundle stating {what} written to {evidence} (verify: weightmark evidence "
-                       f"verify {evidence} --pubkey LAB.pub --suspect {suspect})", err=True)
+            info(f"Evidence bundle stating {what} written to {evidence} (verify: weightmark evidence "
+                 f"verify {evidence} --pubkey LAB.pub --suspect {suspect})")
     if json_out:
         print_json(report.to_json())
-        return
+    else:
+        _print_report(report)
+    if fail_on_accuse and report.accused:
+        raise typer.Exit(EXIT_ACCUSED)
+
+
+def _print_report(report: ScanReport) -> None:
     echo = typer.echo
     against = f"non-blind, against {report.reference}" if report.reference else "blind"
-    echo(f"Suspect:  {report.suspect} ({report.format}; {against})")
-    echo(f"Model:    {report.model} ({report.model_id[:16]}), {report.carriers_used}/{report.carriers_total} carriers, "
-         f"{report.elements_used:,} elements")
+    echo(f"Suspect:  {safe(report.suspect)} ({safe(report.format)}; {safe(against)})")
+    echo(f"Model:    {safe(report.model)} ({report.model_id[:16]}), {report.carriers_used}/{report.carriers_total} "
+         f"carriers, {report.elements_used:,} elements")
     if report.missing_shards:
         echo(f"Partial:  {len(report.missing_shards)} shard(s) listed by the index are absent; scanned what is here")
     if len(report.models) > 1:
         tried = ", ".join(f"{m['model']} ({m['accused']} accused)" for m in report.models_scanned)
-        echo(f"Models:   {len(report.models)} registered models match; scanned {tried}; "
+        echo(f"Models:   {len(report.models)} registered models match; scanned {safe(tried)}; "
              f"p-values cover {report.models_considered} candidate models")
     for line in report.aligned:
-        echo(f"Aligned:  {line}")
+        echo(f"Aligned:  {safe(line)}")
     present = "yes" if report.watermark_present else "not shown"
     echo(f"Watermark of this model's key present: {present} (p = {format_p(report.presence_log10_p)})")
     if report.accused:
         for c in report.accused:
             undelivered = "" if c.delivered else " (recorded as never delivered)"
-            echo(f"ACCUSED:  {c.name} ({c.licensee_id}), jurisdiction {c.jurisdiction} "
+            echo(f"ACCUSED:  {safe(c.name)} ({safe(c.licensee_id)}), jurisdiction {safe(c.jurisdiction)} "
                  f"({country_name(c.jurisdiction)}), registry entry {c.entry_id}{undelivered}")
             echo(f"          score {c.score:.1f}, p = {format_p(c.log10_p)}, family-wise p = "
                  f"{format_p(c.log10_family_wise_p)} over {report.family_size} issued codewords"
@@ -86,4 +101,4 @@ def scan(
     if report.candidates:
         echo("Best scores:")
         for c in report.candidates[:5]:
-            echo(f"  {c.score:8.2f}  family-wise p = {format_p(c.log10_family_wise_p):>10}  {c.name} ({c.licensee_id}, {c.jurisdiction})")
+            echo(f"  {c.score:8.2f}  family-wise p = {format_p(c.log10_family_wise_p):>10}  {safe(c.name)} ({safe(c.licensee_id)}, {safe(c.jurisdiction)})")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightmark import keys as _keys
+from weightmark.bounded import MAX_PEM_BYTES, read_bounded
 from weightmark.errors import InputFileError, KeyProblem, RegistryError, UsageError
 from weightmark.fsutil import write_bytes_atomic
 from weightmark.outputs import (
@@ -57,6 +58,7 @@ def default_home() -> Path:
 
 
 def passphrase_from_env() -> str | None:
+    """$WEIGHTMARK_PASSPHRASE, or None when it is not set."""
     return os.environ.get(PASSPHRASE_ENV)
 
 
@@ -65,13 +67,29 @@ def _to_stderr(message: str) -> None:
 
 
 class Lab:
-    """A lab home folder. Keys are unlocked on first use, with the passphrase from `passphrase`."""
+    """A lab home folder. Keys are unlocked on first use, with the passphrase from `passphrase`.
+
+    `passphrase` is the passphrase itself (a str, or None for keys stored unencrypted) or a
+    function returning it, asked only when encrypted keys are first needed. By default it is
+    read from $WEIGHTMARK_PASSPHRASE.
+
+    Example::
+
+        with Lab("/srv/lab", passphrase="correct horse battery staple") as lab:
+            print(lab.registry.models())
+    """
 
     def __init__(self, home: str | os.PathLike[str] | None = None,
-                 passphrase: PassphraseSource = passphrase_from_env,
+                 passphrase: str | PassphraseSource | None = passphrase_from_env,
                  notify: Callable[[str], None] = _to_stderr) -> None:
         self.home = Path(home) if home is not None else default_home()
-        self._passphrase = passphrase
+        if passphrase is None or isinstance(passphrase, str):
+            fixed = passphrase
+            self._passphrase: PassphraseSource = lambda: fixed
+        elif callable(passphrase):
+            self._passphrase = passphrase
+        else:
+            raise TypeError(f"passphrase must be a str, None or a callable, not {type(passphrase).__name__}")
         self._notify = notify
         self._registry: Registry | None = None
         self._keys: _keys.LabKeys | None = None
@@ -93,6 +111,7 @@ class Lab:
 
     @property
     def registry(self) -> Registry:
+        """The lab's registry database, opened on first use (with the policy in force)."""
         if self._registry is None:
             self._registry = Registry.open(self.home)
             installed = policy.current(self.home)
@@ -119,8 +138,9 @@ class Lab:
 
     @property
     def keys(self) -> _keys.LabKeys:
+        """The unlocked lab keys; the passphrase is asked for on first use."""
         if self._keys is None:
-            if not (self.home / _keys.KEY_FILE).exists():
+            if not os.path.lexists(self.home / _keys.KEY_FILE):
                 raise KeyProblem(f"{self.home}: no lab keys here; run `weightmark init` first")
             self._finish_rotation()
             phrase = self._passphrase() if _keys.is_encrypted(self.home) else None
@@ -172,9 +192,9 @@ class Lab:
         self._finish_rotation()
         pub_path = self.home / _keys.PUBLIC_KEY_FILE
         try:
-            pub = pub_path.read_bytes().decode("ascii", errors="replace")
-        except OSError as exc:
-            raise KeyProblem(f"{pub_path}: cannot read the lab's public key ({exc.strerror})") from None
+            pub = read_bounded(pub_path, MAX_PEM_BYTES, "public key").decode("ascii", errors="replace")
+        except InputFileError as exc:
+            raise KeyProblem(str(exc)) from None
         if pub.strip() != result.trust.current.pem.strip():
             raise LogVerificationError(f"{pub_path}: is not the log's current signing key")
         return result
@@ -191,6 +211,7 @@ class Lab:
         return self.keys
 
     def close(self) -> None:
+        """Close the registry database (the Lab is also a context manager that does this)."""
         if self._registry is not None:
             self._registry.close()
             self._registry = None
@@ -227,7 +248,10 @@ class Lab:
 
         keys = self.keys
         registry = self.registry  # refuse an unusable registry before reading the weights
-        path = Path(path).resolve()
+        try:
+            path = Path(path).resolve()
+        except RuntimeError:  # Python < 3.13 reports a symlink loop so
+            raise InputFileError(path, "symbolic link loop") from None
         fmt = base_format(path)
         if fmt == GGUF_FORMAT:
             base = open_gguf_base(path)
@@ -301,6 +325,7 @@ class Lab:
         return self.registry.relocate_model(model, str(path), stats, keys)
 
     def add_licensee(self, name: str, jurisdiction: str, email: str | None = None) -> Licensee:
+        """Record a licensee (legal name, ISO 3166-1 alpha-2 country, contact) in a signed entry."""
         return self.registry.add_licensee(name, jurisdiction, email, self.keys)
 
     def stamp(self, model_name: str, licensee_id: str, out: str | os.PathLike[str],
@@ -365,6 +390,8 @@ class Lab:
              reference: str | os.PathLike[str] | None = None, blind: bool = False,
              threshold: float = DEFAULT_THRESHOLD, assume_licensees: int = 0,
              progress: Progress = NO_PROGRESS, realign: bool = True) -> ScanReport:
+        """Score a suspect checkpoint against every copy issued of its model; accuse only when
+        the family-wise p-value is at most `threshold`."""
         from weightmark.scan import scan
 
         return scan(self.registry, self.keys, suspect, model_name, reference, blind, threshold,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from weightmark.bounded import read_bounded
 from weightmark.errors import InputFileError, RegistryError, UsageError
 from weightmark.facts import NUMERIC_FACTS
 from weightmark.fsutil import write_bytes_atomic
@@ -391,14 +392,11 @@ def _parse_class(source: str, index: int, table: object, default_missing: str | 
 
 
 def _read_limited(path: Path) -> bytes:
+    """A regular file of at most MAX_POLICY_BYTES (a FIFO or /dev/zero fails at once)."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_POLICY_BYTES + 1)
-    except OSError as exc:
-        raise PolicyFileError(path, f"cannot read the policy file: {exc.strerror or exc}") from exc
-    if len(data) > MAX_POLICY_BYTES:
-        raise PolicyFileError(path, f"is larger than {MAX_POLICY_BYTES} bytes; not a policy file")
-    return data
+        return read_bounded(path, MAX_POLICY_BYTES, "policy file")
+    except InputFileError as exc:
+        raise PolicyFileError(path, exc.problem) from None
 
 
 @dataclass(frozen=True)
