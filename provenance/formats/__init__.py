@@ -94,6 +94,12 @@ class SafetensorsSuspect:
     def close(self) -> None:
         self.checkpoint.close()
 
+    def __enter__(self) -> SafetensorsSuspect:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _is_gguf(path: Path) -> bool:
     if not path.is_file():
