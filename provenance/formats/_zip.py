@@ -31,6 +31,9 @@ def zip_names(path: Path) -> list[str] | None:
     if not path.is_file():
         return None
     try:
+        with open(path, "rb") as fh:
+            if fh.read(9)[8:9] == b"{":
+                return None  # a length and a JSON header: safetensors, never searched for a zip
         if not zipfile.is_zipfile(path):
             return None
         with zipfile.ZipFile(path) as archive:
