@@ -144,3 +144,15 @@ def test_float_mlx_folder_is_plain_safetensors(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization": {"group_size": 64, "bits": 4}}))
     with open_suspect(folder) as suspect:
         assert suspect.format == "safetensors"
+
+
+def test_test_writer_packs_like_mlx(affine: dict[str, np.ndarray]) -> None:
+    """The folder writer the traceability tests use packs codes exactly as mlx.core.quantize."""
+    from tests.formats.mlx_writer import pack_codes
+
+    for bits in (2, 3, 4, 5, 6, 8):
+        words = affine[f"{bits}_64_f32.q"]
+        rows, cols = words.shape[0], 256
+        stream = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, : cols * bits]
+        codes = (stream.reshape(rows, cols, bits).astype(np.uint32) << np.arange(bits, dtype=np.uint32)).sum(-1)
+        assert np.array_equal(pack_codes(codes, bits), words), bits
