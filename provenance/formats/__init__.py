@@ -127,8 +127,8 @@ def _refuse_unknown_file(path: Path) -> None:
     """A single file that no sniffer claimed must at least look like safetensors (an 8-byte
     little-endian header length, then a JSON object); say what it is not, rather than letting
     the safetensors reader complain about a nonsensical header length."""
-    if not path.is_file():
-        return None
+    if not path.is_file() or path.suffix == ".safetensors":
+        return None  # a file that says it is safetensors gets the safetensors reader's diagnosis
     with open(path, "rb") as fh:
         head = fh.read(9)
     if len(head) == 9 and head[8:9] == b"{":

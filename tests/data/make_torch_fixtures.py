@@ -1,8 +1,9 @@
 """Write the PyTorch checkpoints under tests/data/torch/ with real torch, with torch's own values.
 
-Run once, in an environment with torch (not a dependency of weightmark):
+Run once, in an environment with torch (not a dependency of weightmark), and optionally the
+fickling attack tool (its injected checkpoints become fixtures too):
 
-    python -m venv /work/torchenv && /work/torchenv/bin/pip install torch==2.13.0 numpy
+    python -m venv /work/torchenv && /work/torchenv/bin/pip install torch==2.13.0 numpy fickling==0.1.12
     /work/torchenv/bin/python -P tests/data/make_torch_fixtures.py
 
 Every `.npz` holds what torch itself says the tensors are: `NAME` the float32 values
@@ -153,6 +154,26 @@ def refused() -> None:
     torch.jit.save(torch.jit.script(Tiny()), OUT / "torchscript.pt")
 
 
+FICKLING_MARKER = "/tmp/weightmark-fickling-pwned"
+
+
+def fickling_samples() -> None:
+    """Malicious checkpoints made by a real attack tool (fickling, if installed): its
+    "insertion" (exec spliced into data.pkl) and "combination" (an object whose reduce runs
+    the payload, saved with torch.save) injections into a genuine torch.save file."""
+    try:
+        from fickling.pytorch import PyTorchModelWrapper
+    except ImportError:
+        print("fickling is not installed: no fickling samples written")
+        return
+    payload = f"open({FICKLING_MARKER!r}, 'w').close()"
+    clean = OUT / "fickling_clean.pt"
+    torch.save({"w": torch.ones(4, 4)}, clean)
+    for injection in ("insertion", "combination"):
+        PyTorchModelWrapper(clean).inject_payload(payload, OUT / f"fickling_{injection}.pt", injection=injection)
+    clean.unlink()
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     torch.manual_seed(0)
@@ -160,6 +181,7 @@ def main() -> None:
     sharded()
     meta()
     refused()
+    fickling_samples()
     (OUT / "VERSION").write_text(f"written by torch {torch.__version__} with tests/data/make_torch_fixtures.py\n")
 
 

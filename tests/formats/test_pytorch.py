@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +295,37 @@ def test_legacy_and_random_files_through_the_cli(tmp_path: Path, lab_home: Path)
     r = run_cli("scan", str(junk), "--model", "minilm", home=lab_home)
     line = _one_line_error(r, 3, "weights.pt", "not a PyTorch zip checkpoint")
     assert "header length" not in line
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints injected by a real attack tool (fickling 0.1.12, tests/data/make_torch_fixtures.py)
+
+FICKLING_MARKER = Path("/tmp/weightmark-fickling-pwned")  # what the injected payloads create
+
+
+def _data_pkl(path: Path) -> bytes:
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+
+
+@pytest.mark.parametrize("injection", ["insertion", "combination"])
+def test_fickling_payloads_are_real(injection: str) -> None:
+    """Control: a general unpickler runs fickling's payload (the exec / eval comes first)."""
+    FICKLING_MARKER.unlink(missing_ok=True)
+    try:
+        try:
+            pickle.loads(_data_pkl(DATA / f"fickling_{injection}.pt"))
+        except Exception:
+            pass  # the torch part fails without torch; the payload has run by then
+        assert FICKLING_MARKER.exists()
+    finally:
+        FICKLING_MARKER.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(("injection", "shown"), [("insertion", "builtins.exec"), ("combination", "__builtin__.eval")])
+def test_fickling_injected_checkpoints_are_refused(injection: str, shown: str, lab_home: Path) -> None:
+    FICKLING_MARKER.unlink(missing_ok=True)
+    path = DATA / f"fickling_{injection}.pt"
+    r = run_cli("scan", str(path), "--model", "minilm", home=lab_home)
+    _one_line_error(r, 3, str(path), f"pickle global {shown} is not allowed")
+    assert not FICKLING_MARKER.exists()
