@@ -1,11 +1,14 @@
 """Our torch-free PyTorch reader against torch itself (needs torch; run by `make peers`).
 
 torch.save of the real MiniLM state dict (F32 and BF16) and, when transformers is installed,
-`save_pretrained(safe_serialization=False)` sharded with `max_shard_size`: every tensor our
+`save_pretrained(safe_serialization=False)` sharded with `max_shard_size` (transformers 5 writes
+safetensors regardless; then its state dict is sharded into .bin files with huggingface_hub's
+splitter, as transformers 4 did): every tensor our
 reader gives equals what torch.load gives, bit for bit."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -78,6 +81,10 @@ def test_save_pretrained_bin_shards(tmp_path: Path) -> None:
         pytest.skip(f"this transformers cannot write .bin checkpoints: {r.stderr.strip()}")
     assert r.returncode == 0, r.stderr
     shards = sorted(out.glob("pytorch_model-*.bin"))
+    if not shards:
+        # transformers 5 writes safetensors whatever safe_serialization says: shard its state
+        # dict into .bin files the way transformers 4 did (huggingface_hub's splitter, torch.save)
+        shards = _bin_shards_like_transformers4(out)
     assert len(shards) >= 2 and (out / "pytorch_model.bin.index.json").is_file(), sorted(os.listdir(out))
     theirs: dict[str, object] = {}
     for shard in shards:
@@ -85,3 +92,19 @@ def test_save_pretrained_bin_shards(tmp_path: Path) -> None:
     with open_suspect(out) as ours:
         assert ours.format == "pytorch"
         assert _compare(ours, theirs) > 50
+
+
+def _bin_shards_like_transformers4(out: Path) -> list[Path]:
+    hub = pytest.importorskip("huggingface_hub")
+    state: dict[str, object] = {}
+    for file in sorted(out.glob("*.safetensors")):
+        state.update(safetensors_torch.load_file(str(file)))
+        file.unlink()
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)
+    split = hub.split_torch_state_dict_into_shards(state, filename_pattern="pytorch_model{suffix}.bin",
+                                                   max_shard_size="20MB")
+    for file, names in split.filename_to_tensors.items():
+        torch.save({name: state[name] for name in names}, out / file)
+    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    return sorted(out / file for file in split.filename_to_tensors)
