@@ -33,7 +33,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -131,8 +131,11 @@ _LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 # What the restricted unpickler builds instead of torch objects
 
 
-@dataclass(frozen=True)
-class StorageRef:
+# These are NamedTuples on purpose: they have no __dict__ and no __setstate__, so a pickle's
+# BUILD opcode cannot change one after it was checked (BUILD on them fails).
+
+
+class StorageRef(NamedTuple):
     """A storage named by the pickle: the archive member's key, element dtype and length."""
 
     key: str
@@ -140,8 +143,7 @@ class StorageRef:
     numel: int
 
 
-@dataclass(frozen=True)
-class TensorRef:
+class TensorRef(NamedTuple):
     """A tensor as the pickle describes it: a strided view of a storage (nothing read yet)."""
 
     storage: StorageRef
@@ -151,14 +153,12 @@ class TensorRef:
     stride: tuple[int, ...]  # in elements
 
 
-@dataclass(frozen=True)
-class _StorageType:
+class _StorageType(NamedTuple):
     name: str
     dtype: str | None  # None for UntypedStorage: bytes
 
 
-@dataclass(frozen=True)
-class _DType:
+class _DType(NamedTuple):
     dtype: str
 
 
@@ -360,6 +360,8 @@ class TorchArchive:
     def read(self, name: str, ref: TensorRef) -> np.ndarray:
         """The tensor's elements in its own dtype (C-contiguous copy), read from the member."""
         dtype = NUMPY_DTYPES[ref.dtype]
+        if ref.offset < 0 or any(n < 0 for n in ref.shape) or any(st < 0 for st in ref.stride):
+            raise FormatError(self.path, f"tensor {name!r}: negative offset, size or stride")  # guard
         count = math.prod(ref.shape)
         if count == 0:
             return np.zeros(ref.shape, dtype)

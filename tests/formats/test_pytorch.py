@@ -215,6 +215,34 @@ def test_truncated_pickle_is_a_format_error(tmp_path: Path) -> None:
         open_suspect(path)
 
 
+def _build_on(target: bytes, state: bytes) -> bytes:
+    """A state dict whose one entry is `target` after BUILD with `state` (dict or (None, dict))."""
+    return state_dict_pickle([("w", target + state + b"b")])
+
+
+@pytest.mark.parametrize(
+    ("case", "pkl"),
+    [
+        ("dict state on a tensor", _build_on(tensor_op("0", "F32", 4, 0, (4,), (1,)),
+                                             b"}" + unicode("offset") + integer(10**6) + b"s")),
+        ("slot state on a tensor", _build_on(tensor_op("0", "F32", 4, 0, (4,), (1,)),
+                                             b"N}" + unicode("stride") + b"(J\xff\xff\xff\xfft" + b"s\x86")),
+        ("dict state on a storage class", _build_on(global_op("torch", "FloatStorage"),
+                                                    b"}" + unicode("dtype") + unicode("F64") + b"s")),
+    ],
+)
+def test_build_cannot_change_checked_objects(case: str, pkl: bytes, tmp_path: Path) -> None:
+    """BUILD sets attributes; on our tensor and storage stand-ins it must fail, never succeed
+    after their bounds were checked (nor change the allow-list for later files)."""
+    from weightmark.formats.pytorch import ALLOWED_GLOBALS
+
+    before = dict(ALLOWED_GLOBALS)
+    path = write_archive(tmp_path / "build.pt", pkl, {"0": b"\0" * 16})
+    with pytest.raises(FormatError, match="data.pkl cannot be read"):
+        open_suspect(path)
+    assert ALLOWED_GLOBALS == before, case
+
+
 # --------------------------------------------------------------------------------------------
 # Hostile pickles: refused before anything runs
 
