@@ -1,5 +1,6 @@
 """Leaks in the formats people post are traced: a stamped MiniLM copy re-saved as a torch.save
-zip pickle, re-quantized to MLX 4-bit (group 64) and 8-bit, and wrapped in a llamafile is
+zip pickle, re-quantized to MLX 4-bit (group 64) and 8-bit, exported as ONNX initializers and
+wrapped in a llamafile is
 traced to its licensee at family-wise p <= 1e-12; the same leaks of the unstamped base accuse
 nobody."""
 
@@ -13,6 +14,7 @@ import pytest
 
 from tests.conftest import StampedLab, make_stamped_lab
 from tests.formats.mlx_writer import save_mlx_folder
+from tests.formats.onnx_writer import save_onnx
 from tests.formats.test_llamafile import make_llamafile
 from tests.formats.torch_writer import save_state_dict
 from weightmark.formats.safetensors import load_file
@@ -40,10 +42,11 @@ def _as_mlx(src: Path, out: Path, bits: int, group: int, scale_dtype: str) -> Pa
 
 LEAKS = {
     "torch-zip": lambda src, out: _as_torch(src, out / "pytorch_model.bin"),
+    "onnx": lambda src, out: save_onnx(out / "model.onnx", {n: ("F32", v) for n, v in _floats(src).items()}),
     "mlx-4bit-g64": lambda src, out: _as_mlx(src, out / "mlx4", 4, 64, "BF16"),
     "mlx-8bit-g64": lambda src, out: _as_mlx(src, out / "mlx8", 8, 64, "F32"),
 }
-FORMATS = {"torch-zip": "pytorch", "mlx-4bit-g64": "mlx", "mlx-8bit-g64": "mlx"}
+FORMATS = {"torch-zip": "pytorch", "onnx": "onnx", "mlx-4bit-g64": "mlx", "mlx-8bit-g64": "mlx"}
 
 
 @pytest.mark.parametrize("leak", sorted(LEAKS))
