@@ -25,6 +25,7 @@ __all__ = [
     "TensorMeta",
     "SafetensorsSuspect",
     "load_formats",
+    "looks_like_safetensors",
     "open_suspect",
     "register_sniffer",
 ]
@@ -41,10 +42,10 @@ _LOADED = False
 def register_sniffer(name: str, order: int) -> Callable[[Sniffer], Sniffer]:
     """Decorator: ask `sniffer` about every suspect; lower `order` asks earlier.
 
-    Orders in use: 10 magic numbers of single files (GGUF, zip archives, pickles), 40 folder
-    layouts with their own config (MLX), 45 refusal of single files that are not safetensors
-    either, 50 quantized safetensors; plain safetensors is the fallback when nobody claims the
-    path.
+    Orders in use: 10-19 magic numbers of single files (10 GGUF, 11 llamafile, 12 PyTorch zip
+    archives and pickles, 14 ONNX), 40 folder layouts with their own config (MLX), 45 refusal
+    of single files that are not safetensors either, 50 quantized safetensors; plain
+    safetensors is the fallback when nobody claims the path.
     """
 
     def add(sniffer: Sniffer) -> Sniffer:
@@ -101,6 +102,19 @@ class SafetensorsSuspect:
         self.close()
 
 
+def looks_like_safetensors(path: Path) -> bool:
+    """Whether a file opens as safetensors does: an 8-byte little-endian header length that
+    fits in the file, then a JSON object. Sniffers of other formats whose magic numbers a
+    header length could imitate (pickles, ONNX's protobuf, zip tails) check this first."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") + 8 <= size
+
+
 def _is_gguf(path: Path) -> bool:
     if not path.is_file():
         return False
@@ -129,9 +143,7 @@ def _refuse_unknown_file(path: Path) -> None:
     the safetensors reader complain about a nonsensical header length."""
     if not path.is_file() or path.suffix == ".safetensors":
         return None  # a file that says it is safetensors gets the safetensors reader's diagnosis
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
+    if looks_like_safetensors(path):
         return None
     raise FormatError(
         path,

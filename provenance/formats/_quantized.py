@@ -1,9 +1,11 @@
 """What the quantized safetensors readers share: the checkpoint view, unpacking helpers,
 config parsing, the reader base class, and the table of registered quantization families.
 
-Each family lives in its own module (gptq, awq, compressed_tensors, bitsandbytes, mlx) and
-registers its reader here with `register_reader`; `open_quantized` picks one from the folder's
-config or, without one, from the tensor names.
+Each family that Hugging Face's `quantization_config.quant_method` names lives in its own module
+(gptq, awq, compressed_tensors, bitsandbytes) and registers its reader here with
+`register_reader`; `open_quantized` picks one from the folder's config or, without one, from
+the tensor names. MLX folders (their own `quantization` config) reuse the reader base class
+and register a sniffer of their own (formats/mlx.py).
 """
 
 from __future__ import annotations

@@ -31,9 +31,10 @@ def zip_names(path: Path) -> list[str] | None:
     if not path.is_file():
         return None
     try:
-        with open(path, "rb") as fh:
-            if fh.read(9)[8:9] == b"{":
-                return None  # a length and a JSON header: safetensors, never searched for a zip
+        from . import looks_like_safetensors
+
+        if looks_like_safetensors(path):
+            return None  # never searched for a zip tail
         if not zipfile.is_zipfile(path):
             return None
         with zipfile.ZipFile(path) as archive:

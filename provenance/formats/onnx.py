@@ -25,7 +25,7 @@ import numpy as np
 
 from ..canonical import to_float32
 from ..errors import FormatError, InputFileError
-from . import register_sniffer
+from . import looks_like_safetensors, register_sniffer
 from .base import TensorMeta
 
 __all__ = ["ONNXModel", "open_onnx"]
@@ -303,6 +303,8 @@ def _looks_like_onnx(path: Path) -> bool:
     """ModelProto opens with ir_version (field 1, varint) = 1..30, then another of its fields
     (producer_name 2, producer_version 3, domain 4, model_version 5, doc_string 6, graph 7,
     opset_import 8, metadata_props 14)."""
+    if looks_like_safetensors(path):
+        return False  # a header length can start with the same bytes
     with open(path, "rb") as fh:
         head = fh.read(4)
     return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 30 and head[2] in _SECOND_TAGS

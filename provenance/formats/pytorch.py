@@ -39,7 +39,7 @@ import numpy as np
 
 from ..canonical import to_float32
 from ..errors import FormatError, InputFileError
-from . import register_sniffer
+from . import looks_like_safetensors, register_sniffer
 from ._zip import Member, read_member, stored_members, zip_names
 from .base import TensorMeta
 
@@ -564,10 +564,10 @@ def _is_torch_zip(path: Path) -> bool:
 
 def _refuse_pickle(path: Path) -> None:
     """Legacy torch.save files and bare pickles: say what they are and that they are not read."""
+    if looks_like_safetensors(path):
+        return  # an 8-byte length and a JSON header, whatever its first bytes
     with open(path, "rb") as fh:
         head = fh.read(16)
-    if len(head) >= 9 and head[8:9] == b"{":
-        return  # an 8-byte length and a JSON header: safetensors, whatever its first byte
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         if head[2:4] == b"\x8a\x0a" and head[4:14] == _LEGACY_MAGIC:
             raise FormatError(path, "is a legacy (pre-1.6) torch.save pickle; weightmark reads only "
