@@ -317,10 +317,10 @@ class TorchArchive:
             raise FormatError(path, "is a zip archive without data.pkl: not a torch.save checkpoint")
         if len(pickles) > 1:
             raise FormatError(path, f"holds {len(pickles)} data.pkl members ({', '.join(pickles[:3])})")
-        prefix = pickles[0][: -len("data.pkl")]
+        self.prefix = prefix = pickles[0][: -len("data.pkl")]
+        # only the members read must be stored (TorchScript-like extras may be compressed)
         members = stored_members(path, lambda name: name.startswith(prefix) and (
             name[len(prefix):] in ("data.pkl", "byteorder") or name[len(prefix):].startswith("data/")))
-        self.prefix = pickles[0][: -len("data.pkl")]
         order = members.get(self.prefix + "byteorder")
         if order is not None and read_member(path, order, 16).strip() != b"little":
             raise FormatError(path, "stores big-endian tensors (byteorder member); only little-endian is read")
