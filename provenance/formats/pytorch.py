@@ -326,6 +326,7 @@ class TorchArchive:
             raise FormatError(path, "stores big-endian tensors (byteorder member); only little-endian is read")
         self._members = members
         self._storages: dict[str, StorageRef] = {}
+        self._map: np.memmap | None = None  # mapped on the first read; views never outlive read()
         data = read_member(path, members[pickles[0]], PICKLE_LIMIT)
         try:
             check_opcodes(data)
@@ -354,6 +355,9 @@ class TorchArchive:
             raise _Refused(f"storage {key!r} is described twice, differently")
         return ref
 
+    def close(self) -> None:
+        self._map = None  # the np.memmap owns the mapping: it goes with the last view of it
+
     def member(self, ref: TensorRef) -> Member:
         return self._members[f"{self.prefix}data/{ref.storage.key}"]
 
@@ -371,12 +375,14 @@ class TorchArchive:
         start = member.offset + ref.offset * dtype.itemsize
         if (last + 1) * dtype.itemsize > member.size:  # checked when unpickled; kept as a guard
             raise FormatError(self.path, f"tensor {name!r} runs past its storage member {member.name}")
-        with open(self.path, "rb") as fh:
-            fh.seek(start)
-            raw = fh.read(span * dtype.itemsize)
-        if len(raw) != span * dtype.itemsize:
+        if self._map is None:
+            try:
+                self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            except (OSError, ValueError) as exc:
+                raise InputFileError(self.path, f"cannot map: {exc}") from None
+        if start + span * dtype.itemsize > self._map.shape[0]:
             raise FormatError(self.path, f"tensor {name!r}: member {member.name} is truncated")
-        flat = np.frombuffer(raw, dtype=dtype, count=span)
+        flat = self._map[start : start + span * dtype.itemsize].view(dtype)
         strides = tuple(s * dtype.itemsize for s in ref.stride)
         view = np.lib.stride_tricks.as_strided(flat, shape=ref.shape, strides=strides, writeable=False)
         return np.array(view, order="C", copy=True)
@@ -539,6 +545,8 @@ class PyTorchModel:
         return out
 
     def close(self) -> None:
+        for entry in self._entries.values():
+            entry.archive.close()
         self._entries.clear()
 
     def __enter__(self) -> PyTorchModel:
