@@ -12,6 +12,7 @@ Run once, in an environment with MLX (not a dependency of weightmark):
   mx.save_safetensors, config.json with `quantization` (and `quantization_config`, as recent
   mlx-lm writes) holding a default, a per-layer override and an unquantized layer;
   `folder.npz` holds mlx.core.dequantize of each weight.
+- `moe/`: 3-D mixture-of-experts weights (`switch_mlp`), float16 scales; `moe.npz` likewise.
 """
 
 from __future__ import annotations
@@ -93,10 +94,33 @@ def folder() -> None:
     np.savez_compressed(OUT / "folder.npz", **expected)
 
 
+def moe() -> None:
+    """Mixture-of-experts layers as mlx-lm stores them: 3-D [experts, out, in] `switch_mlp`
+    weights quantized per row of every expert (4-bit group 32), next to a 2-D router."""
+    rng = np.random.default_rng(9)
+    dest = OUT / "moe"
+    dest.mkdir(exist_ok=True)
+    weights: dict[str, mx.array] = {}
+    expected: dict[str, np.ndarray] = {}
+    for prefix, shape in {"model.layers.0.mlp.switch_mlp.gate_proj": (4, 48, 64),
+                          "model.layers.0.mlp.switch_mlp.down_proj": (4, 64, 96),
+                          "model.layers.0.mlp.gate": (4, 64)}.items():
+        w = mx.array(rng.standard_normal(shape).astype(np.float32) * 0.05).astype(mx.float16)
+        q, scales, biases = mx.quantize(w, group_size=32, bits=4)
+        weights[f"{prefix}.weight"], weights[f"{prefix}.scales"], weights[f"{prefix}.biases"] = q, scales, biases
+        deq = mx.dequantize(q, scales, biases, group_size=32, bits=4)
+        expected[f"{prefix}.weight"] = np.array(deq.astype(mx.float32))
+    mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = {"model_type": "mixtral", "quantization": {"group_size": 32, "bits": 4}}
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    np.savez_compressed(OUT / "moe.npz", **expected)
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     affine()
     folder()
+    moe()
     (OUT / "VERSION").write_text(f"written by mlx {mx.__version__} with tests/data/make_mlx_fixtures.py\n")
 
 

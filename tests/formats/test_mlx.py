@@ -156,3 +156,17 @@ def test_test_writer_packs_like_mlx(affine: dict[str, np.ndarray]) -> None:
         stream = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, : cols * bits]
         codes = (stream.reshape(rows, cols, bits).astype(np.uint32) << np.arange(bits, dtype=np.uint32)).sum(-1)
         assert np.array_equal(pack_codes(codes, bits), words), bits
+
+
+def test_mixture_of_experts_3d_weights_match_mlx() -> None:
+    """switch_mlp experts are [experts, out, in]: every expert's rows are decoded as MLX does,
+    the canonical shape keeps the expert axis (experts are carriers like any linear weight)."""
+    with np.load(DATA / "moe.npz") as data:
+        expected = {key: data[key] for key in data.files}
+    with open_suspect(DATA / "moe") as suspect:
+        metas = suspect.tensors()
+        assert metas["model.layers.0.mlp.switch_mlp.down_proj.weight"].shape == (4, 64, 96)
+        assert metas["model.layers.0.mlp.switch_mlp.gate_proj.weight"].source_dtype == "mlx-int4-g32"
+        assert set(metas) == set(expected)
+        for name in metas:
+            _same_bits(suspect.load(name), expected[name], name)
