@@ -160,7 +160,7 @@ def open_suspect(path: str | os.PathLike[str]) -> QuantizedModel | SafetensorsSu
         suspect = sniff(path)
         if suspect is not None:
             return suspect
-    return SafetensorsSuspect(Checkpoint.open(path), path)
+    return SafetensorsSuspect(Checkpoint.open(path, partial=True), path)
 
 
 @register_sniffer("quantized-safetensors", 50)
@@ -170,4 +170,4 @@ def _sniff_quantized(path: Path) -> QuantizedModel | None:
         return None
     from weightmark.formats._quantized import open_quantized
 
-    return open_quantized(path)
+    return open_quantized(path, partial=True)

@@ -114,7 +114,7 @@ def open_mlx(path: str | Path) -> MLXModel | None:
         return None
     if not isinstance(qc, dict):
         raise FormatError(config_path, f"quantization must be an object, not {_show(qc)}")
-    ckpt = Checkpoint.open(path)
+    ckpt = Checkpoint.open(path, partial=True)  # suspects may be partly published shards
     try:
         if all(info.dtype in FLOAT_DTYPES for _shard, info in ckpt.tensors.values()):
             ckpt.close()
