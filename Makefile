@@ -60,9 +60,9 @@ eval: $(EVAL_STAMP)
 	$(EVAL_BIN)/python benchmarks/eval_robustness.py
 	$(EVAL_BIN)/python benchmarks/eval_false_accusations.py
 
-# Readers against bitsandbytes / compressed-tensors on files those libraries write.
+# Readers against bitsandbytes / compressed-tensors / torch on files those libraries write.
 peers: $(EVAL_STAMP)
-	$(EVAL_BIN)/python -m pytest -q -rs tests/formats/test_quantized_peers.py
+	$(EVAL_BIN)/python -m pytest -q -rs tests/formats/test_quantized_peers.py tests/formats/test_pytorch_peers.py
 
 # Case reports in a real browser (headless Chromium, network cut off): figures drawn, print
 # page counts on Letter and A4, screenshots into docs/report-examples/. Not part of `make test`.
