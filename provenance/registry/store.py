@@ -580,6 +580,7 @@ class Registry:
                 if index.kinds[-1] in ("log-genesis", "key-rotation"):
                     chain.append(LogEntry(*row))
             origin = self.origin
+            _check_row_keys(db, index)
         if tree.size != size:
             raise LogVerificationError(f"the log holds {tree.size} entries but its latest signed checkpoint covers "
                                        f"{size}; run `weightmark registry verify`")
@@ -1084,3 +1085,31 @@ def _expected(derive: Any, *args: Any) -> Any:
     except (KeyError, TypeError, IndexError) as exc:
         raise RegistryError(f"a signed entry lacks a field its table row needs ({exc}); "
                             "run `weightmark registry verify`") from None
+
+
+def _check_row_keys(db: sqlite3.Connection, index: SignedIndex) -> None:
+    """Every licensee, model and issued-copy row has its signed entry, and every such entry its
+    row, by key and entry index alone (no signature: cheap enough for every opening). A row
+    added or deleted anywhere is refused by every command, not only by those that read it."""
+    stored = {r[0]: r[1] for r in db.execute("SELECT id, entry_idx FROM licensees")}
+    for lid, idx in stored.items():
+        if index.licensees.get(lid, (None,))[0] != idx:
+            raise TableMismatch(f"licensees row id={tables.show(lid)}: no signed licensee entry {tables.show(idx)} "
+                                "has this id (an added or changed row)")
+    for lid, (idx, _) in sorted(index.licensees.items(), key=lambda kv: kv[1][0]):
+        if lid not in stored:
+            raise TableMismatch(f"licensees: no row for the licensee of signed entry {idx} (a deleted row)")
+    stored = {r[0]: r[1] for r in db.execute("SELECT model_id, entry_idx FROM models")}
+    for model_id, idx in stored.items():
+        if index.models.get(model_id) != idx:
+            raise TableMismatch(f"models row model_id={tables.show(model_id)}: no signed model entry "
+                                f"{tables.show(idx)} has this model id (an added or changed row)")
+    for model_id, idx in sorted(index.models.items(), key=lambda kv: kv[1]):
+        if model_id not in stored:
+            raise TableMismatch(f"models: no row for the model of signed entry {idx} (a deleted row)")
+    issued = {r[0] for r in db.execute("SELECT entry_idx FROM issued_copies")}
+    for idx in sorted(issued - index.issued.keys(), key=str):
+        raise TableMismatch(f"issued_copies row entry_idx={tables.show(idx)}: signed entry {tables.show(idx)} is not "
+                            "an issued copy (an added row)")
+    for idx in sorted(index.issued.keys() - issued):
+        raise TableMismatch(f"issued_copies: no row for the issued copy of signed entry {idx} (a deleted row)")
