@@ -80,14 +80,18 @@ def find(
                                         _utc(until, "--until"), countries)
         if control_class is not None:
             hits = lab.issued_in_control_class(hits, control_class)
+        voided = lab.registry.voided_issues()
+    # A voided issue keeps its codeword (scans still score it) but no copy left the lab.
     rows = [{**copy.to_json(), "model": names.get(copy.model_id), "licensee_name": lic.name,
-             "jurisdiction": lic.jurisdiction} for copy, lic in hits]
+             "jurisdiction": lic.jurisdiction, "delivered": copy.entry_idx not in voided,
+             "void_entry_id": voided.get(copy.entry_idx)} for copy, lic in hits]
     if json_out:
         print_json(rows)
         return
     for r in rows:
+        note = "" if r["delivered"] else f"\tnever delivered (entry {r['void_entry_id']})"
         typer.echo(f"entry {r['entry_id']}\t{r['model']}\t{r['licensee_id']}\t{r['jurisdiction']}\t"
-                   f"{r['licensee_name']}\t{r['issued_at']}")
+                   f"{r['licensee_name']}\t{r['issued_at']}{note}")
 
 
 def _utc(text: str | None, option: str) -> str | None:
@@ -195,7 +199,9 @@ def consistency(
 
 @app.command("export")
 def export(
-    out: Annotated[Path, typer.Option("--out", help="Folder to create with the log's files.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to create with the log's files (must not exist).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier log export at --out (a folder holding "
+                                        "exactly entries.jsonl, checkpoints.jsonl, trust.json); nothing else.")] = False,
     home: HomeOption = None,
 ) -> None:
     """Export the log (entries, checkpoints, trust file) for offline verification by others.
@@ -203,6 +209,6 @@ def export(
     Example: weightmark registry export --out ./log-export && weightmark registry verify --from ./log-export
     """
     with open_lab(home) as lab:
-        count = lab.export_log(out)
+        count = lab.export_log(out, overwrite=force)
     err.print(f"Exported {count} entries to {out}")
     typer.echo(str(out))

@@ -15,6 +15,7 @@ from weightmark.cli.common import (
     open_lab,
     print_json,
 )
+from weightmark.outputs import EVIDENCE
 from weightmark.registry.store import country_name
 from weightmark.scheme import DEFAULT_THRESHOLD
 
@@ -27,7 +28,8 @@ def scan(
     threshold: Annotated[float, typer.Option("--threshold", help="Accuse when the family-wise p-value is at most this.")] = DEFAULT_THRESHOLD,
     assume_licensees: Annotated[int, typer.Option("--assume-licensees", help="Correct for at least this many licensees.")] = 0,
     realign: Annotated[bool, typer.Option("--realign/--no-realign", help="Undo permutations, rescaling, rotation and renamed or transposed tensors before a non-blind scan.")] = True,
-    evidence: Annotated[Path | None, typer.Option("--evidence", help="Write a signed evidence bundle of the accusations here.")] = None,
+    evidence: Annotated[Path | None, typer.Option("--evidence", help="Write a signed evidence bundle of the accusations here (must not exist).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Let --evidence replace an earlier evidence bundle (JSON of the weightmark evidence format); nothing else, and nothing in the lab home.")] = False,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -38,6 +40,8 @@ def scan(
     Example: weightmark scan ./leaked-model --json
     """
     with open_lab(home) as lab:
+        if evidence is not None:
+            lab.output(evidence, EVIDENCE, force)  # refuse a bad --evidence before the scan, not after
         report = lab.scan(suspect, model, reference, blind, threshold, assume_licensees, progress=BarProgress(),
                           realign=realign)
         if report.reference_warning:
@@ -47,7 +51,7 @@ def scan(
                        f"({', '.join(m['model'] for m in report.models)}); each was considered and the "
                        f"p-values cover all {report.models_considered}", err=True)
         if evidence is not None:
-            lab.evidence(report, evidence, suspect)
+            lab.evidence(report, evidence, suspect, overwrite=force)
             what = "its accusations" if report.accused else "that nobody was accused"
             typer.echo(f"Evidence bundle stating {what} written to {evidence} (verify: weightmark evidence "
                        f"verify {evidence} --pubkey LAB.pub --suspect {suspect})", err=True)
@@ -71,8 +75,9 @@ def scan(
     echo(f"Watermark of this model's key present: {present} (p = {format_p(report.presence_log10_p)})")
     if report.accused:
         for c in report.accused:
+            undelivered = "" if c.delivered else " (recorded as never delivered)"
             echo(f"ACCUSED:  {c.name} ({c.licensee_id}), jurisdiction {c.jurisdiction} "
-                 f"({country_name(c.jurisdiction)}), registry entry {c.entry_id}")
+                 f"({country_name(c.jurisdiction)}), registry entry {c.entry_id}{undelivered}")
             echo(f"          score {c.score:.1f}, p = {format_p(c.log10_p)}, family-wise p = "
                  f"{format_p(c.log10_family_wise_p)} over {report.family_size} issued codewords"
                  + (f" x {report.models_considered} models" if report.models_considered > 1 else ""))

@@ -18,7 +18,7 @@ def stamp(
     alpha: Annotated[float, typer.Option("--alpha", help="Watermark strength relative to each row's RMS.")] = DEFAULT_ALPHA,
     fmt: Annotated[str, typer.Option("--format", help="Output: same (the base's format); a GGUF file gguf:Q4_K_M, gguf:Q8_0, gguf:Q4_0, gguf:Q4_1, gguf:Q5_0, gguf:Q6_K; or a quantized safetensors folder gptq:4bit-g128, awq:4bit-g128, ct:w4a16, ct:w8a16, bnb:nf4 (scales frozen from the unstamped base).")] = "same",
     collusion: Annotated[int, typer.Option("--collusion", min=1, help="Colluding licensees the code must withstand: a Tardos code (tardos-v2) sized for that many among 10^6 licensees; 1 = the uniform ss-v1 code (strongest for a single leaker, no collusion resistance). A model's copies share the first copy's code.")] = DEFAULT_COLLUSION,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a copy this lab issued earlier to --out (its files must match that signed entry's manifest); never anything else, the lab home, or a registered base.")] = False,
     override_reason: Annotated[str | None, typer.Option("--override-reason", help="Issue despite the jurisdiction policy; recorded in the signed entry.")] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,

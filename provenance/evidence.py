@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -263,11 +264,15 @@ CHECKPOINTS_FILE = "checkpoints.jsonl"
 TRUST_FILE = "trust.json"
 
 
-def export_log(registry: Registry, out: Path) -> int:
-    """Write the log as files: entries, checkpoints and the trust file. Returns the entry count."""
+def export_log(registry: Registry, out: Path, overwrite: bool = False,
+               before_publish: Callable[[], None] | None = None) -> int:
+    """Write the log as files: entries, checkpoints and the trust file. Returns the entry count.
+
+    `overwrite` replaces a folder already at `out` (the caller checks it is an earlier export);
+    `before_publish` runs just before the rename (a last check of the target)."""
     entries = registry.log_entries()
     trust = trust_from_entries(entries)
-    with staged_output(out, is_dir=True) as staging:
+    with staged_output(out, is_dir=True, overwrite=overwrite) as staging:
         with open(staging.path / ENTRIES_FILE, "wb") as fh:
             for e in entries:
                 fh.write(canonical_json({"index": e.idx, "envelope": envelope(e.payload, e.key_id, e.signature)}) + b"\n")
@@ -279,6 +284,8 @@ def export_log(registry: Registry, out: Path) -> int:
             fh.flush()
             os.fsync(fh.fileno())
         write_bytes_atomic(staging.path / TRUST_FILE, (json.dumps(trust.to_json(), indent=2) + "\n").encode())
+        if before_publish is not None:
+            before_publish()
         staging.publish()
     return len(entries)
 

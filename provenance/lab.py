@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +12,17 @@ from typing import TYPE_CHECKING
 from weightmark import keys as _keys
 from weightmark.errors import InputFileError, KeyProblem, RegistryError, UsageError
 from weightmark.fsutil import write_bytes_atomic
+from weightmark.outputs import (
+    EVIDENCE,
+    LOG_EXPORT,
+    PUBLIC_KEY,
+    TRUST_FILE,
+    OutputKind,
+    Protected,
+    Target,
+    prepare_output,
+    write_output_bytes,
+)
 from weightmark.progress import NO_PROGRESS, Progress
 from weightmark.registry import policy
 from weightmark.registry.log import (
@@ -48,15 +60,22 @@ def passphrase_from_env() -> str | None:
     return os.environ.get(PASSPHRASE_ENV)
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 class Lab:
     """A lab home folder. Keys are unlocked on first use, with the passphrase from `passphrase`."""
 
     def __init__(self, home: str | os.PathLike[str] | None = None,
-                 passphrase: PassphraseSource = passphrase_from_env) -> None:
+                 passphrase: PassphraseSource = passphrase_from_env,
+                 notify: Callable[[str], None] = _to_stderr) -> None:
         self.home = Path(home) if home is not None else default_home()
         self._passphrase = passphrase
+        self._notify = notify
         self._registry: Registry | None = None
         self._keys: _keys.LabKeys | None = None
+        self._unresolved = 0  # interrupted stamps waiting for the keys to be unlocked
 
     @classmethod
     def init(cls, home: str | os.PathLike[str] | None, passphrase: str | None) -> Lab:
@@ -82,7 +101,21 @@ class Lab:
             # Checked reads anchor on lab.pub: finish a rotation the log recorded first.
             if (self.home / _keys.NEXT_KEY_FILE).exists():
                 self._finish_rotation()
+            self._recover()
         return self._registry
+
+    def _recover(self) -> None:
+        """Finish or roll back stamps that were killed (see issuing.recover_pending)."""
+        from weightmark.issuing import recover_pending
+
+        def signer() -> _keys.LabKeys | None:
+            try:
+                return self.keys
+            except KeyProblem:
+                return None
+
+        assert self._registry is not None
+        self._unresolved = recover_pending(self._registry, signer, self._notify)
 
     @property
     def keys(self) -> _keys.LabKeys:
@@ -92,6 +125,8 @@ class Lab:
             self._finish_rotation()
             phrase = self._passphrase() if _keys.is_encrypted(self.home) else None
             self._keys = _keys.load(self.home, phrase)
+            if self._unresolved:
+                self._recover()  # interrupted stamps that waited for the keys
         return self._keys
 
     def _finish_rotation(self) -> None:
@@ -285,25 +320,46 @@ class Lab:
                      policy.current(self.home), override_reason, fmt, collusion)
 
     def evidence(self, report: ScanReport, out: str | os.PathLike[str],
-                 suspect: str | os.PathLike[str] | None = None) -> Path:
-        """Write a signed evidence bundle of a scan: its accusations, or that nobody was accused.
+                 suspect: str | os.PathLike[str] | None = None, overwrite: bool = False) -> Path:
+        """Write a signed evidence bundle of a scan: its accusations, or that nobody was accused
+        (replacing only an earlier evidence bundle, and only with `overwrite`).
 
         `suspect` (default: the path the scan read) is hashed file by file into the bundle.
         """
         from weightmark.evidence import build_bundle
         from weightmark.registry.store import now
 
+        target = self.output(out, EVIDENCE, overwrite)
         data = build_bundle(self.registry, self.keys, report, now(),
                             suspect if suspect is not None else report.suspect)
-        out = Path(out)
-        write_bytes_atomic(out, data, mode=0o644)
-        return out
+        return write_output_bytes(target, data)
 
-    def export_log(self, out: str | os.PathLike[str]) -> int:
+    def export_log(self, out: str | os.PathLike[str], overwrite: bool = False) -> int:
+        """Write the verified log as a folder of files (an earlier export is replaced only with
+        `overwrite`)."""
         from weightmark.evidence import export_log
 
+        target = self.output(out, LOG_EXPORT, overwrite)
         self.verify_log()
-        return export_log(self.registry, Path(out))
+        return export_log(self.registry, target.final, overwrite=target.replace, before_publish=target.recheck)
+
+    def write_public_key(self, out: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write the current public signing key as PEM (replacing only an earlier exported key)."""
+        target = self.output(out, PUBLIC_KEY, overwrite)
+        return write_output_bytes(target, self.trust().current.pem.encode("ascii"))
+
+    def write_trust(self, out: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write the trust file (every signing key and its valid indices; replacing only an
+        earlier trust file)."""
+        import json
+
+        target = self.output(out, TRUST_FILE, overwrite)
+        return write_output_bytes(target, (json.dumps(self.trust().to_json(), indent=2) + "\n").encode())
+
+    def output(self, out: str | os.PathLike[str], kind: OutputKind, overwrite: bool) -> Target:
+        """Check where an output of `kind` may go (see outputs.prepare_output)."""
+        return prepare_output(out, kind, force=overwrite, registry=self.registry,
+                              protected=Protected.of_lab(self.home, self.registry))
 
     def scan(self, suspect: str | os.PathLike[str], model_name: str | None = None,
              reference: str | os.PathLike[str] | None = None, blind: bool = False,

@@ -60,6 +60,7 @@ class Candidate:
     score: float
     log10_p: float
     log10_family_wise_p: float
+    delivered: bool = True  # False: an issue-void entry says this copy never left the lab
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +74,7 @@ class Candidate:
             "log10_p_value": round(self.log10_p, 4),
             "family_wise_p_value": p_from_log10(self.log10_family_wise_p),
             "log10_family_wise_p_value": round(self.log10_family_wise_p, 4),
+            "delivered": self.delivered,
         }
 
 
@@ -541,6 +543,7 @@ def _scan_model(
             presence = (stat, log_p, k)
     candidates: list[Candidate] = []
     licensees: dict[str, Any] = {}
+    voided = registry.voided_issues()  # still scored: the codeword was reserved for that licensee
     for text, copies in by_scheme.items():
         scheme = params[copies[0].entry_idx]
         scores, log_ps = scheme.score(model_key, [c.codeword_index for c in copies],
@@ -551,7 +554,8 @@ def _scan_model(
             lic = licensees[copy.licensee_id]
             candidates.append(Candidate(lic.id, lic.name, lic.jurisdiction, copy.entry_idx, copy.codeword_index,
                                         text, float(score), float(lp),
-                                        log10_family_wise(float(lp), family * models_considered)))
+                                        log10_family_wise(float(lp), family * models_considered),
+                                        copy.entry_idx not in voided))
     candidates.sort(key=lambda c: (c.log10_p, -c.score))
     scheme_text = candidates[0].scheme if candidates else str(SchemeParams(code_length=code_lengths[0]))
     report = ScanReport(

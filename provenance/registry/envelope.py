@@ -20,6 +20,7 @@ PREDICATE_TYPES = {
     "log-genesis": f"{PREDICATE_BASE}/log-genesis/v1",
     "key-rotation": f"{PREDICATE_BASE}/key-rotation/v1",
     "model-facts": f"{PREDICATE_BASE}/model-facts/v1",
+    "issue-void": f"{PREDICATE_BASE}/issue-void/v1",
 }
 
 

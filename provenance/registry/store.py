@@ -1077,6 +1077,59 @@ class Registry:
         return [(idx, mid) for idx, mid in self._db.execute(
             "SELECT entry_idx, model_id FROM model_facts ORDER BY entry_idx")]
 
+    # -- copies never delivered ---------------------------------------------------------------
+
+    def _issue_files(self, entry_idx: int) -> dict[str, str]:
+        """The files manifest of an issued-copy entry, from its signed statement."""
+        files = self.entry(entry_idx).statement["predicate"].get("files")
+        if not isinstance(files, dict):
+            raise RegistryError(f"registry entry {entry_idx}: issued copy without a files manifest")
+        return files
+
+    def issued_manifests_at(self, out_path: str) -> list[dict[str, str]]:
+        """The files manifests of every copy issued to `out_path` (newest first), voided or not."""
+        rows = self._db.execute("SELECT entry_idx FROM issued_copies WHERE out_path = ? ORDER BY entry_idx DESC",
+                                (out_path,)).fetchall()
+        return [self._issue_files(idx) for (idx,) in rows]
+
+    def issue_for_codeword(self, model_id: str, codeword_index: int) -> tuple[IssuedCopy, dict[str, str]] | None:
+        """The copy recorded for a model's codeword and its files manifest; None if not recorded."""
+        row = self._db.execute("SELECT entry_idx FROM issued_copies WHERE model_id = ? AND codeword_index = ?",
+                               (model_id, codeword_index)).fetchone()
+        if row is None:
+            return None
+        return self.issued_copy(row[0]), self._issue_files(row[0])
+
+    def voided_issues(self) -> dict[int, int]:
+        """{issued-copy entry: the issue-void entry saying that copy was never delivered}."""
+        out: dict[int, int] = {}
+        for idx, payload in self._db.execute("SELECT idx, payload FROM entries WHERE kind = 'issue-void'"):
+            out[int(json.loads(payload)["predicate"]["issue_entry"])] = idx
+        return out
+
+    def void_issue(self, issued: IssuedCopy, reason: str, signer: Signer) -> int:
+        """Append a signed issue-void entry: the copy of entry `issued` was never delivered.
+
+        The codeword stays reserved for it (scans still score it); the entry only records that
+        no file left the lab under that issue. Voiding twice returns the first void entry.
+        """
+        predicate = {
+            "issue_entry": issued.entry_idx,
+            "model_id": issued.model_id,
+            "licensee_id": issued.licensee_id,
+            "codeword_index": issued.codeword_index,
+            "reason": reason,
+            "voided_at": now(),
+        }
+        subject = self.entry(issued.entry_idx)
+        digest = hashlib.sha256(subject.payload).hexdigest()
+        with self._write() as db:
+            for idx, payload in db.execute("SELECT idx, payload FROM entries WHERE kind = 'issue-void'"):
+                if json.loads(payload)["predicate"]["issue_entry"] == issued.entry_idx:
+                    return idx
+            return self._append(db, "issue-void",
+                                statement("issue-void", f"entry-{issued.entry_idx}", digest, predicate), signer)
+
 
 def _expected(derive: Any, *args: Any) -> Any:
     """Call a tables.* derivation, turning a signed entry that lacks a field into a clear error."""
