@@ -1080,17 +1080,17 @@ class Registry:
     # -- copies never delivered ---------------------------------------------------------------
 
     def _issue_files(self, entry_idx: int) -> dict[str, str]:
-        """The files manifest of an issued-copy entry, from its signed statement."""
-        files = self.entry(entry_idx).statement["predicate"].get("files")
+        """The files manifest of an issued-copy entry, from its signed statement (checked)."""
+        files = self._signed(entry_idx)["predicate"].get("files")
         if not isinstance(files, dict):
             raise RegistryError(f"registry entry {entry_idx}: issued copy without a files manifest")
         return files
 
     def issued_manifests_at(self, out_path: str) -> list[dict[str, str]]:
         """The files manifests of every copy issued to `out_path` (newest first), voided or not."""
-        rows = self._db.execute("SELECT entry_idx FROM issued_copies WHERE out_path = ? ORDER BY entry_idx DESC",
-                                (out_path,)).fetchall()
-        return [self._issue_files(idx) for (idx,) in rows]
+        rows = self._db.execute(f"SELECT {', '.join(ISSUED_COLUMNS)} FROM issued_copies WHERE out_path = ?"
+                                " ORDER BY entry_idx DESC", (out_path,)).fetchall()
+        return [self._issue_files(copy.entry_idx) for copy in self._checked_issued(rows)]
 
     def issue_for_codeword(self, model_id: str, codeword_index: int) -> tuple[IssuedCopy, dict[str, str]] | None:
         """The copy recorded for a model's codeword and its files manifest; None if not recorded."""
@@ -1101,10 +1101,16 @@ class Registry:
         return self.issued_copy(row[0]), self._issue_files(row[0])
 
     def voided_issues(self) -> dict[int, int]:
-        """{issued-copy entry: the issue-void entry saying that copy was never delivered}."""
+        """{issued-copy entry: the issue-void entry saying that copy was never delivered}, from
+        the signed void entries (their kind taken from the statement, their signature checked)."""
+        index = self.signed_index(self.entry_count() - 1)
+        voids = [i for i, kind in enumerate(index.kinds) if kind == "issue-void"]
         out: dict[int, int] = {}
-        for idx, payload in self._db.execute("SELECT idx, payload FROM entries WHERE kind = 'issue-void'"):
-            out[int(json.loads(payload)["predicate"]["issue_entry"])] = idx
+        for idx, stmt in self.signed_statements(voids).items():
+            issue = stmt["predicate"].get("issue_entry")
+            if type(issue) is not int or issue not in index.issued:
+                raise TableMismatch(f"signed entry {idx}: voids entry {tables.show(issue)}, which is not an issued copy")
+            out.setdefault(issue, idx)
         return out
 
     def void_issue(self, issued: IssuedCopy, reason: str, signer: Signer) -> int:
