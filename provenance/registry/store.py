@@ -580,6 +580,7 @@ class Registry:
                 if index.kinds[-1] in ("log-genesis", "key-rotation"):
                     chain.append(LogEntry(*row))
             origin = self.origin
+            _check_row_keys(db, index)
         if tree.size != size:
             raise LogVerificationError(f"the log holds {tree.size} entries but its latest signed checkpoint covers "
                                        f"{size}; run `weightmark registry verify`")
@@ -1079,17 +1080,17 @@ class Registry:
     # -- copies never delivered ---------------------------------------------------------------
 
     def _issue_files(self, entry_idx: int) -> dict[str, str]:
-        """The files manifest of an issued-copy entry, from its signed statement."""
-        files = self.entry(entry_idx).statement["predicate"].get("files")
+        """The files manifest of an issued-copy entry, from its signed statement (checked)."""
+        files = self._signed(entry_idx)["predicate"].get("files")
         if not isinstance(files, dict):
             raise RegistryError(f"registry entry {entry_idx}: issued copy without a files manifest")
         return files
 
     def issued_manifests_at(self, out_path: str) -> list[dict[str, str]]:
         """The files manifests of every copy issued to `out_path` (newest first), voided or not."""
-        rows = self._db.execute("SELECT entry_idx FROM issued_copies WHERE out_path = ? ORDER BY entry_idx DESC",
-                                (out_path,)).fetchall()
-        return [self._issue_files(idx) for (idx,) in rows]
+        rows = self._db.execute(f"SELECT {', '.join(ISSUED_COLUMNS)} FROM issued_copies WHERE out_path = ?"
+                                " ORDER BY entry_idx DESC", (out_path,)).fetchall()
+        return [self._issue_files(copy.entry_idx) for copy in self._checked_issued(rows)]
 
     def issue_for_codeword(self, model_id: str, codeword_index: int) -> tuple[IssuedCopy, dict[str, str]] | None:
         """The copy recorded for a model's codeword and its files manifest; None if not recorded."""
@@ -1100,10 +1101,16 @@ class Registry:
         return self.issued_copy(row[0]), self._issue_files(row[0])
 
     def voided_issues(self) -> dict[int, int]:
-        """{issued-copy entry: the issue-void entry saying that copy was never delivered}."""
+        """{issued-copy entry: the issue-void entry saying that copy was never delivered}, from
+        the signed void entries (their kind taken from the statement, their signature checked)."""
+        index = self.signed_index(self.entry_count() - 1)
+        voids = [i for i, kind in enumerate(index.kinds) if kind == "issue-void"]
         out: dict[int, int] = {}
-        for idx, payload in self._db.execute("SELECT idx, payload FROM entries WHERE kind = 'issue-void'"):
-            out[int(json.loads(payload)["predicate"]["issue_entry"])] = idx
+        for idx, stmt in self.signed_statements(voids).items():
+            issue = stmt["predicate"].get("issue_entry")
+            if type(issue) is not int or issue not in index.issued:
+                raise TableMismatch(f"signed entry {idx}: voids entry {tables.show(issue)}, which is not an issued copy")
+            out.setdefault(issue, idx)
         return out
 
     def void_issue(self, issued: IssuedCopy, reason: str, signer: Signer) -> int:
@@ -1137,3 +1144,31 @@ def _expected(derive: Any, *args: Any) -> Any:
     except (KeyError, TypeError, IndexError) as exc:
         raise RegistryError(f"a signed entry lacks a field its table row needs ({exc}); "
                             "run `weightmark registry verify`") from None
+
+
+def _check_row_keys(db: sqlite3.Connection, index: SignedIndex) -> None:
+    """Every licensee, model and issued-copy row has its signed entry, and every such entry its
+    row, by key and entry index alone (no signature: cheap enough for every opening). A row
+    added or deleted anywhere is refused by every command, not only by those that read it."""
+    stored = {r[0]: r[1] for r in db.execute("SELECT id, entry_idx FROM licensees")}
+    for lid, idx in stored.items():
+        if index.licensees.get(lid, (None,))[0] != idx:
+            raise TableMismatch(f"licensees row id={tables.show(lid)}: no signed licensee entry {tables.show(idx)} "
+                                "has this id (an added or changed row)")
+    for lid, (idx, _) in sorted(index.licensees.items(), key=lambda kv: kv[1][0]):
+        if lid not in stored:
+            raise TableMismatch(f"licensees: no row for the licensee of signed entry {idx} (a deleted row)")
+    stored = {r[0]: r[1] for r in db.execute("SELECT model_id, entry_idx FROM models")}
+    for model_id, idx in stored.items():
+        if index.models.get(model_id) != idx:
+            raise TableMismatch(f"models row model_id={tables.show(model_id)}: no signed model entry "
+                                f"{tables.show(idx)} has this model id (an added or changed row)")
+    for model_id, idx in sorted(index.models.items(), key=lambda kv: kv[1]):
+        if model_id not in stored:
+            raise TableMismatch(f"models: no row for the model of signed entry {idx} (a deleted row)")
+    issued = {r[0] for r in db.execute("SELECT entry_idx FROM issued_copies")}
+    for idx in sorted(issued - index.issued.keys(), key=str):
+        raise TableMismatch(f"issued_copies row entry_idx={tables.show(idx)}: signed entry {tables.show(idx)} is not "
+                            "an issued copy (an added row)")
+    for idx in sorted(index.issued.keys() - issued):
+        raise TableMismatch(f"issued_copies: no row for the issued copy of signed entry {idx} (a deleted row)")

@@ -352,3 +352,16 @@ def test_reads_see_entries_appended_after_the_first_read(world: World, tmp_path:
     edit(home, f"UPDATE licensees SET name = 'Mallory' WHERE id = '{added.id}'")
     with Lab(home) as lab, pytest.raises(RegistryError, match=f"licensees row id={added.id}: name does not match"):
         lab.registry.licensees()
+
+
+def test_a_kind_column_edited_to_void_is_not_believed(world: World, tmp_path: Path, capsys) -> None:
+    """Whether an issued copy was voided comes from signed void entries, not the kind column."""
+    home = copy_home(world, tmp_path)
+    edit(home, f"UPDATE entries SET kind = 'issue-void' WHERE idx = {world.issued[1]}")
+    code, out, err = cli(capsys, "registry", "find", "--json", "--home", str(home))
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["entry_id"] for r in rows] == world.issued
+    assert all(r.get("delivered", True) for r in rows)
+    code, out, err = cli(capsys, "registry", "verify", "--home", str(home))
+    assert code == 4 and f"entries row idx={world.issued[1]}: kind is issue-void" in one_error_line(err)
