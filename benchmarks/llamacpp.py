@@ -1,10 +1,12 @@
-"""Find or build llama.cpp's `llama-quantize`, an independent K-quant peer, from the
-llama-cpp-python source package (which vendors llama.cpp). Benchmarks only: never `make test`.
+"""Find or build llama.cpp's tools from the llama-cpp-python source package (which vendors
+llama.cpp): `llama-quantize` (the independent K-quant peer), and `llama-perplexity` and
+`llama-cli`, the runtime licensees load GGUF copies in. Benchmarks and peers only: never
+`make test`.
 
 The build is cached per sdist version in ~/.cache/weightmark/llama.cpp/<version>/ (or
 $WEIGHTMARK_LLAMACPP_DIR): the sdist is fetched with pip, unpacked, configured with cmake
-(Release, CPU only, no curl, static) and only the llama-quantize target is built, with 2 jobs.
-A later call finds the binary and returns at once.
+(Release, CPU only, no curl, static) and only those targets are built, with 2 jobs. A later
+call finds the binaries and returns at once.
 
     python benchmarks/llamacpp.py            # build (minutes the first time), print the path
 """
@@ -45,8 +47,11 @@ def cache_dir(version: str = SDIST_VERSION) -> Path:
     return Path.home() / ".cache" / "weightmark" / "llama.cpp" / version
 
 
-def binary_path(version: str = SDIST_VERSION) -> Path:
-    return cache_dir(version) / "build" / "bin" / "llama-quantize"
+TOOLS = ("llama-quantize", "llama-perplexity", "llama-cli")
+
+
+def binary_path(version: str = SDIST_VERSION, tool: str = "llama-quantize") -> Path:
+    return cache_dir(version) / "build" / "bin" / tool
 
 
 def _say(message: str) -> None:
@@ -97,7 +102,14 @@ def _unpack(tarball: Path, root: Path, version: str) -> Path:
 
 def llama_quantize(version: str = SDIST_VERSION, jobs: int = JOBS) -> Path:
     """Path of a working llama-quantize built from llama-cpp-python==version (built if needed)."""
-    binary = binary_path(version)
+    return llama_tool("llama-quantize", version, jobs)
+
+
+def llama_tool(tool: str, version: str = SDIST_VERSION, jobs: int = JOBS) -> Path:
+    """Path of one of TOOLS built from llama-cpp-python==version (all of them built if needed)."""
+    if tool not in TOOLS:
+        raise ValueError(f"{tool} is not one of {TOOLS}")
+    binary = binary_path(version, tool)
     if binary.is_file() and os.access(binary, os.X_OK):
         return binary
     root = cache_dir(version)
@@ -108,9 +120,9 @@ def llama_quantize(version: str = SDIST_VERSION, jobs: int = JOBS) -> Path:
     build = root / "build"
     log = root / "build.log"
     start = time.perf_counter()
-    _say(f"building llama-quantize in {build} ({jobs} jobs; log: {log}); this takes minutes")
+    _say(f"building {', '.join(TOOLS)} in {build} ({jobs} jobs; log: {log}); this takes minutes")
     _run(["cmake", "-S", str(source), "-B", str(build), *CMAKE_OPTIONS], log)
-    _run(["cmake", "--build", str(build), "--target", "llama-quantize", "-j", str(jobs)], log)
+    _run(["cmake", "--build", str(build), "--target", *TOOLS, "-j", str(jobs)], log)
     if not binary.is_file():
         raise RuntimeError(f"the build finished but {binary} is missing; see {log}")
     _say(f"built {binary} in {time.perf_counter() - start:.0f} s")
@@ -122,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", default=SDIST_VERSION, help=f"{SDIST} sdist version")
     parser.add_argument("--jobs", type=int, default=JOBS, help="parallel compile jobs")
     args = parser.parse_args(argv)
-    print(llama_quantize(args.version, args.jobs))
+    for tool in TOOLS:
+        print(llama_tool(tool, args.version, args.jobs))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`weightmark policy ...`: show and install the jurisdiction policy."""
+"""`weightmark policy ...`: show, check and install the jurisdiction policy."""
 
 from __future__ import annotations
 
@@ -45,3 +45,54 @@ def set_policy(
     with open_lab(home) as lab:
         installed = policy_module.install(lab.home, file)
     err.print(f"Installed {installed.label}.")
+
+
+@app.command("check")
+def check(
+    file: Annotated[Path, typer.Argument(help="Policy TOML file to check (not installed).")],
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Validate a policy against the registered models before installing it: for each model, the
+    control classes it trips and which countries' outcomes change; and every copy already issued
+    to a jurisdiction the new policy would deny.
+
+    Example: weightmark policy check ./policy-v4.toml --json
+    """
+    with open_lab(home) as lab:
+        report = lab.check_policy(file)
+    if json_out:
+        print_json(report)
+        return
+    before = report["installed"] or "no installed policy"
+    typer.echo(f"{report['policy']} against {before}"
+               + ("" if report["installable"] else " (not installable: its version is not newer)"))
+    for model in report["models"]:
+        classes = ", ".join(model["classes_after"]) or "none"
+        typer.echo(f"model {model['model']}: control classes {classes}")
+        if model["refused_for_missing_facts"]:
+            typer.echo(f"  no copy until declared: {', '.join(model['refused_for_missing_facts'])}")
+        if not model["changes"]:
+            typer.echo("  no country's outcome changes")
+        for change in model["changes"]:
+            typer.echo(f"  {change['before']} -> {change['after']}: {_countries_text(change['countries'])}")
+    denied = report["issued_now_denied"]
+    if denied:
+        err.print(f"{len(denied)} {'copy was' if len(denied) == 1 else 'copies were'} already issued to "
+                  "jurisdictions this policy would deny:")
+        for row in denied:
+            typer.echo(f"issued entry {row['entry_id']}\t{row['model']}\t{row['jurisdiction']}\t"
+                       f"{row['legal_name']}\t{row['variant']}\t{row['rule']}")
+    else:
+        typer.echo("No copy already issued would be denied.")
+
+
+def _countries_text(codes: list[str]) -> str:
+    """A country list, or 'N countries: every country except ...' when that is shorter."""
+    import pycountry
+
+    everything = {c.alpha_2 for c in pycountry.countries}
+    rest = sorted(everything - set(codes))
+    if len(codes) > 40 and len(rest) < len(codes):
+        return f"{len(codes)} countries: every country except {' '.join(rest)} (--json lists them)"
+    return " ".join(codes)

@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cryptography.exceptions import InvalidSignature
 
 from weightmark.cli.common import HomeOption, JsonOption, err, open_lab, print_json
 from weightmark.errors import UsageError
 from weightmark.registry import policy
-from weightmark.registry.envelope import envelope, verify
-from weightmark.registry.log import LogVerificationError, b64
+from weightmark.registry.envelope import envelope
+from weightmark.registry.log import b64
 from weightmark.registry.merkle import consistency_proof, inclusion_proof, leaf_hash
 from weightmark.registry.store import validate_jurisdiction
 
@@ -26,22 +25,15 @@ def show(
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Show one signed entry (licensee, model or issued copy) and check its signature.
+    """Show one signed entry (licensee, model or issued copy) once its signature (under the key
+    the log's key chain says was valid at its index), leaf and inclusion in the latest signed
+    checkpoint hold; exit 4 naming the entry otherwise.
 
     Example: weightmark registry show 4 --json
     """
     with open_lab(home) as lab:
-        entry = lab.registry.entry(entry_id)
-        trust = lab.trust()
-    # Checked against the key the log's key chain says was valid at this index, so entries
-    # signed before a key rotation still show as valid.
-    try:
-        verify(entry.payload, entry.signature, trust.key_for(entry.key_id, entry.idx).public_key)
-        status = "valid"
-    except LogVerificationError:
-        status = f"signed by key {entry.key_id}, which is not the lab's key for entry {entry.idx}"
-    except InvalidSignature:
-        status = "INVALID"
+        entry = lab.registry.checked_entry(entry_id)
+    status = "valid"
     doc = {"entry_id": entry.idx, "kind": entry.kind, "created_at": entry.created_at,
            "key_id": entry.key_id, "signature": status, "statement": entry.statement,
            "envelope": envelope(entry.payload, entry.key_id, entry.signature)}
@@ -64,10 +56,12 @@ def find(
     tier: Annotated[str | None, typer.Option("--tier", help="Jurisdiction-policy tier name.")] = None,
     since: Annotated[str | None, typer.Option("--since", help="Issued at or after (ISO 8601 date or time, UTC).")] = None,
     until: Annotated[str | None, typer.Option("--until", help="Issued before (ISO 8601 date or time, UTC).")] = None,
+    control_class: Annotated[str | None, typer.Option(
+        "--control-class", help="Copies whose signed policy record classified the model in this control class.")] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Find issued copies by licensee, jurisdiction, policy tier, model or issue time.
+    """Find issued copies by licensee, jurisdiction, policy tier, control class, model or issue time.
 
     Example: weightmark registry find --jurisdiction DE --since 2026-01-01 --json
     """
@@ -84,6 +78,8 @@ def find(
         names = {m.model_id: m.name for m in lab.registry.models()}
         hits = lab.registry.find_issued(licensee, jurisdiction, model_id, _utc(since, "--since"),
                                         _utc(until, "--until"), countries)
+        if control_class is not None:
+            hits = lab.issued_in_control_class(hits, control_class)
         voided = lab.registry.voided_issues()
     # A voided issue keeps its codeword (scans still score it) but no copy left the lab.
     rows = [{**copy.to_json(), "model": names.get(copy.model_id), "licensee_name": lic.name,
@@ -118,9 +114,11 @@ def verify_cmd(
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Recompute every leaf, the tree and every checkpoint, and check every signature.
+    """Recompute every leaf, the tree and every checkpoint, check every signature, and re-derive
+    every table row the other commands read from the signed entries.
 
-    Exit 0 when everything holds; exit 4 naming the first bad entry or checkpoint otherwise.
+    Also runs SQLite's integrity and foreign-key checks first. Exit 0 when everything holds;
+    exit 4 naming the first bad entry, checkpoint or table row otherwise.
 
     Example: weightmark registry verify   |   weightmark registry verify --from ./log-export
     """

@@ -11,7 +11,6 @@ from weightmark.cli.common import (
     BarProgress,
     HomeOption,
     JsonOption,
-    err,
     format_p,
     open_lab,
     print_json,
@@ -45,20 +44,31 @@ def scan(
             lab.output(evidence, EVIDENCE, force)  # refuse a bad --evidence before the scan, not after
         report = lab.scan(suspect, model, reference, blind, threshold, assume_licensees, progress=BarProgress(),
                           realign=realign)
+        if report.reference_warning:
+            typer.echo(f"Warning: {report.reference_warning}", err=True)
+        if report.ambiguous:
+            typer.echo("Warning: the suspect matches several registered models equally well "
+                       f"({', '.join(m['model'] for m in report.models)}); each was considered and the "
+                       f"p-values cover all {report.models_considered}", err=True)
         if evidence is not None:
-            if report.accused:
-                lab.evidence(report, evidence, overwrite=force)
-                err.print(f"Evidence bundle written to {evidence} (verify: weightmark evidence verify "
-                          f"{evidence} --pubkey LAB.pub)")
-            else:
-                err.print("Nobody accused: no evidence bundle written.")
+            lab.evidence(report, evidence, suspect, overwrite=force)
+            what = "its accusations" if report.accused else "that nobody was accused"
+            typer.echo(f"Evidence bundle stating {what} written to {evidence} (verify: weightmark evidence "
+                       f"verify {evidence} --pubkey LAB.pub --suspect {suspect})", err=True)
     if json_out:
         print_json(report.to_json())
         return
     echo = typer.echo
     against = f"non-blind, against {report.reference}" if report.reference else "blind"
     echo(f"Suspect:  {report.suspect} ({report.format}; {against})")
-    echo(f"Model:    {report.model} ({report.model_id[:16]}), {report.carriers_used}/{report.carriers_total} carriers")
+    echo(f"Model:    {report.model} ({report.model_id[:16]}), {report.carriers_used}/{report.carriers_total} carriers, "
+         f"{report.elements_used:,} elements")
+    if report.missing_shards:
+        echo(f"Partial:  {len(report.missing_shards)} shard(s) listed by the index are absent; scanned what is here")
+    if len(report.models) > 1:
+        tried = ", ".join(f"{m['model']} ({m['accused']} accused)" for m in report.models_scanned)
+        echo(f"Models:   {len(report.models)} registered models match; scanned {tried}; "
+             f"p-values cover {report.models_considered} candidate models")
     for line in report.aligned:
         echo(f"Aligned:  {line}")
     present = "yes" if report.watermark_present else "not shown"
@@ -69,7 +79,8 @@ def scan(
             echo(f"ACCUSED:  {c.name} ({c.licensee_id}), jurisdiction {c.jurisdiction} "
                  f"({country_name(c.jurisdiction)}), registry entry {c.entry_id}{undelivered}")
             echo(f"          score {c.score:.1f}, p = {format_p(c.log10_p)}, family-wise p = "
-                 f"{format_p(c.log10_family_wise_p)} over {report.family_size} issued codewords")
+                 f"{format_p(c.log10_family_wise_p)} over {report.family_size} issued codewords"
+                 + (f" x {report.models_considered} models" if report.models_considered > 1 else ""))
     else:
         echo(f"No licensee accused (threshold: family-wise p <= {report.threshold:g}).")
     if report.candidates:

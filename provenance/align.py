@@ -53,6 +53,7 @@ __all__ = [
     "align",
     "infer_architecture",
     "match_rows",
+    "match_rows_blocked",
     "relative_difference",
 ]
 
@@ -61,6 +62,9 @@ SAMPLE_ROWS = 32  # rows compared when telling tensors apart by content
 MATCH_COLUMNS = 64  # input columns used to correlate rows when matching units (plenty: an
 # unrelated row's cosine on 64 columns is about N(0, 1/64), a matching row's close to 1, and
 # the FFN score sums two matrices)
+DENSE_MATCH_UNITS = 4096  # above this many units, rows are matched block by block (bounded memory)
+MATCH_BLOCK = 1024  # suspect rows scored at once by the blocked matcher
+MATCH_TOP = 8  # best candidates kept per row and per column by the blocked matcher
 SCALE_GAIN = 0.9  # least-squares scales are kept only if they cut the difference by 10%
 PROCRUSTES_ROWS = 64  # embedding rows per hidden channel used to fit the rotation (at most)
 _EPS = 1e-30
@@ -226,6 +230,93 @@ def match_rows(score: np.ndarray) -> np.ndarray:
         keep_r[best_r[rows]] = False
         free_s, free_r = free_s[keep_s], free_r[keep_r]
     return order
+
+
+def _top(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the indices and values of the k largest entries, best first (ties: lower index)."""
+    k = min(k, values.shape[1])
+    idx = np.argpartition(-values, k - 1, axis=1)[:, :k] if k < values.shape[1] else \
+        np.broadcast_to(np.arange(values.shape[1]), values.shape).copy()
+    vals = np.take_along_axis(values, idx, axis=1)
+    order = np.lexsort((idx, -vals), axis=1)
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+
+def match_rows_blocked(score_block, n: int, block: int = MATCH_BLOCK, k: int = MATCH_TOP) -> np.ndarray:
+    """`match_rows` without the n x n score matrix: the same greedy mutual-best rounds, run on
+    the k best candidates of every row and column, scored `block` rows at a time.
+
+    `score_block(rows, cols)` gives the float scores of suspect rows x reference rows. A row or
+    column whose kept candidates are all taken, or whose k-th candidate ties its best free one,
+    is re-scored against everything still free, so the result is the dense one. Memory is
+    O(block * n + n * k) instead of O(n^2).
+    """
+    def finite(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        return np.where(np.isfinite(x), x, -np.inf)
+
+    row_idx = np.empty((n, min(k, n)), dtype=np.intp)
+    row_val = np.empty((n, min(k, n)))
+    col_idx = np.empty((n, 0), dtype=np.intp)
+    col_val = np.empty((n, 0))
+    everything = np.arange(n)
+    for start in range(0, n, block):
+        rows = everything[start:start + block]
+        sc = finite(score_block(rows, everything))
+        row_idx[rows], row_val[rows] = _top(sc, k)
+        # Merge this block's best rows per column into the running per-column lists.
+        ci, cv = _top(sc.T, k)
+        col_idx, col_val = _top_merge(col_idx, col_val, rows[ci], cv, k)
+    order = np.full(n, -1, dtype=np.intp)
+    free_s = np.ones(n, dtype=bool)
+    free_r = np.ones(n, dtype=bool)
+
+    def best_free(idx: np.ndarray, val: np.ndarray, free: np.ndarray, who: np.ndarray, transpose: bool
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """For each of `who`, its best free partner and that score (re-scored when unsure)."""
+        ok = free[idx[who]]
+        has = ok.any(axis=1)
+        first = ok.argmax(axis=1)
+        pick = idx[who, first]
+        best = val[who, first]
+        # Unsure: no free candidate kept, or the best free one ties the last kept (more may tie
+        # beyond the list).
+        unsure = ~has | ((best == val[who, -1]) & (idx.shape[1] < n))
+        for j in np.flatnonzero(unsure):
+            partners = np.flatnonzero(free)
+            one = np.array([who[j]])
+            sc = finite(score_block(partners, one).T if transpose else score_block(one, partners))[0]
+            m = int(sc.argmax())
+            pick[j], best[j] = partners[m], sc[m]
+        return pick, best
+
+    while free_s.any():
+        rows = np.flatnonzero(free_s)
+        best_r, best_v = best_free(row_idx, row_val, free_r, rows, False)
+        cols = np.unique(best_r)
+        _, col_best = best_free(col_idx, col_val, free_s, cols, True)
+        column_max = dict(zip(cols.tolist(), col_best.tolist(), strict=True))
+        mutual = np.array([v >= column_max[c] for c, v in zip(best_r.tolist(), best_v.tolist(), strict=True)],
+                          dtype=bool)
+        hits = np.flatnonzero(mutual)
+        _, first = np.unique(best_r[hits], return_index=True)  # ties: one row per column
+        hits = hits[first]
+        if hits.size == 0:  # cannot happen with finite scores; never loop on odd input
+            order[np.flatnonzero(free_r)] = rows
+            break
+        order[best_r[hits]] = rows[hits]
+        free_s[rows[hits]] = False
+        free_r[best_r[hits]] = False
+    return order
+
+
+def _top_merge(idx: np.ndarray, val: np.ndarray, new_idx: np.ndarray, new_val: np.ndarray, k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best of two candidate lists (best first, ties: lower index)."""
+    both_idx = np.concatenate([idx, new_idx], axis=1)
+    both_val = np.concatenate([val, new_val], axis=1)
+    top_idx, top_val = _top(both_val, k)
+    return np.take_along_axis(both_idx, top_idx, axis=1), top_val
 
 
 def _unit_rows(w: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
@@ -556,7 +647,7 @@ class _Aligner:
             return
         if "gate" in loaded and "up" in loaded:
             pairs = [loaded["gate"], loaded["up"]]  # enough to tell units apart; down is not needed
-        order = match_rows(self._unit_score(pairs, units))
+        order = self._match_units(pairs, units)
         moved = int(np.count_nonzero(order != np.arange(units)))
         if moved:
             label = "mlp" if self.arch is None or self.arch.kind == "llama" else "ffn"
@@ -572,6 +663,21 @@ class _Aligner:
                 self.plans[name].row_order = order
                 sus = sus[order]
             self.fit_gains(name, sus, ref)
+
+    def _match_units(self, pairs: list[tuple[np.ndarray, np.ndarray]], units: int) -> np.ndarray:
+        """The suspect unit matched to each reference unit: dense scores up to
+        DENSE_MATCH_UNITS units, block by block beyond (same answer, bounded memory)."""
+        if units <= DENSE_MATCH_UNITS:
+            return match_rows(self._unit_score(pairs, units))
+        unit_pairs = self._unit_pairs(pairs)
+
+        def score_block(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+            out = np.zeros((rows.size, cols.size), dtype=np.float32)
+            for s, r in unit_pairs:
+                out += np.abs(s[rows] @ r[cols].T)
+            return out
+
+        return match_rows_blocked(score_block, units)
 
     def _unit_score(self, pairs: list[tuple[np.ndarray, np.ndarray]], units: int) -> np.ndarray:
         """score[i, j] = sum over the pairs of |cos(suspect row i, reference row j)|."""

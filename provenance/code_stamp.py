@@ -275,6 +275,7 @@ def stamp_quantized_base(
     Policy first (a refused issue writes nothing), then the copy is made by issuing.issue_copy
     (journalled, staged, synced, recorded as a signed entry, and only then moved to `out`).
     """
+    from weightmark.facts import verified_facts
     from weightmark.stamp import policy_gate, stamp_scheme
 
     if model.format != GGUF_FORMAT and model.format not in PACKED_FORMATS:
@@ -292,7 +293,8 @@ def stamp_quantized_base(
     opened = open_registered_base(model)
     with opened as base:
         variant = quantized_variant(model.format, carriers)
-        policy_record = policy_gate(policy, licensee.jurisdiction, variant, override_reason)
+        policy_record = policy_gate(policy, licensee.jurisdiction, variant, override_reason,
+                                    lambda: verified_facts(registry, model))
         model_key = keys.model_key(model.model_id)
         index = registry.reserve_codeword(model.model_id)
         code = params.codeword(model_key, index)

@@ -14,13 +14,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from weightmark.errors import InputFileError
-from weightmark.fsutil import staged_output, write_bytes_atomic
+from weightmark.fsutil import sha256_file, staged_output, write_bytes_atomic
 from weightmark.keys import LabKeys, key_id
 from weightmark.registry.envelope import PAYLOAD_TYPE, canonical_json, envelope, pae
 from weightmark.registry.log import (
@@ -38,7 +38,12 @@ from weightmark.registry.merkle import ProofError, inclusion_proof, leaf_hash, v
 from weightmark.registry.note import NoteError, verify_note
 from weightmark.registry.store import Registry
 
-EVIDENCE_FORMAT = "weightmark-evidence/v1"
+if TYPE_CHECKING:
+    from weightmark.scan import ScanReport
+
+EVIDENCE_FORMAT = "weightmark-evidence/v2"
+# Bundles written before v2 (no examined-file hashes, tool versions or parameters) still verify.
+EVIDENCE_FORMATS = ("weightmark-evidence/v1", EVIDENCE_FORMAT)
 EVIDENCE_PAYLOAD_TYPE = "application/vnd.weightmark.evidence+json"
 MAX_BUNDLE_BYTES = 64 << 20
 
@@ -73,11 +78,51 @@ def _entry_from_envelope(index: int, env: Any) -> LogEntry:
 # -- evidence bundles ------------------------------------------------------------------------
 
 
-def build_bundle(registry: Registry, keys: LabKeys, scan: dict[str, Any], created_at: str) -> bytes:
-    """The signed bundle for a scan's accusations (every accused entry with its proof)."""
+def examined_files(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Every regular file of a suspect (a file, or a folder walked without following links)
+    with its sha256 and size: what the bundle says was examined."""
+    root = Path(path)
+    if root.is_dir():
+        paths = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not os.path.islink(os.path.join(dirpath, d)))
+            paths += [Path(dirpath) / f for f in sorted(filenames)
+                      if not os.path.islink(os.path.join(dirpath, f))]
+    else:
+        paths = [root]
+    files = []
+    for file in paths:
+        if not file.is_file():
+            continue
+        files.append({"path": file.name if not root.is_dir() else str(file.relative_to(root)),
+                      "sha256": sha256_file(file), "size": file.stat().st_size})
+    return {"path": str(root.resolve()), "files": files, "total_bytes": sum(f["size"] for f in files)}
+
+
+def tool_versions() -> dict[str, str]:
+    """The versions a court would ask for: weightmark, Python, numpy, numba, the platform."""
+    import platform
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {"name": "weightmark", "version": version("weightmark"), "python": platform.python_version(),
+            "numpy": version("numpy"), "numba": version("numba"), "platform": platform.platform()}
+
+
+def build_bundle(registry: Registry, keys: LabKeys, report: ScanReport, created_at: str,
+                 suspect: str | os.PathLike[str]) -> bytes:
+    """The signed bundle of a scan: what was examined (hashes), with which tool and parameters,
+    every accused entry with its inclusion proof, or the statement that nobody was accused.
+    Innocent licensees appear only as counts and score statistics."""
     size, _root, note = registry.latest_checkpoint()
     leaves = registry.leaf_hashes(size)
     trust = trust_from_entries(registry.log_entries())
+    scan = report.evidence_json()
     accusations = []
     for accused in scan["accused"]:
         index = int(accused["entry_id"])
@@ -87,9 +132,24 @@ def build_bundle(registry: Registry, keys: LabKeys, scan: dict[str, Any], create
             "envelope": envelope(entry.payload, entry.key_id, entry.signature),
             "inclusion_proof": [b64(h) for h in inclusion_proof(leaves, index, size)],
         })
+    examined = examined_files(suspect)
+    examined["format"] = report.format
     content = {
         "format": EVIDENCE_FORMAT,
         "created_at": created_at,
+        "tool": tool_versions(),
+        "examined": examined,
+        "reference": scan["reference"],
+        "parameters": {
+            "model": report.model, "model_id": report.model_id, "mode": report.mode,
+            "threshold": report.threshold, "family_size": report.family_size,
+            "assume_licensees": report.assume_licensees, "models_tried": len(report.models_scanned) or 1,
+            "models_considered": report.models_considered, "realign": report.realign,
+            "aligned": report.aligned, "carriers_used": report.carriers_used,
+            "carriers_registered": report.carriers_total, "carriers_skipped": report.carriers_skipped,
+            "elements_used": report.elements_used, "scheme": report.scheme,
+            "missing_shards": report.missing_shards,
+        },
         "scan": scan,
         "accusations": accusations,
         "tree_size": size,
@@ -100,12 +160,34 @@ def build_bundle(registry: Registry, keys: LabKeys, scan: dict[str, Any], create
     return canonical_json({"bundle": content, "signature": {"keyid": keys.key_id, "sig": b64(signature)}})
 
 
+def check_examined(verified: VerifiedEvidence, suspect: str | os.PathLike[str]) -> None:
+    """Raise EvidenceError unless `suspect` holds exactly the files (sha256, size) the bundle
+    says were examined."""
+    recorded = verified.examined
+    if recorded is None:
+        raise EvidenceError(suspect, "the bundle records no examined files (a v1 bundle): nothing to compare")
+    found = examined_files(suspect)
+    want = {f["path"]: (f["sha256"], f["size"]) for f in recorded.get("files", [])}
+    have = {f["path"]: (f["sha256"], f["size"]) for f in found["files"]}
+    for name, (digest, nbytes) in sorted(want.items()):
+        if name not in have:
+            raise EvidenceError(suspect, f"file {name!r} that the bundle examined is not here")
+        if have[name] != (digest, nbytes):
+            raise EvidenceError(suspect, f"file {name!r} is not the examined one (sha256 {have[name][0][:16]}..., "
+                                         f"the bundle says {digest[:16]}...)")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise EvidenceError(suspect, f"file {extra[0]!r} was not among the examined files")
+
+
 @dataclass(frozen=True)
 class VerifiedEvidence:
     scan: dict[str, Any]
     accused: list[dict[str, Any]]  # the signed issued-copy predicates, one per accusation
     tree_size: int
     origin: str
+    examined: dict[str, Any] | None = None  # v2: the examined files with sha256 and size
+    content: dict[str, Any] | None = None  # the whole signed bundle content
 
 
 def verify_bundle(data: bytes, public_key: Ed25519PublicKey, source: str = "bundle") -> VerifiedEvidence:
@@ -128,7 +210,7 @@ def _verify_bundle(data: bytes, public_key: Ed25519PublicKey) -> VerifiedEvidenc
     if set(doc) != {"bundle", "signature"} or set(doc["signature"]) != {"keyid", "sig"}:
         raise ValueError("unexpected top-level layout")
     content = doc["bundle"]
-    if content.get("format") != EVIDENCE_FORMAT:
+    if content.get("format") not in EVIDENCE_FORMATS:
         raise ValueError(f"format {content.get('format')!r}")
     if doc["signature"]["keyid"] != key_id(public_key):
         raise ValueError(f"signed by key {doc['signature']['keyid']}, not by the given public key {key_id(public_key)}")
@@ -166,7 +248,13 @@ def _verify_bundle(data: bytes, public_key: Ed25519PublicKey) -> VerifiedEvidenc
             if predicate[field] != value:
                 raise ValueError(f"entry {index}: signed {field} {predicate[field]!r} but the scan says {value!r}")
         predicates.append(predicate)
-    return VerifiedEvidence(scan, predicates, size, trust.origin)
+    if content["format"] != "weightmark-evidence/v1":
+        examined = content["examined"]
+        if not isinstance(examined, dict) or not isinstance(examined.get("files"), list):
+            raise ValueError("examined files missing")
+        if scan["model_id"] != content["parameters"]["model_id"]:
+            raise ValueError("parameters name another model than the scan")
+    return VerifiedEvidence(scan, predicates, size, trust.origin, content.get("examined"), content)
 
 
 # -- exported logs ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from weightmark.align import align
+from weightmark.align import _rows, _sample_index, align, relative_difference
 from weightmark.canonical import as_2d, kind_of
 from weightmark.errors import InputFileError, UsageError
 from weightmark.formats import QuantizedModel, SafetensorsSuspect, open_suspect
@@ -36,13 +36,17 @@ from weightmark.scheme import (
     SchemeParams,
     carrier_seed,
     log10_family_wise,
+    log10_hoeffding,
     log10_presence,
     p_from_log10,
     parse_scheme,
     z_statistics,
 )
+from weightmark.tardos import InnocentBound, TardosParams
 
 CANDIDATES_SHOWN = 5
+# Candidate models scanned at most, best-ranked first (each costs one pass over the suspect).
+MAX_MODELS = 4
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,75 @@ class ScanReport:
     candidates: list[Candidate] = field(default_factory=list)  # every codeword, best first
     aligned: list[str] = field(default_factory=list)  # what re-alignment to the reference undid
     z: np.ndarray | None = field(default=None, repr=False)  # z statistics of the first code length
+    # {"status": "ok" | "given" | "missing" | "changed" | "none", "path", "model_id"}
+    reference_info: dict[str, Any] = field(default_factory=dict)
+    elements_used: int = 0
+    models_considered: int = 1  # the family-wise bound covers this many candidate models
+    assume_licensees: int = 0
+    realign: bool = True
+    models: list[dict[str, Any]] = field(default_factory=list)  # every candidate model, ranked
+    models_scanned: list[dict[str, Any]] = field(default_factory=list)
+    ambiguous: bool = False  # the two best candidate models could not be told apart
+    missing_shards: list[str] = field(default_factory=list)  # listed by the suspect's index, absent
+    carrier_signal: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    carrier_signal_entries: list[int] = field(default_factory=list)
+    bound_curve: list[list[float]] = field(default_factory=list, repr=False)
+
+    @property
+    def reference_warning(self) -> str | None:
+        """A loud warning when the registered base could not be used (the scan went blind)."""
+        status = self.reference_info.get("status")
+        if status == REFERENCE_MISSING:
+            return (f"the registered base of model {self.model!r} is missing at {self.reference_info.get('path')}: "
+                    "this scan is blind and much weaker; point the model at its files with "
+                    f"`weightmark model relocate {self.model} PATH`")
+        if status == REFERENCE_CHANGED:
+            return (f"the registered base of model {self.model!r} at {self.reference_info.get('path')} has changed "
+                    "since registration: this scan is blind and much weaker; restore the files or run "
+                    f"`weightmark model relocate {self.model} PATH`")
+        return None
+
+    @property
+    def family_wise_factor(self) -> int:
+        """What every p-value is multiplied by: issued codewords times candidate models."""
+        return self.family_size * self.models_considered
+
+    def innocents(self) -> dict[str, Any]:
+        """The scores of every codeword not accused, as counts and statistics only."""
+        accused = {c.entry_id for c in self.accused}
+        rest = sorted((c for c in self.candidates if c.entry_id not in accused), key=lambda c: c.score)
+        scores = np.array([c.score for c in rest], dtype=np.float64)
+        return {
+            "count": len(rest),
+            "scores": [round(float(v), 4) for v in scores],
+            "log10_p_values": [round(c.log10_p, 4) for c in rest],
+            "score_max": round(float(scores.max()), 4) if scores.size else None,
+            "score_mean": round(float(scores.mean()), 4) if scores.size else None,
+            "score_std": round(float(scores.std()), 4) if scores.size else None,
+        }
+
+    def summary(self) -> str:
+        """The finding in one sentence a non-specialist can read."""
+        if self.accused:
+            names = "; ".join(f"{c.name} ({c.jurisdiction})" for c in self.accused)
+            worst = max(c.log10_family_wise_p for c in self.accused)
+            return (f"The examined checkpoint carries the watermark issued to {names}; the chance that a "
+                    f"licensee who did not receive it scores this high is below 10^{worst:.1f}.")
+        return (f"The examined checkpoint was compared with the {self.family_size} copies issued of model "
+                f"{self.model!r} and no licensee reached the accusation threshold "
+                f"(family-wise p <= {self.threshold:g}).")
+
+    def evidence_json(self) -> dict[str, Any]:
+        """The scan as an evidence bundle records it: accused by name, innocents only as counts
+        and score statistics (other customers' identities are confidential)."""
+        out = self.to_json()
+        del out["candidates"]
+        out["innocents"] = self.innocents()
+        out["bound_curve"] = self.bound_curve
+        out["z"] = [round(float(v), 4) for v in (self.z if self.z is not None else [])]
+        out["carrier_signal"] = self.carrier_signal
+        out["summary"] = self.summary()
+        return out
 
     @property
     def accused(self) -> list[Candidate]:
@@ -112,7 +185,7 @@ class ScanReport:
             "model_id": self.model_id,
             "scheme": self.scheme,
             "mode": self.mode,
-            "reference": self.reference,
+            "reference": {**self.reference_info, "path": self.reference_info.get("path")},
             "carriers": {"used": self.carriers_used, "registered": self.carriers_total,
                          "skipped": self.carriers_skipped},
             "aligned": self.aligned,
@@ -127,14 +200,43 @@ class ScanReport:
             "candidates": [c.to_json() for c in self.candidates[:CANDIDATES_SHOWN]],
             "threshold": self.threshold,
             "family_size": self.family_size,
+            "models_considered": self.models_considered,
+            "models": self.models,
+            "models_scanned": self.models_scanned,
+            "ambiguous": self.ambiguous,
+            "elements_used": self.elements_used,
+            "missing_shards": self.missing_shards,
+            "assume_licensees": self.assume_licensees,
+            "realign": self.realign,
         }
+
+
+# Prefixes that wrappers add to or strip from tensor names when a checkpoint is re-saved:
+# a bare encoder saved through its task model gains "bert."; a llama saved without its head
+# class loses "model."; DataParallel adds "module.", torch.compile "_orig_mod.", PEFT
+# "base_model.model.".
+NAME_PREFIXES = ("base_model.model.", "_orig_mod.", "module.", "model.", "bert.", "transformer.",
+                 "roberta.", "encoder_model.", "language_model.")
+
+
+def normalised_name(name: str) -> str:
+    """`name` without the wrapper prefixes above (repeatedly: "module.model.x" -> "x")."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in NAME_PREFIXES:
+            if name.startswith(prefix) and len(name) > len(prefix):
+                name, stripped = name[len(prefix):], True
+    return name
 
 
 def name_aliases(suspect: QuantizedModel | SafetensorsSuspect, wanted: set[str]) -> dict[str, str]:
     """Registered tensor name -> the suspect's name for it.
 
-    Formats that rename tensors (GGUF) list every Hugging Face name a tensor could have; a
-    registered name found among a tensor's candidates is taken as that tensor.
+    A registered name is found under its own name, else among the names a renaming format
+    (GGUF) lists for a tensor, else as the one suspect tensor whose name equals it once wrapper
+    prefixes are stripped from both ("bert.encoder.layer.0..." and "encoder.layer.0..."). A
+    normalised name that two suspect tensors share is ambiguous and is not used.
     """
     metas = suspect.tensors()
     aliases = {name: name for name in wanted if name in metas}
@@ -143,65 +245,135 @@ def name_aliases(suspect: QuantizedModel | SafetensorsSuspect, wanted: set[str])
         for option in options:
             if option in wanted and option not in aliases:
                 aliases[option] = own
+    missing = wanted - set(aliases)
+    if missing:
+        by_normal: dict[str, list[str]] = defaultdict(list)
+        for own in metas:
+            for option in (own, *candidates.get(own, ())):
+                by_normal[normalised_name(option)].append(own)
+        taken = set(aliases.values())
+        for name in sorted(missing):
+            owners = sorted(set(by_normal.get(normalised_name(name), ())))
+            if len(owners) == 1 and owners[0] not in taken:
+                aliases[name] = owners[0]
+                taken.add(owners[0])
     return aliases
 
 
-def identify_model(registry: Registry, suspect: QuantizedModel | SafetensorsSuspect) -> Model:
-    """The registered model most of whose carriers the suspect holds by name and shape."""
+@dataclass(frozen=True)
+class ModelMatch:
+    """A registered model a suspect may be a copy of, and how well its carriers match."""
+
+    model: Model
+    matched: int  # carriers found in the suspect by (normalised) name with the registered shape
+    registered: int
+    distance: float | None = None  # relative distance to the base on sampled rows (None: not measured)
+
+    @property
+    def fraction(self) -> float:
+        return self.matched / max(1, self.registered)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model.name, "model_id": self.model.model_id, "carriers_matched": self.matched,
+                "carriers_registered": self.registered,
+                "distance": None if self.distance is None else round(self.distance, 6)}
+
+
+def candidate_models(registry: Registry, suspect: QuantizedModel | SafetensorsSuspect) -> list[ModelMatch]:
+    """Every registered model some of whose carriers the suspect holds by name and shape, most
+    matched first. A partly published leak matches only some carriers; it is still a candidate."""
     known = registry.carrier_shapes()
     metas = suspect.tensors()
     aliases = name_aliases(suspect, {name for carriers in known.values() for name in carriers})
     shapes = {name: metas[own].shape for name, own in aliases.items()}
-    best: tuple[float, str] | None = None
+    by_id = {m.model_id: m for m in registry.models()}
+    matches = []
     for model_id, carriers in known.items():
         matched = sum(1 for name, shape in carriers.items() if shapes.get(name) == shape)
-        fraction = matched / len(carriers)
-        if fraction >= 0.5 and (best is None or fraction > best[0]):
-            best = (fraction, model_id)
-    if best is None:
+        if matched and model_id in by_id:
+            matches.append(ModelMatch(by_id[model_id], matched, len(carriers)))
+    matches.sort(key=lambda m: (-m.fraction, m.model.entry_idx))
+    return matches
+
+
+def identify_model(registry: Registry, suspect: QuantizedModel | SafetensorsSuspect) -> Model:
+    """The registered model most of whose carriers the suspect holds by name and shape."""
+    matches = [m for m in candidate_models(registry, suspect) if m.fraction >= 0.5]
+    if not matches:
         raise InputFileError(suspect.path, "matches no registered model by tensor names and shapes; pass --model NAME")
-    return registry.model_by_id(best[1])
+    return matches[0].model
 
 
-def _same_base(model: Model) -> QuantizedModel | SafetensorsSuspect | None:
-    """The registered base as reference, when its files are still there and unchanged.
+def base_distance(suspect: QuantizedModel | SafetensorsSuspect, reference: QuantizedModel | SafetensorsSuspect,
+                  carriers: dict[str, tuple[int, ...]], aliases: dict[str, str],
+                  tensors: int = 4, rows: int = 16) -> float | None:
+    """Median relative distance between suspect and reference on a few rows of a few carriers.
 
-    A float base is read as stored; a base registered already quantized (GGUF, GPTQ) is
-    dequantized.
+    It reads no key and no codeword, so ranking models by it leaves every licensee's p-value
+    valid. None when no carrier could be compared.
     """
-    from weightmark.model import GGUF_FORMAT, PACKED_FORMATS, gguf_file_stats
+    names = sorted(n for n in carriers if n in aliases)
+    if not names:
+        return None
+    picked = [names[i] for i in np.unique(np.linspace(0, len(names) - 1, min(tensors, len(names))).astype(int))]
+    metas, ref_metas = suspect.tensors(), reference.tensors()
+    out = []
+    for name in picked:
+        own = aliases[name]
+        if metas[own].shape != carriers[name] or name not in ref_metas or ref_metas[name].shape != carriers[name]:
+            continue
+        sample = _sample_index(carriers[name][0], rows)
+        with np.errstate(invalid="ignore", over="ignore"):
+            d = relative_difference(_rows(suspect, own, sample), _rows(reference, name, sample))
+        if math.isfinite(d):
+            out.append(d)
+    return float(np.median(out)) if out else None
+
+
+REFERENCE_OK, REFERENCE_GIVEN, REFERENCE_MISSING, REFERENCE_CHANGED, REFERENCE_NONE = (
+    "ok", "given", "missing", "changed", "none")
+
+
+def _same_base(model: Model) -> tuple[QuantizedModel | SafetensorsSuspect | None, str]:
+    """The registered base as reference and its status: "ok", or "missing" / "changed" (no
+    reference: the scan falls back to blind and the caller must say so loudly).
+
+    Files whose size or time changed are accepted when their weights still hash to the model
+    id (a base copied without keeping times); a float base is read as stored, a base registered
+    already quantized (GGUF, GPTQ) is dequantized.
+    """
+    from weightmark.model import (
+        GGUF_FORMAT,
+        PACKED_FORMATS,
+        gguf_file_stats,
+        gguf_manifest_id,
+        manifest_id,
+    )
 
     path = Path(model.base_path)
     if not path.exists():
-        return None
-    if model.format in PACKED_FORMATS:
-        from weightmark.formats.quantized import open_quantized
-
-        try:
-            with Checkpoint.open(path) as ckpt:
-                unchanged = file_stats(ckpt) == model.files
-            return open_quantized(path) if unchanged else None
-        except InputFileError:
-            return None
-    if model.format == GGUF_FORMAT:
-        from weightmark.formats.gguf import GGUFModel
-
-        try:
-            base = GGUFModel(path)
-        except InputFileError:
-            return None
-        if gguf_file_stats(base) != model.files:
-            base.close()
-            return None
-        return base
+        return None, REFERENCE_MISSING
     try:
+        if model.format == GGUF_FORMAT:
+            from weightmark.formats.gguf import GGUFModel
+
+            base = GGUFModel(path)
+            if gguf_file_stats(base) != model.files and gguf_manifest_id(base) != model.model_id:
+                base.close()
+                return None, REFERENCE_CHANGED
+            return base, REFERENCE_OK
         ckpt = Checkpoint.open(path)
+        if file_stats(ckpt) != model.files and manifest_id(ckpt) != model.model_id:
+            ckpt.close()
+            return None, REFERENCE_CHANGED
+        if model.format in PACKED_FORMATS:
+            from weightmark.formats.quantized import open_quantized
+
+            ckpt.close()
+            return open_quantized(path), REFERENCE_OK
+        return SafetensorsSuspect(ckpt, path), REFERENCE_OK
     except InputFileError:
-        return None
-    if file_stats(ckpt) != model.files:
-        ckpt.close()
-        return None
-    return SafetensorsSuspect(ckpt, path)
+        return None, REFERENCE_CHANGED
 
 
 def _values(source: QuantizedModel | SafetensorsSuspect, name: str, dtype: str) -> tuple[np.ndarray, int]:
@@ -223,6 +395,19 @@ def _base_config(model: Model) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
+@dataclass
+class Extraction:
+    """What one pass over the suspect's carriers gives: (num, den) per code length, and per
+    carrier for the first code length (so a report can show where the signal sits)."""
+
+    sums: dict[int, tuple[np.ndarray, np.ndarray]]
+    used: int
+    skipped: list[str]
+    aligned: list[str]
+    elements: int
+    per_carrier: list[tuple[str, int, np.ndarray, np.ndarray]]
+
+
 def _extract_all(
     suspect: QuantizedModel | SafetensorsSuspect,
     reference: QuantizedModel | SafetensorsSuspect | None,
@@ -232,10 +417,11 @@ def _extract_all(
     progress: Progress,
     config: dict[str, Any] | None = None,
     realign: bool = True,
-) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, list[str], list[str]]:
+) -> Extraction:
     """Per code length, the (num, den) sums over every carrier found; with a reference the
     suspect is first re-aligned to it (renamed, permuted, rescaled or rotated carriers)."""
     sums = {L: (np.zeros(L), np.zeros(L)) for L in code_lengths}
+    first = code_lengths[0]
     metas = suspect.tensors()
     alignment = None
     if reference is not None and realign:
@@ -243,7 +429,7 @@ def _extract_all(
         aliases = {c.name: own for c in carriers if (own := alignment.source(c.name)) is not None}
     else:
         aliases = name_aliases(suspect, {c.name for c in carriers})
-    used, skipped = 0, []
+    used, skipped, elements, per_carrier = 0, [], 0, []
     for carrier in carriers:
         own = aliases.get(carrier.name)
         if own is None:
@@ -270,15 +456,141 @@ def _extract_all(
         else:
             sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
         seed = carrier_seed(model_key, carrier.name)
-        for num, den in sums.values():
-            extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, num, den)
+        for L, (num, den) in sums.items():
+            if L == first:
+                own_num, own_den = np.zeros(L), np.zeros(L)
+                extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, own_num, own_den)
+                num += own_num
+                den += own_den
+                per_carrier.append((carrier.name, int(np.prod(carrier.shape)), own_num, own_den))
+            else:
+                extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, num, den)
         del sus_raw, ref_raw
         for source, name in ((suspect, own), (reference, carrier.name)):
             if isinstance(source, SafetensorsSuspect):
                 source.checkpoint.release(name)
         used += 1
+        elements += int(np.prod(carrier.shape))
         progress.advance(int(np.prod(carrier.shape)) * 2)
-    return sums, used, skipped, alignment.report if alignment is not None else []
+    return Extraction(sums, used, skipped, alignment.report if alignment is not None else [], elements,
+                      per_carrier)
+
+
+def carrier_signal(per_carrier: list[tuple[str, int, np.ndarray, np.ndarray]], codewords: list[np.ndarray]
+                   ) -> list[dict[str, Any]]:
+    """Per carrier, each given codeword's correlation with that carrier's own statistics,
+    sum_i c_i num_i / sqrt(sum_i den_i): about N(0, 1) for a codeword the carrier does not carry,
+    large where it does. Illustration of where the mark sits, not a p-value."""
+    out = []
+    for name, elements, num, den in per_carrier:
+        scale = math.sqrt(float(den.sum()))
+        scores = [float(np.dot(c.astype(np.float64), num) / scale) if scale > 0 else 0.0 for c in codewords]
+        out.append({"name": name, "elements": elements, "scores": [round(v, 4) for v in scores]})
+    return out
+
+
+def bound_curve(scheme: SchemeParams | TardosParams, model_key: bytes, z: np.ndarray, top: float,
+                points: int = 48) -> list[list[float]]:
+    """The innocent bound log10 P(S >= s) at `points` scores from 0 to `top` (for figures)."""
+    grid = np.linspace(0.0, max(top, 1.0), points)
+    if isinstance(scheme, TardosParams):
+        values = InnocentBound(z, scheme.biases(model_key)).log10_p_exact(grid)
+    else:
+        values = np.array([log10_hoeffding(float(s)) for s in grid])
+    return [[round(float(s), 4), round(float(v), 4)] for s, v in zip(grid, values, strict=True)]
+
+
+def _scan_model(
+    registry: Registry,
+    keys: LabKeys,
+    suspect: QuantizedModel | SafetensorsSuspect,
+    suspect_path: str | os.PathLike[str],
+    model: Model,
+    ref: QuantizedModel | SafetensorsSuspect | None,
+    reference_info: dict[str, Any],
+    threshold: float,
+    assume_licensees: int,
+    models_considered: int,
+    progress: Progress,
+    realign: bool,
+) -> ScanReport:
+    """Extract and score one registered model's issued codewords against the suspect."""
+    carriers = registry.carriers(model.model_id)
+    issued = registry.issued(model.model_id)
+    params = {copy.entry_idx: parse_scheme(copy.scheme) for copy in issued}
+    code_lengths = sorted({p.code_length for p in params.values()}) or [DEFAULT_CODE_LENGTH]
+    model_key = keys.model_key(model.model_id)
+    total = sum(int(np.prod(c.shape)) * 2 for c in carriers)
+    progress.begin(f"scanning {Path(suspect_path).name} ({suspect.format}) as {model.name}", total)
+    try:
+        ex = _extract_all(suspect, ref, carriers, model_key, code_lengths, progress, _base_config(model), realign)
+    finally:
+        progress.end()
+    if ex.used == 0:
+        raise InputFileError(suspect_path, f"holds none of model {model.name!r}'s carriers with matching shapes")
+
+    family = max(len(issued), assume_licensees, 1)
+    by_scheme: dict[str, list] = defaultdict(list)
+    for copy in issued:
+        by_scheme[copy.scheme].append(copy)
+    z_by_length = {L: z_statistics(*ex.sums[L]) for L in code_lengths}
+    presence = None
+    for z in z_by_length.values():
+        stat, log_p, k = log10_presence(z)
+        # One presence test per code length in use and per model considered: Bonferroni.
+        log_p = min(0.0, log_p + math.log10(len(code_lengths) * models_considered))
+        if presence is None or log_p < presence[1]:
+            presence = (stat, log_p, k)
+    candidates: list[Candidate] = []
+    licensees: dict[str, Any] = {}
+    voided = registry.voided_issues()  # still scored: the codeword was reserved for that licensee
+    for text, copies in by_scheme.items():
+        scheme = params[copies[0].entry_idx]
+        scores, log_ps = scheme.score(model_key, [c.codeword_index for c in copies],
+                                      z_by_length[scheme.code_length])
+        for copy, score, lp in zip(copies, scores, log_ps, strict=True):
+            if copy.licensee_id not in licensees:
+                licensees[copy.licensee_id] = registry.licensee(copy.licensee_id)
+            lic = licensees[copy.licensee_id]
+            candidates.append(Candidate(lic.id, lic.name, lic.jurisdiction, copy.entry_idx, copy.codeword_index,
+                                        text, float(score), float(lp),
+                                        log10_family_wise(float(lp), family * models_considered),
+                                        copy.entry_idx not in voided))
+    candidates.sort(key=lambda c: (c.log10_p, -c.score))
+    scheme_text = candidates[0].scheme if candidates else str(SchemeParams(code_length=code_lengths[0]))
+    report = ScanReport(
+        suspect=str(Path(suspect_path).resolve()), format=suspect.format, model=model.name, model_id=model.model_id,
+        scheme=scheme_text, mode="non-blind" if ref is not None else "blind",
+        reference=reference_info.get("path") if ref is not None else None, threshold=threshold,
+        family_size=family, carriers_used=ex.used, carriers_total=len(carriers), carriers_skipped=ex.skipped,
+        presence_statistic=presence[0], presence_log10_p=presence[1], positions_used=presence[2],
+        candidates=candidates, aligned=ex.aligned, z=z_by_length[code_lengths[0]],
+        reference_info=reference_info, elements_used=ex.elements, models_considered=models_considered,
+        assume_licensees=assume_licensees, realign=realign,
+        missing_shards=list(getattr(getattr(suspect, "checkpoint", None), "missing_shards", [])),
+    )
+    # Figures for reports: where the accused's codewords sit, and the innocents' bound.
+    first = code_lengths[0]
+    accused = [c for c in report.accused if parse_scheme(c.scheme).code_length == first]
+    report.carrier_signal = carrier_signal(
+        ex.per_carrier, [parse_scheme(c.scheme).codeword(model_key, c.codeword_index) for c in accused])
+    report.carrier_signal_entries = [c.entry_id for c in accused]
+    top = max((c.score for c in candidates), default=1.0)
+    report.bound_curve = bound_curve(parse_scheme(scheme_text), model_key, z_by_length[parse_scheme(scheme_text).code_length],
+                                     top * 1.1)
+    return report
+
+
+def _open_reference(model: Model, reference: str | os.PathLike[str] | None, blind: bool
+                    ) -> tuple[QuantizedModel | SafetensorsSuspect | None, dict[str, Any]]:
+    """The reference of a non-blind scan of `model` and what to report about it."""
+    if blind:
+        return None, {"status": REFERENCE_NONE, "path": None, "model_id": model.model_id}
+    if reference is not None:
+        return open_suspect(reference), {"status": REFERENCE_GIVEN, "path": str(Path(reference).resolve()),
+                                         "model_id": model.model_id}
+    ref, status = _same_base(model)
+    return ref, {"status": status, "path": str(Path(model.base_path).resolve()), "model_id": model.model_id}
 
 
 def scan(
@@ -292,74 +604,82 @@ def scan(
     assume_licensees: int = 0,
     progress: Progress = NO_PROGRESS,
     realign: bool = True,
+    max_models: int = MAX_MODELS,
 ) -> ScanReport:
     """Scan a suspect checkpoint and name the licensees whose codeword it carries.
 
-    Non-blind scans first re-align the suspect to the reference (`realign`, on by default).
+    Without `model_name`, every registered model some of whose carriers the suspect holds (by
+    name, after normalising prefixes, and shape) is a candidate. Candidates are ranked by how
+    many carriers match and, for a non-blind scan, by the suspect's distance to each base on a
+    few sampled rows (no key or codeword is read, so ranking keeps every p-value valid). Up to
+    `max_models` of them are scanned in that order, stopping at the first that accuses; every
+    family-wise p-value is multiplied by the number of models that could be scanned, so the
+    bound covers the choice. Non-blind scans first re-align the suspect to the reference.
     """
     if blind and reference is not None:
         raise UsageError("--blind and --reference exclude each other")
     if not 0.0 < threshold < 1.0:
         raise UsageError(f"threshold must be in (0, 1), got {threshold}")
+    if max_models < 1:
+        raise UsageError(f"max models must be at least 1, got {max_models}")
     suspect = open_suspect(suspect_path)
     try:
-        model = registry.model(model_name) if model_name else identify_model(registry, suspect)
-        carriers = registry.carriers(model.model_id)
-        issued = registry.issued(model.model_id)
-        params = {copy.entry_idx: parse_scheme(copy.scheme) for copy in issued}
-        code_lengths = sorted({p.code_length for p in params.values()}) or [DEFAULT_CODE_LENGTH]
-        ref = None
-        if reference is not None:
-            ref = open_suspect(reference)
-        elif not blind:
-            ref = _same_base(model)
+        if model_name:
+            matches = [ModelMatch(registry.model(model_name), 0, 0)]
+        else:
+            matches = candidate_models(registry, suspect)
+            if not matches:
+                raise InputFileError(suspect_path, "matches no registered model by tensor names and shapes; "
+                                                   "pass --model NAME")
+        references: dict[str, tuple[Any, dict[str, Any]]] = {}
         try:
-            model_key = keys.model_key(model.model_id)
-            total = sum(int(np.prod(c.shape)) * 2 for c in carriers)
-            progress.begin(f"scanning {Path(suspect_path).name} ({suspect.format})", total)
-            sums, used, skipped, aligned = _extract_all(suspect, ref, carriers, model_key, code_lengths,
-                                                        progress, _base_config(model), realign)
-            progress.end()
-            mode = "non-blind" if ref is not None else "blind"
-            ref_path = str(Path(reference if reference is not None else model.base_path).resolve()) if ref else None
+            if len(matches) > 1 and not blind and reference is None:
+                ranked = []
+                for match in matches:
+                    ref, info = references[match.model.model_id] = _open_reference(match.model, None, False)
+                    distance = None
+                    if ref is not None:
+                        shapes = {c.name: c.shape for c in registry.carriers(match.model.model_id)}
+                        distance = base_distance(suspect, ref, shapes, name_aliases(suspect, set(shapes)))
+                    ranked.append(ModelMatch(match.model, match.matched, match.registered, distance))
+                # Most carriers matched first (a partial leak of one model over a full one of
+                # another); among equals, the closest base.
+                matches = sorted(ranked, key=lambda m: (-round(m.fraction, 3), math.inf if m.distance is None
+                                                        else m.distance, m.model.entry_idx))
+            considered = matches[:max_models]
+            reports: list[ScanReport] = []
+            for match in considered:
+                key = match.model.model_id
+                if key not in references:
+                    references[key] = _open_reference(match.model, reference, blind)
+                ref, info = references[key]
+                report = _scan_model(registry, keys, suspect, suspect_path, match.model, ref, info, threshold,
+                                     assume_licensees, len(considered), progress, realign)
+                reports.append(report)
+                if report.accused:
+                    break
         finally:
-            if ref is not None:
-                ref.close()
+            for ref, _ in references.values():
+                if ref is not None:
+                    ref.close()
     finally:
         suspect.close()
-    if used == 0:
-        raise InputFileError(suspect_path, f"holds none of model {model.name!r}'s carriers with matching shapes")
+    chosen = next((r for r in reports if r.accused), reports[0])
+    chosen.models = [m.to_json() for m in matches]
+    chosen.models_scanned = [{"model": r.model, "model_id": r.model_id, "accused": len(r.accused),
+                              "best_score": round(r.candidates[0].score, 4) if r.candidates else None}
+                             for r in reports]
+    chosen.ambiguous = _ambiguous(matches)
+    return chosen
 
-    family = max(len(issued), assume_licensees, 1)
-    by_scheme: dict[str, list] = defaultdict(list)
-    for copy in issued:
-        by_scheme[copy.scheme].append(copy)
-    z_by_length = {L: z_statistics(*sums[L]) for L in code_lengths}
-    presence = None
-    for z in z_by_length.values():
-        stat, log_p, k = log10_presence(z)
-        # One presence test per code length in use: Bonferroni over them.
-        log_p = min(0.0, log_p + math.log10(len(code_lengths)))
-        if presence is None or log_p < presence[1]:
-            presence = (stat, log_p, k)
-    licensees = {lic.id: lic for lic in registry.licensees()}
-    voided = registry.voided_issues()  # still scored: the codeword was reserved for that licensee
-    candidates: list[Candidate] = []
-    for text, copies in by_scheme.items():
-        scheme = params[copies[0].entry_idx]
-        scores, log_ps = scheme.score(model_key, [c.codeword_index for c in copies],
-                                      z_by_length[scheme.code_length])
-        for copy, score, lp in zip(copies, scores, log_ps, strict=True):
-            lic = licensees[copy.licensee_id]
-            candidates.append(Candidate(lic.id, lic.name, lic.jurisdiction, copy.entry_idx, copy.codeword_index,
-                                        text, float(score), float(lp), log10_family_wise(float(lp), family),
-                                        copy.entry_idx not in voided))
-    candidates.sort(key=lambda c: (c.log10_p, -c.score))
-    scheme = candidates[0].scheme if candidates else str(SchemeParams(code_length=code_lengths[0]))
-    return ScanReport(
-        suspect=str(Path(suspect_path).resolve()), format=suspect.format, model=model.name, model_id=model.model_id, scheme=scheme,
-        mode=mode, reference=ref_path, threshold=threshold, family_size=family, carriers_used=used,
-        carriers_total=len(carriers), carriers_skipped=skipped, presence_statistic=presence[0],
-        presence_log10_p=presence[1], positions_used=presence[2], candidates=candidates, aligned=aligned,
-        z=z_by_length[code_lengths[0]],
-    )
+
+def _ambiguous(matches: list[ModelMatch]) -> bool:
+    """Whether the two best candidates could not be told apart by carriers and distance."""
+    if len(matches) < 2:
+        return False
+    a, b = matches[0], matches[1]
+    if round(a.fraction, 3) != round(b.fraction, 3):
+        return False
+    if a.distance is None or b.distance is None:
+        return True
+    return b.distance < 1.5 * a.distance

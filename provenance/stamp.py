@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from weightmark.canonical import as_2d, kind_of
 from weightmark.errors import InputFileError, PolicyDenied
+from weightmark.facts import Fact, verified_facts
 from weightmark.formats.safetensors import Checkpoint, TensorInfo, write_like
 from weightmark.issuing import issue_copy
 from weightmark.kernels import embed
@@ -45,12 +47,19 @@ def variant_of(ckpt: Checkpoint, carrier_names: set[str]) -> str:
 
 
 def policy_gate(policy: Policy | None, jurisdiction: str, variant: str,
-                override_reason: str | None) -> dict[str, object]:
-    """The policy record of an issue; raises PolicyDenied when refused and not overridden."""
+                override_reason: str | None, facts: Callable[[], dict[str, Fact]] | None = None) -> dict[str, object]:
+    """The policy record of an issue; raises PolicyDenied when refused and not overridden.
+
+    With control classes, `facts` gives the model's facts in force; the record then holds the
+    classification, the rules that decided and the facts they used. A refusal for facts the
+    model lacks cannot be overridden: the facts must be declared.
+    """
     reason = (override_reason or "").strip() or None
     if policy is None:
         return {"installed": False, "override_reason": reason}
-    decision = policy.decide(jurisdiction, variant)
+    decision = policy.decide(jurisdiction, variant, facts() if policy.classes and facts is not None else None)
+    if decision.refusal is not None:
+        raise PolicyDenied(f"{decision.refusal}; nothing was issued")
     if not decision.allowed and reason is None:
         raise PolicyDenied(f"{decision.rule}; nothing was issued "
                            "(give --override-reason TEXT to issue anyway, recorded in the signed entry)")
@@ -113,7 +122,8 @@ def stamp(
                             protected=Protected.of_lab(registry.path.parent, registry))
     with open_registered_base(model) as base:
         variant = variant_of(base, set(carriers)) if file_type is None else quantized_variant(file_type)
-        policy_record = policy_gate(policy, licensee.jurisdiction, variant, override_reason)
+        policy_record = policy_gate(policy, licensee.jurisdiction, variant, override_reason,
+                                    lambda: verified_facts(registry, model))
         model_key = keys.model_key(model.model_id)
         index = registry.reserve_codeword(model.model_id)
         code = params.codeword(model_key, index)

@@ -64,7 +64,7 @@ def open_suspect(path: str | os.PathLike[str]) -> QuantizedModel | SafetensorsSu
             return GGUFModel(ggufs[0])
     from weightmark.formats.quantized import open_quantized
 
-    quantized = open_quantized(path)
+    quantized = open_quantized(path, partial=True)
     if quantized is not None:
         return quantized
-    return SafetensorsSuspect(Checkpoint.open(path), path)
+    return SafetensorsSuspect(Checkpoint.open(path, partial=True), path)

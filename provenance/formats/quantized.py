@@ -1202,14 +1202,14 @@ def _method_from_names(src: _Source) -> str | None:
     return next(iter(found), None)
 
 
-def open_quantized(path: str | os.PathLike[str]) -> QuantizedModel | None:
+def open_quantized(path: str | os.PathLike[str], partial: bool = False) -> QuantizedModel | None:
     """Open a quantized safetensors checkpoint (file or folder); None if its weights are plain floats.
 
     A folder's config.json `quantization_config.quant_method` picks the reader; without one
-    (and always for a lone file) the tensor names do.
+    (and always for a lone file) the tensor names do. `partial`: see Checkpoint.open.
     """
     path = Path(path)
-    ckpt = Checkpoint.open(path)
+    ckpt = Checkpoint.open(path, partial=partial)
     try:
         reader = _open(ckpt, path)
     except BaseException:

@@ -583,6 +583,7 @@ class Checkpoint:
     index: dict[str, Any] | None
     other_files: list[pathlib.Path]
     skipped_files: list[pathlib.Path]
+    missing_shards: list[str]
 
     def __init__(self) -> None:
         self.shards = []
@@ -590,16 +591,20 @@ class Checkpoint:
         self.index = None
         self.other_files = []
         self.skipped_files = []
+        self.missing_shards = []
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
+    def open(cls, path: str | os.PathLike[str], partial: bool = False) -> Checkpoint:
+        """Open a file or folder. `partial` (for suspects, never for bases): shards that the
+        index lists but that are absent are skipped and named in `missing_shards`, as for a
+        leak published only in part."""
         path = pathlib.Path(path)
         self = cls()
         try:
             if path.is_dir():
                 self.root = path
                 self.is_folder = True
-                self._open_folder()
+                self._open_folder(partial)
             elif path.exists():
                 self.root = path.parent
                 self.is_folder = False
@@ -612,7 +617,7 @@ class Checkpoint:
             raise
         return self
 
-    def _open_folder(self) -> None:
+    def _open_folder(self, partial: bool = False) -> None:
         root = self.root
         index_path = root / WEIGHT_INDEX
         if index_path.exists():
@@ -621,8 +626,16 @@ class Checkpoint:
             for name in names:
                 shard = root / name
                 if not shard.is_file():
+                    if partial:
+                        self.missing_shards.append(name)
+                        continue
                     raise FormatError(index_path, f"shard {name!r} is listed but missing")
                 self.shards.append(SafetensorsFile(shard))
+            if self.missing_shards:
+                if not self.shards:
+                    raise FormatError(index_path, f"none of the {len(names)} shards it lists is here")
+                gone = set(self.missing_shards)
+                weight_map = {t: f for t, f in weight_map.items() if f not in gone}
             self._collect_tensors(weight_map)
             used = {WEIGHT_INDEX, *names}
         else:
