@@ -192,7 +192,7 @@ def test_kill_suite(kill_lab: tuple[Path, Path, str]) -> None:
             proc = start_stamp(home, licensee, out, force=force)
             started = wait_for(proc, "@journal-written")
             if started:
-                time.sleep(rng.uniform(0.0, 1.5 * max(0.05, t_total - t_journal)))
+                time.sleep(rng.uniform(0.0, max(0.05, t_total - t_journal)))
         else:  # paused at a named point (SIGTERM there is held until the rename is done)
             hold = 60.0 if sig == signal.SIGKILL else 0.5
             proc = start_stamp(home, licensee, out, force=force, pause=when, hold=hold)
