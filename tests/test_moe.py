@@ -176,3 +176,23 @@ def test_permuted_experts_realigned_and_traced(qwen_lab, tmp_path: Path) -> None
     by_name = {c.entry_id: c.score for c in blind_to_order.candidates}
     assert np.mean(aligned) > 1.0
     assert report.candidates[0].score > by_name[report.candidates[0].entry_id] + 3.0
+
+
+def test_gguf_moe_base_stamped_in_place_and_traced(qwen_lab, tmp_path: Path) -> None:
+    """A lab whose master is a GGUF MoE: per-expert carriers registered from the fused tensors,
+    copies stamped slice by slice, a copy traced."""
+    _, base, _, _, _ = qwen_lab
+    _write_moe_gguf(base, tmp_path / "base.gguf", "Q8_0")
+    with Lab.init(tmp_path / "lab", passphrase=None) as lab:
+        model = lab.register_model(tmp_path / "base.gguf", name="qwen-gguf")
+        carriers = {c.name: c.shape for c in lab.registry.carriers(model.model_id)}
+        assert len(expert_layers(carriers)[0].experts) == EXPERTS
+        lids = [lab.add_licensee(name, "NL").id for name in ("Delft Data BV", "Ede Compute BV")]
+        for lid in lids:
+            lab.stamp("qwen-gguf", lid, tmp_path / f"{lid}.gguf")
+        report = lab.scan(tmp_path / f"{lids[1]}.gguf")
+        assert [c.licensee_id for c in report.accused] == [lids[1]]
+        assert report.carriers_used == len(carriers)
+        with GGUFModel(tmp_path / f"{lids[1]}.gguf") as copy, GGUFModel(tmp_path / "base.gguf") as orig:
+            name = "model.layers.0.mlp.experts.42.up_proj.weight"
+            assert not np.array_equal(copy.raw(name), orig.raw(name))  # the expert slice itself moved
