@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -15,12 +16,16 @@ from weightmark.cli.common import (
     open_lab,
     print_json,
 )
+from weightmark.cli.sweep import run_sweep
+from weightmark.cluster import SCHEDULER_ENV, open_cluster
+from weightmark.errors import UsageError
 from weightmark.registry.store import country_name
 from weightmark.scheme import DEFAULT_THRESHOLD
+from weightmark.sweep import ScanOptions, find_suspects, is_checkpoint_folder
 
 
 def scan(
-    suspect: Annotated[Path, typer.Argument(help="The suspect checkpoint: safetensors file or folder, GGUF file, or a GPTQ/AWQ/compressed-tensors/bitsandbytes folder.")],
+    suspects: Annotated[list[Path], typer.Argument(metavar="SUSPECT...", help="The suspect checkpoint: safetensors file or folder, GGUF file, or a GPTQ/AWQ/compressed-tensors/bitsandbytes folder. Several paths, or a folder of such checkpoints, scan each one (a sweep).")],
     model: Annotated[str | None, typer.Option("--model", help="Registered model (default: found by tensor names and shapes).")] = None,
     reference: Annotated[Path | None, typer.Option("--reference", help="Unstamped reference weights (default: the registered base).")] = None,
     blind: Annotated[bool, typer.Option("--blind", help="Scan without any reference weights.")] = False,
@@ -28,15 +33,31 @@ def scan(
     assume_licensees: Annotated[int, typer.Option("--assume-licensees", help="Correct for at least this many licensees.")] = 0,
     realign: Annotated[bool, typer.Option("--realign/--no-realign", help="Undo permutations, rescaling, rotation and renamed or transposed tensors before a non-blind scan.")] = True,
     evidence: Annotated[Path | None, typer.Option("--evidence", help="Write a signed evidence bundle of the accusations here.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Sweep: also write one JSON line per suspect to this file (JSON Lines).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    workers: Annotated[int | None, typer.Option("--workers", help="Run on a local Dask cluster of this many worker processes (needs the cluster extra).")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", envvar=SCHEDULER_ENV, help="Run on the Dask cluster of this scheduler address.")] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Scan SUSPECT, score every copy issued of its model, and accuse only on a sound p-value.
 
-    Exit 0 whenever the scan ran, whatever it found.
+    Exit 0 whenever the scan ran, whatever it found. A sweep (several paths, a folder of
+    checkpoints, or --out) prints one line per suspect (one JSON object per line with --json); a
+    suspect that cannot be read is a line with its error and the sweep goes on; it exits 0 when
+    every suspect was scanned and 3 when any could not be.
 
     Example: weightmark scan ./leaked-model --json
+    Example: weightmark scan ./uploads/ --json --out findings.jsonl --workers 4
     """
+    if len(suspects) != 1 or out is not None or (suspects[0].is_dir() and not is_checkpoint_folder(suspects[0])):
+        if evidence is not None:
+            raise UsageError("--evidence takes a single suspect; scan it on its own")
+        options = ScanOptions(model, str(reference) if reference else None, blind, threshold, assume_licensees, realign)
+        with open_lab(home) as lab, open_cluster(workers, scheduler) or nullcontext() as cluster:
+            code = run_sweep(lab, find_suspects(suspects), options, out, force, cluster, json_out)
+        raise typer.Exit(code)
+    suspect = suspects[0]
     with open_lab(home) as lab:
         report = lab.scan(suspect, model, reference, blind, threshold, assume_licensees, progress=BarProgress(),
                           realign=realign)
