@@ -38,7 +38,7 @@ def qwen_lab(tmp_path_factory: pytest.TempPathFactory):
     ids = [lab.add_licensee(name, cc).id for name, cc in (("Acme Robotics", "US"), ("Birch Analytics", "CA"))]
     copies = [work / f"copy-{i}" for i in range(2)]
     for lid, out in zip(ids, copies, strict=True):
-        lab.stamp("qwen-moe", lid, out)
+        lab.stamp("qwen-moe", lid, out, collusion=1)
     yield lab, base, ids, copies, work
     lab.close()
 
@@ -91,7 +91,7 @@ def test_mixtral_slice_stamped_scanned_accused(tmp_path: Path) -> None:
     with Lab.init(tmp_path / "lab", passphrase=None) as lab:
         lab.register_model(base, name="mixtral")
         lid = lab.add_licensee("Cobalt Systems", "FR").id
-        lab.stamp("mixtral", lid, tmp_path / "copy")
+        lab.stamp("mixtral", lid, tmp_path / "copy", collusion=1)
         carriers = {c.name for c in lab.registry.carriers(lab.registry.model("mixtral").model_id)}
         assert {f"model.layers.0.block_sparse_moe.experts.{e}.w{k}.weight" for e in range(8) for k in (1, 2, 3)} <= carriers
         report = lab.scan(tmp_path / "copy")
@@ -189,7 +189,7 @@ def test_gguf_moe_base_stamped_in_place_and_traced(qwen_lab, tmp_path: Path) -> 
         assert len(expert_layers(carriers)[0].experts) == EXPERTS
         lids = [lab.add_licensee(name, "NL").id for name in ("Delft Data BV", "Ede Compute BV")]
         for lid in lids:
-            lab.stamp("qwen-gguf", lid, tmp_path / f"{lid}.gguf")
+            lab.stamp("qwen-gguf", lid, tmp_path / f"{lid}.gguf", collusion=1)
         report = lab.scan(tmp_path / f"{lids[1]}.gguf")
         assert [c.licensee_id for c in report.accused] == [lids[1]]
         assert report.carriers_used == len(carriers)
