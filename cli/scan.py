@@ -58,9 +58,9 @@ def scan(
             code = run_sweep(lab, find_suspects(suspects), options, out, force, cluster, json_out)
         raise typer.Exit(code)
     suspect = suspects[0]
-    with open_lab(home) as lab:
+    with open_lab(home) as lab, open_cluster(workers, scheduler) or nullcontext() as cluster:
         report = lab.scan(suspect, model, reference, blind, threshold, assume_licensees, progress=BarProgress(),
-                          realign=realign)
+                          realign=realign, cluster=cluster)
         if report.reference_warning:
             typer.echo(f"Warning: {report.reference_warning}", err=True)
         if report.ambiguous:

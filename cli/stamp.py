@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from weightmark.cli.common import BarProgress, HomeOption, JsonOption, err, open_lab, print_json
+from weightmark.cluster import SCHEDULER_ENV, open_cluster
 from weightmark.scheme import DEFAULT_ALPHA, DEFAULT_COLLUSION
 
 
@@ -20,6 +22,8 @@ def stamp(
     collusion: Annotated[int, typer.Option("--collusion", min=1, help="Colluding licensees the code must withstand: a Tardos code (tardos-v2) sized for that many among 10^6 licensees; 1 = the uniform ss-v1 code (strongest for a single leaker, no collusion resistance). A model's copies share the first copy's code.")] = DEFAULT_COLLUSION,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     override_reason: Annotated[str | None, typer.Option("--override-reason", help="Issue despite the jurisdiction policy; recorded in the signed entry.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Stamp one shard per task on a local Dask cluster of this many worker processes (needs the cluster extra).")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", envvar=SCHEDULER_ENV, help="Stamp one shard per task on the Dask cluster of this scheduler address.")] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -31,9 +35,9 @@ def stamp(
     Example: weightmark stamp minilm --licensee lic-1a2b3c4d --out ./acme-copy
     Example: weightmark stamp smollm2 --licensee lic-1a2b3c4d --out acme.gguf --format gguf:Q4_K_M
     """
-    with open_lab(home) as lab:
+    with open_lab(home) as lab, open_cluster(workers, scheduler) or nullcontext() as cluster:
         copy = lab.stamp(model_name, licensee, out, alpha=alpha, overwrite=force, progress=BarProgress(),
-                         override_reason=override_reason, fmt=fmt, collusion=collusion)
+                         override_reason=override_reason, fmt=fmt, collusion=collusion, cluster=cluster)
         lic = lab.registry.licensee(licensee)
     if json_out:
         print_json(copy.to_json())

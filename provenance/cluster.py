@@ -93,6 +93,62 @@ def _scan_task(db_path: str, suspect: str, model_keys: dict[str, bytes], options
         registry.close()
 
 
+def _stamp_shard_task(shard_path: str, target: str, carriers: dict[str, Any], code: Any, model_key: bytes,
+                      alpha: float) -> tuple[str, int]:
+    """One output shard of a stamped copy, on a worker: read the base shard, embed the codeword in
+    its carriers, write `target` through a temporary name (fsynced, then renamed)."""
+    import numpy as np
+
+    from weightmark.canonical import as_2d, kind_of
+    from weightmark.formats.safetensors import SafetensorsFile, _ScratchBuffers, _write_shard
+    from weightmark.kernels import embed
+    from weightmark.scheme import carrier_seed
+
+    _numba_threads()
+    final = Path(target)
+    part = final.with_name(f".{final.name}.part")
+    with SafetensorsFile(shard_path) as shard:
+
+        def transform(name: str, info: Any, raw: np.ndarray, out: np.ndarray) -> np.ndarray:
+            carrier = carriers.get(name)
+            if carrier is None:
+                return raw
+            if (info.dtype, tuple(info.shape)) != (carrier.dtype, carrier.shape):
+                raise InputFileError(shard.path, f"tensor {name!r} is not the registered {carrier.dtype} "
+                                                 f"{list(carrier.shape)}")
+            embed(as_2d(raw), kind_of(info.dtype), carrier.row_scale, code, carrier_seed(model_key, name), alpha,
+                  out=as_2d(out))
+            return out
+
+        try:
+            digest = _write_shard(shard, shard, part, transform, None, None, _ScratchBuffers())
+            os.replace(part, final)
+        finally:
+            part.unlink(missing_ok=True)
+    return digest, final.stat().st_size
+
+
+def _carrier_sums_task(suspect_path: str, reference_path: str | None, items: list[tuple[Any, str, Any]],
+                       aligned: bool, model_key: bytes, code_lengths: list[int]) -> list[Any]:
+    """One suspect shard's carriers, on a worker: each carrier's own (num, den) per code length,
+    read through the alignment the coordinator estimated (its plans for these carriers)."""
+    from weightmark.align import Alignment
+    from weightmark.formats import open_suspect
+    from weightmark.scan import _carrier_sums
+
+    _numba_threads()
+    suspect = open_suspect(suspect_path)
+    reference = open_suspect(reference_path) if reference_path is not None else None
+    try:
+        alignment = Alignment(suspect, {c.name: plan for c, _, plan in items}) if aligned else None
+        return [_carrier_sums(suspect, reference, alignment, carrier, own, model_key, code_lengths)
+                for carrier, own, _ in items]
+    finally:
+        suspect.close()
+        if reference is not None:
+            reference.close()
+
+
 class Cluster:
     """A Dask client on a LocalCluster of `workers` processes, or on the scheduler at `scheduler`."""
 
@@ -154,6 +210,65 @@ class Cluster:
                                               pure=False))
         for entry in pending:
             yield entry if not hasattr(entry, "result") else entry.result()
+
+
+    # -- one sharded suspect ---------------------------------------------------------------------
+
+    def carrier_sums(self, suspect: Any, reference: Any, alignment: Any, carriers: Sequence[Any],
+                     aliases: dict[str, str], model_key: bytes, code_lengths: list[int]) -> list[Any]:
+        """Per carrier (in order), why it was skipped or its own sums: one task per suspect shard
+        holding some of them. The alignment's plans go with the carriers they concern."""
+        checkpoint = suspect.checkpoint
+        groups: dict[str, list[tuple[int, Any, str, Any]]] = {}
+        results: list[Any] = [None] * len(carriers)
+        for i, carrier in enumerate(carriers):
+            own = aliases.get(carrier.name)
+            if own is None:
+                results[i] = ("missing", {})
+                continue
+            plan = alignment.plans.get(carrier.name) if alignment is not None else None
+            shard = checkpoint.tensors[own][0].path.name
+            groups.setdefault(shard, []).append((i, carrier, own, plan))
+        reference_path = None if reference is None else str(reference.path)
+        futures = {shard: self.client.submit(_carrier_sums_task, str(suspect.path), reference_path,
+                                             [(c, own, plan) for _, c, own, plan in items], alignment is not None,
+                                             model_key, code_lengths, pure=False)
+                   for shard, items in groups.items()}
+        for shard, items in groups.items():
+            for (i, *_), result in zip(items, futures[shard].result(), strict=True):
+                results[i] = result
+        return results
+
+    # -- stamp ---------------------------------------------------------------------------------
+
+    def shard_stamper(self, base: Any, carriers: dict[str, Any], code: Any, model_key: bytes, alpha: float,
+                      advance: Any = None) -> Any:
+        """A `write_like(write_shards=...)` that stamps one output shard per task. Each task gets
+        its shard's path, its target, the carriers of that shard, the codeword and the model key."""
+
+        def write_shards(pairs: list[tuple[Any, Path]]) -> list[str]:
+            futures = []
+            for shard, target in pairs:
+                mine = {name: carriers[name] for name in shard.tensors if name in carriers}
+                futures.append(self.client.submit(_stamp_shard_task, str(shard.path), str(target), mine, code,
+                                                  model_key, alpha, pure=False))
+            digests = []
+            try:
+                for (shard, _), future in zip(pairs, futures, strict=True):
+                    digest, _size = future.result()
+                    digests.append(digest)
+                    if advance is not None:
+                        advance(sum(info.nbytes for info in shard.tensors.values()))
+            except BaseException:
+                # Nothing may still be writing into the staging folder once it is rolled back.
+                self.client.cancel(futures)
+                from distributed import wait
+
+                wait(futures)
+                raise
+            return digests
+
+        return write_shards
 
 
 def _candidate_ids(registry: Any, suspect: Path, model_name: str | None) -> list[str]:

@@ -6,6 +6,7 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,8 +84,12 @@ def stamp(
     override_reason: str | None = None,
     fmt: str = "same",
     collusion: int = DEFAULT_COLLUSION,
+    cluster: Any = None,
 ) -> IssuedCopy:
     """Write the licensee's stamped copy at `out` (same format, layout and dtypes as the base).
+
+    With `cluster` (weightmark.cluster.Cluster) a float safetensors copy in the base's format is
+    written one task per shard; the entry is still appended here, after every shard is in.
 
     The jurisdiction policy is consulted first: a refused issue raises PolicyDenied before
     anything is written, unless `override_reason` is given (it goes into the signed entry).
@@ -130,7 +135,11 @@ def stamp(
             is_dir = (base.is_folder and file_type is None) or is_packed(file_type)
             with staged_output(out, is_dir=is_dir, overwrite=overwrite) as staging:
                 if file_type is None:
-                    files = write_like(base, staging.path, transform, progress.advance, scratch=True)
+                    # On a cluster: one task per output shard (weightmark.cluster), same bytes.
+                    shards = None if cluster is None else cluster.shard_stamper(
+                        base, carriers, code, model_key, params.alpha, progress.advance)
+                    files = write_like(base, staging.path, transform, progress.advance, scratch=True,
+                                       write_shards=shards)
                     output_format = "safetensors"
                 else:
                     seeds = {name: carrier_seed(model_key, name) for name in carriers}
