@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--moe-layers", type=int, default=2, help="layers of the Mixtral slice")
     parser.add_argument("--sweep", type=int, default=200, help="suspects in the sweep")
     parser.add_argument("--ram-gb", type=float, default=24.0, help="RAM available for the GGUF conversion")
+    parser.add_argument("--only", choices=("dense", "mixtral", "sweep"), action="append",
+                        help="run only these parts (repeatable; default all)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
@@ -214,9 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results: dict[str, Any] = {"scale": args.scale, "workers": args.workers, "machine": machine_info(),
                                    "cpu_busy_before": busy}
-        results["dense"] = dense(r, args)
-        results["mixtral"] = mixtral(r, args)
-        results["sweep"] = sweep(r, args)
+        parts = args.only or ["dense", "mixtral", "sweep"]
+        if "dense" not in parts:
+            r.cli("init", "init", "--insecure-no-passphrase")
+        for name, part in (("dense", dense), ("mixtral", mixtral), ("sweep", sweep)):
+            if name in parts:
+                results[name] = part(r, args)
         results["steps"] = r.steps
     finally:
         if not args.keep:
