@@ -178,7 +178,11 @@ def _rows(model: OpenModel, name: str, rows: np.ndarray) -> np.ndarray:
             dtype = checkpoint.info(name).dtype
             raw = checkpoint.raw(name)
             raw = raw.reshape(canonical_2d(tuple(raw.shape)))
-            return np.asarray(to_float32(dtype, raw[rows]), dtype=np.float32)
+            picked = np.array(to_float32(dtype, raw[rows]), dtype=np.float32)
+            # Readahead faults in far more than the sampled rows: give the pages back, or
+            # sampling every carrier of suspect and reference keeps both models resident.
+            checkpoint.release(name)
+            return picked
         except (KeyError, ValueError):
             pass
     return _as_2d(model.load(name))[rows]
