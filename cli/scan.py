@@ -36,7 +36,7 @@ def scan(
     out: Annotated[Path | None, typer.Option("--out", help="Sweep: also write one JSON line per suspect to this file (JSON Lines).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     workers: Annotated[int | None, typer.Option("--workers", help="Run on a local Dask cluster of this many worker processes (needs the cluster extra).")] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", envvar=SCHEDULER_ENV, help="Run on the Dask cluster of this scheduler address.")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help=f"Run on the Dask cluster of this scheduler address (default: ${SCHEDULER_ENV}, unless --workers is given).")] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:

@@ -23,7 +23,7 @@ def stamp(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     override_reason: Annotated[str | None, typer.Option("--override-reason", help="Issue despite the jurisdiction policy; recorded in the signed entry.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Stamp one shard per task on a local Dask cluster of this many worker processes (needs the cluster extra).")] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", envvar=SCHEDULER_ENV, help="Stamp one shard per task on the Dask cluster of this scheduler address.")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help=f"Stamp one shard per task on the Dask cluster of this scheduler address (default: ${SCHEDULER_ENV}, unless --workers is given).")] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:

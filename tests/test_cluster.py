@@ -72,9 +72,12 @@ def test_cluster_stamp_and_scan_identical_to_serial(sharded_lab, cluster) -> Non
     work, base, home, twin, lid = sharded_lab
     with Lab(home, passphrase=lambda: None) as lab:
         serial = lab.stamp("tiny-llama", lid, work / "serial-copy", collusion=1)
+    shards = len(list(base.glob("*.safetensors")))
+    before = sum(cluster.client.run(_executed).values())
     with Lab(twin, passphrase=lambda: None) as lab:
         parallel = lab.stamp("tiny-llama", lid, work / "cluster-copy", collusion=1, cluster=cluster)
     assert serial.codeword_index == parallel.codeword_index == 0
+    assert sum(cluster.client.run(_executed).values()) - before == shards  # one task per output shard
     names = sorted(p.name for p in (work / "serial-copy").iterdir())
     assert names == sorted(p.name for p in (work / "cluster-copy").iterdir())
     for name in names:
@@ -85,7 +88,9 @@ def test_cluster_stamp_and_scan_identical_to_serial(sharded_lab, cluster) -> Non
         assert entry.out_path == str((work / "cluster-copy").resolve())
     with Lab(home, passphrase=lambda: None) as lab:
         one = lab.scan(work / "cluster-copy")
+        before = sum(cluster.client.run(_executed).values())
         many = lab.scan(work / "cluster-copy", cluster=cluster)
+        assert sum(cluster.client.run(_executed).values()) - before == shards  # one task per suspect shard
     assert [c.licensee_id for c in one.accused] == [lid]
     assert np.array_equal(one.z, many.z)
     assert [(c.entry_id, c.score, c.log10_p) for c in one.candidates] == \
@@ -93,7 +98,7 @@ def test_cluster_stamp_and_scan_identical_to_serial(sharded_lab, cluster) -> Non
     assert one.to_json() == many.to_json()
 
 
-def test_cluster_sweep_reports_every_suspect_like_serial(sharded_lab, tmp_path: Path) -> None:
+def test_cluster_sweep_reports_every_suspect_like_serial(sharded_lab, cluster, tmp_path: Path) -> None:
     work, base, home, _, lid = sharded_lab
     with Lab(home, passphrase=lambda: None) as lab:
         copy = work / "sweep-copy"
@@ -106,10 +111,18 @@ def test_cluster_sweep_reports_every_suspect_like_serial(sharded_lab, tmp_path: 
     (folder / "bad-2.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
     (folder / "bad-3.safetensors").write_bytes(b"")
     serial = run_cli("scan", str(folder), "--json", home=home)
-    parallel = run_cli("scan", str(folder), "--json", "--workers", "2", home=home)
+    # the CLI on the running cluster, found through $WEIGHTMARK_SCHEDULER
+    before = sum(cluster.client.run(_executed).values())
+    parallel = run_cli("scan", str(folder), "--json", home=home,
+                       env={"WEIGHTMARK_SCHEDULER": cluster.client.scheduler.address})
     assert serial.returncode == parallel.returncode == 3, parallel.stderr
     lines = [json.loads(line) for line in serial.stdout.splitlines()]
     assert len(lines) == 20
     assert sum("error" in line for line in lines) == 3
     assert sum(bool(line.get("accused")) for line in lines) == 8
     assert [json.loads(line) for line in parallel.stdout.splitlines()] == lines
+    assert sum(cluster.client.run(_executed).values()) - before == 17  # one task per readable suspect
+
+
+def _executed(dask_worker) -> int:  # noqa: ANN001 (distributed passes its Worker)
+    return dask_worker.state.executed_count
