@@ -126,3 +126,22 @@ def test_cluster_sweep_reports_every_suspect_like_serial(sharded_lab, cluster, t
 
 def _executed(dask_worker) -> int:  # noqa: ANN001 (distributed passes its Worker)
     return dask_worker.state.executed_count
+
+
+def test_cluster_scan_ships_the_alignment(sharded_lab, cluster) -> None:
+    """A copy with permuted FFN units: the coordinator estimates the alignment once, the shard
+    tasks read through it, and the result equals the serial scan's."""
+    from weightmark.attacks import permute_ffn
+
+    work, _, home, _, _ = sharded_lab
+    with Lab(home, passphrase=lambda: None) as lab:
+        lid = lab.registry.licensees()[0].id
+        copy = work / "permuted-source"
+        lab.stamp("tiny-llama", lid, copy, collusion=1)
+        leak = permute_ffn(copy, work / "permuted-leak", seed=3)
+        one = lab.scan(leak)
+        many = lab.scan(leak, cluster=cluster)
+    assert any(line.startswith("mlp of layer 0: rows permuted") for line in one.aligned)
+    assert [c.licensee_id for c in one.accused] == [lid]
+    assert one.to_json() == many.to_json()
+    assert np.array_equal(one.z, many.z)

@@ -196,3 +196,12 @@ def test_gguf_moe_base_stamped_in_place_and_traced(qwen_lab, tmp_path: Path) -> 
         with GGUFModel(tmp_path / f"{lids[1]}.gguf") as copy, GGUFModel(tmp_path / "base.gguf") as orig:
             name = "model.layers.0.mlp.experts.42.up_proj.weight"
             assert not np.array_equal(copy.raw(name), orig.raw(name))  # the expert slice itself moved
+
+
+def test_permute_experts_refuses_a_dense_model(tmp_path: Path) -> None:
+    from weightmark.errors import UsageError
+
+    dense = write_checkpoint(tmp_path / "dense", "llama-3.2-1b", scale=0.05, layers=1).path
+    with pytest.raises(UsageError, match="no Mixture-of-Experts layer"):
+        permute_experts(dense, tmp_path / "out", seed=1)
+    assert not (tmp_path / "out").exists()

@@ -120,3 +120,14 @@ def test_single_path_output_unchanged(uploads) -> None:
     assert [a["licensee_id"] for a in report["accused"]] == [expected["upload-02"]]
     bad = run_cli("scan", str(folder / "broken-garbage.gguf"), home=home)
     assert bad.returncode == 3 and bad.stderr.startswith("Error: ") and bad.stdout == ""
+
+
+def test_sweep_stops_on_a_lab_problem(uploads) -> None:
+    home, folder, _ = uploads
+    result = run_cli("scan", str(folder / "upload-00"), str(folder / "upload-01"), "--model", "no-such-model",
+                     home=home)
+    assert result.returncode == 4 and result.stdout == ""
+    assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
+    evidence = run_cli("scan", str(folder), "--evidence", str(folder / "e.json"), home=home)
+    assert evidence.returncode == 2 and "single suspect" in evidence.stderr
+    assert not (folder / "e.json").exists()
