@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench eval peers llamacpp bench-llamacpp clean
+.PHONY: demo test lint bench eval peers llamacpp bench-llamacpp report-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,9 +60,16 @@ eval: $(EVAL_STAMP)
 	$(EVAL_BIN)/python benchmarks/eval_robustness.py
 	$(EVAL_BIN)/python benchmarks/eval_false_accusations.py
 
-# Readers against bitsandbytes / compressed-tensors on files those libraries write.
+# Readers against bitsandbytes / compressed-tensors / torch on files those libraries write.
 peers: $(EVAL_STAMP)
-	$(EVAL_BIN)/python -m pytest -q -rs tests/formats/test_quantized_peers.py
+	$(EVAL_BIN)/python -m pytest -q -rs tests/formats/test_quantized_peers.py tests/formats/test_pytorch_peers.py
+
+# Case reports in a real browser (headless Chromium, network cut off): figures drawn, print
+# page counts on Letter and A4, screenshots into docs/report-examples/. Not part of `make test`.
+report-check: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	command -v pdfinfo >/dev/null || (apt-get update && apt-get install -y poppler-utils)
+	$(BIN)/python tests/browser/check_reports.py
 
 clean:
 	rm -rf $(VENV) $(EVAL_VENV) build *.egg-info

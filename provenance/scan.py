@@ -21,7 +21,7 @@ import numpy as np
 
 from weightmark.align import _rows, _sample_index, align, relative_difference
 from weightmark.canonical import as_2d, kind_of
-from weightmark.errors import InputFileError, UsageError
+from weightmark.errors import InputFileError, RegistryError, UsageError
 from weightmark.formats import QuantizedModel, SafetensorsSuspect, open_suspect
 from weightmark.formats.safetensors import Checkpoint
 from weightmark.kernels import FLOAT, extract
@@ -60,6 +60,7 @@ class Candidate:
     score: float
     log10_p: float
     log10_family_wise_p: float
+    delivered: bool = True  # False: an issue-void entry says this copy never left the lab
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +74,7 @@ class Candidate:
             "log10_p_value": round(self.log10_p, 4),
             "family_wise_p_value": p_from_log10(self.log10_family_wise_p),
             "log10_family_wise_p_value": round(self.log10_family_wise_p, 4),
+            "delivered": self.delivered,
         }
 
 
@@ -569,18 +571,21 @@ def _scan_model(
         if presence is None or log_p < presence[1]:
             presence = (stat, log_p, k)
     candidates: list[Candidate] = []
-    licensees: dict[str, Any] = {}
+    licensees = {lic.id: lic for lic in registry.licensees()}  # every row checked against its entry
+    voided = registry.voided_issues()  # still scored: the codeword was reserved for that licensee
     for text, copies in by_scheme.items():
         scheme = params[copies[0].entry_idx]
         scores, log_ps = scheme.score(model_key, [c.codeword_index for c in copies],
                                       z_by_length[scheme.code_length])
         for copy, score, lp in zip(copies, scores, log_ps, strict=True):
-            if copy.licensee_id not in licensees:
-                licensees[copy.licensee_id] = registry.licensee(copy.licensee_id)
-            lic = licensees[copy.licensee_id]
+            lic = licensees.get(copy.licensee_id)
+            if lic is None:
+                raise RegistryError(f"registry entry {copy.entry_idx}: its licensee {copy.licensee_id} has no "
+                                    "licensee row; run `weightmark registry verify`")
             candidates.append(Candidate(lic.id, lic.name, lic.jurisdiction, copy.entry_idx, copy.codeword_index,
                                         text, float(score), float(lp),
-                                        log10_family_wise(float(lp), family * models_considered)))
+                                        log10_family_wise(float(lp), family * models_considered),
+                                        copy.entry_idx not in voided))
     candidates.sort(key=lambda c: (c.log10_p, -c.score))
     scheme_text = candidates[0].scheme if candidates else str(SchemeParams(code_length=code_lengths[0]))
     report = ScanReport(

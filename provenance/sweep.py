@@ -14,6 +14,7 @@ family-wise bound over that model's licensees); a sweep does not pool them.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from weightmark.errors import InputFileError, UsageError
+from weightmark.outputs import OutputKind
 
 if TYPE_CHECKING:
     from weightmark.keys import LabKeys
     from weightmark.registry.store import Registry
 
-__all__ = ["ScanOptions", "SweepItem", "find_suspects", "is_checkpoint_folder", "scan_one", "sweep"]
+__all__ = ["SWEEP_RESULTS", "ScanOptions", "SweepItem", "find_suspects", "is_checkpoint_folder", "scan_one",
+           "sweep"]
 
 # A folder holding any of these is one checkpoint (a model repository), not a folder of suspects.
 _CHECKPOINT_MARKERS = ("config.json", "model.safetensors.index.json", "quantize_config.json",
@@ -49,6 +52,30 @@ def is_checkpoint_folder(path: str | os.PathLike[str]) -> bool:
         return True
     weights = [e for e in entries if e.name.endswith(_WEIGHT_SUFFIXES) and e.is_file()]
     return len(weights) == 1 and not any(e.is_dir() for e in entries)
+
+
+_RESULTS_LIMIT = 1 << 30  # a results file larger than this is not recognised (never replaced)
+
+
+def _is_sweep_results(path: Path, _: object) -> bool:
+    """An earlier `--out` of a sweep: a JSON Lines file whose every line is an object naming its
+    suspect (a scan report or an error line)."""
+    try:
+        if not path.is_file() or path.stat().st_size > _RESULTS_LIMIT:
+            return False
+        with open(path, encoding="utf-8") as fh:
+            lines = 0
+            for line in fh:
+                item = json.loads(line)
+                if not isinstance(item, dict) or not isinstance(item.get("suspect"), str):
+                    return False
+                lines += 1
+    except (OSError, ValueError):
+        return False
+    return lines > 0
+
+
+SWEEP_RESULTS = OutputKind("sweep results file (JSON Lines of scans)", False, _is_sweep_results)
 
 
 def find_suspects(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:

@@ -94,6 +94,12 @@ def test_sweep_json_lines_every_suspect_reported(uploads, tmp_path: Path) -> Non
     assert again.returncode == 3 and again.stderr.startswith("Error: ") and "already exists" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
     assert [json.loads(line) for line in out.read_text().splitlines()] == lines
+    # --force replaces only an earlier sweep's results
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a sweep\n")
+    refused = run_cli("scan", str(folder / "upload-base"), "--out", str(notes), "--force", home=home)
+    assert refused.returncode == 3 and "is not an earlier sweep results file" in refused.stderr
+    assert notes.read_text() == "not a sweep\n"
     forced = run_cli("scan", str(folder / "upload-base"), "--out", str(out), "--force", home=home)
     assert forced.returncode == 0, forced.stderr
     (line,) = out.read_text().splitlines()

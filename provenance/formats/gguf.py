@@ -209,7 +209,7 @@ def _map_name(
 class _Cursor:
     """Bounds-checked little-endian reads over the mapped file; FormatError past the end."""
 
-    def __init__(self, path: Path, data: mmap.mmap | bytes, size: int) -> None:
+    def __init__(self, path: Path, data: mmap.mmap | bytes | memoryview, size: int) -> None:
         self.path = path
         self.data = data
         self.size = size
@@ -315,7 +315,7 @@ def _ggml_type(type_id: int) -> gguf.GGMLQuantizationType | None:
 
 
 def _parse_header(
-    path: Path, data: mmap.mmap | bytes, size: int
+    path: Path, data: mmap.mmap | bytes | memoryview, size: int
 ) -> tuple[int, dict[str, Any], list[_RawTensor], int]:
     """Validate the header; return (version, metadata, tensor infos, data section start)."""
     if size < _HEADER_BYTES:
@@ -463,8 +463,11 @@ class GGUFModel:
 
     format = "gguf"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], offset: int = 0, length: int | None = None) -> None:
+        """Open the GGUF file at `path`, or the GGUF stored in bytes [offset, offset + length)
+        of it (a container such as a llamafile): offsets in it are relative to `offset`."""
         self.path = Path(path)
+        self.offset = offset
         self._data: np.memmap | None = None
         try:
             st = os.stat(self.path)
@@ -476,13 +479,21 @@ class GGUFModel:
             raise InputFileError(self.path, "not a regular file")
         try:
             with open(self.path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
+                file_size = os.fstat(fh.fileno()).st_size
+                size = file_size - offset if length is None else length
+                if offset < 0 or size < 0 or offset + size > file_size:
+                    raise FormatError(self.path, f"GGUF window of {size} bytes at offset {offset} lies "
+                                                 f"outside the file ({file_size} bytes)")
                 if size == 0:
                     raise FormatError(self.path, "file is empty, not a GGUF file")
-                with mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as mm:
-                    self.version, self.metadata, raw, self.data_start = _parse_header(
-                        self.path, mm, size
-                    )
+                with mmap.mmap(fh.fileno(), file_size, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
+                    window = view[offset : offset + size]
+                    try:
+                        self.version, self.metadata, raw, self.data_start = _parse_header(
+                            self.path, window, size
+                        )
+                    finally:
+                        window.release()
         except OSError as exc:
             raise InputFileError(self.path, f"cannot read: {exc.strerror}") from None
         self.size = size
@@ -561,7 +572,7 @@ class GGUFModel:
         """Map the file for tensor reads; offsets were validated against its size by the
         header parser, so views into the map cannot run past the end."""
         try:
-            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.offset, shape=(self.size,))
         except (OSError, ValueError) as exc:
             raise InputFileError(self.path, f"cannot map: {exc}") from None
         if self._data.shape[0] != self.size:
