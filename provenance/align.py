@@ -44,6 +44,7 @@ import numpy as np
 from weightmark.attacks.functional import Architecture, tensor_role
 from weightmark.canonical import to_float32
 from weightmark.errors import UsageError
+from weightmark.moe import expert_layers
 from weightmark.scheme import canonical_2d
 
 __all__ = [
@@ -177,7 +178,11 @@ def _rows(model: OpenModel, name: str, rows: np.ndarray) -> np.ndarray:
             dtype = checkpoint.info(name).dtype
             raw = checkpoint.raw(name)
             raw = raw.reshape(canonical_2d(tuple(raw.shape)))
-            return np.asarray(to_float32(dtype, raw[rows]), dtype=np.float32)
+            picked = np.array(to_float32(dtype, raw[rows]), dtype=np.float32)
+            # Readahead faults in far more than the sampled rows: give the pages back, or
+            # sampling every carrier of suspect and reference keeps both models resident.
+            checkpoint.release(name)
+            return picked
         except (KeyError, ValueError):
             pass
     return _as_2d(model.load(name))[rows]
@@ -454,6 +459,7 @@ class _Aligner:
         self.fitted: set[str] = set()  # carriers whose gains have been fitted
         self.rows_rescaled: list[str] = []
         self.cols_rescaled: list[str] = []
+        self.expert_groups = expert_layers([*self.carriers, *self.ref_metas])
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -759,6 +765,41 @@ class _Aligner:
                 sus = sus[rows]
             self.fit_gains(name, sus, ref)
 
+    def undo_experts(self, layer: int) -> None:
+        """MoE: match the suspect's experts to the reference's by sampled rows of one projection,
+        then read each reference expert from its suspect counterpart and reorder the router's
+        rows the same way (experts move with their router rows: function-preserving)."""
+        group = self.expert_groups.get(layer)
+        if group is None or not any(n in self.far for n in group.names()):
+            return
+        count, part = group.count, group.parts[0]
+        names = [group.experts[e][part] for e in range(count)]
+        plans = [self.plans.get(n) for n in names]
+        if any(p is None or p.transposed or n not in self.ref_metas for p, n in zip(plans, names, strict=True)):
+            return
+        rows, cols = canonical_2d(self.carriers[names[0]]) if names[0] in self.carriers else \
+            canonical_2d(tuple(self.ref_metas[names[0]].shape))
+        sample, columns = _sample_index(rows), _match_columns(cols)
+        sus = np.stack([_unit_rows(_rows(self.suspect, p.source, sample), columns) for p in plans])
+        ref = np.stack([_unit_rows(_rows(self.reference, n, sample), columns) for n in names])
+        # score[i, j]: how well suspect expert i's rows match reference expert j's, row by row
+        score = np.abs(np.einsum("irc,jrc->ijr", sus, ref)).sum(axis=2)
+        order = match_rows(score)
+        moved = int(np.count_nonzero(order != np.arange(count)))
+        if not moved:
+            return
+        sources = {e: {p: plan.source for p, n in group.experts[e].items() if (plan := self.plans.get(n))}
+                   for e in range(count)}
+        for j in range(count):
+            for p, name in group.experts[j].items():
+                if self.plans.get(name) is not None and p in sources[int(order[j])]:
+                    self.plans[name] = _Plan(sources[int(order[j])][p])
+        router = self.plans.get(group.router) if group.router else None
+        if router is not None and not router.transposed and router.row_order is None \
+                and canonical_2d(tuple(self.ref_metas[group.router].shape))[0] == count:
+            router.row_order = order
+        self.report.append(f"experts of layer {layer}: permuted ({moved} of {count} moved)")
+
     # -- 5: scales -------------------------------------------------------------------------------
 
     def fit_gains(self, name: str, sus: np.ndarray, ref: np.ndarray) -> None:
@@ -812,8 +853,9 @@ class _Aligner:
         self.resolve_names()
         if self.far:
             self.undo_rotation()
-            layers = sorted({role[0] for n in self.plans if (role := tensor_role(n))})
+            layers = sorted({role[0] for n in self.plans if (role := tensor_role(n))} | set(self.expert_groups))
             for layer in layers:
+                self.undo_experts(layer)
                 self.undo_ffn(layer)
                 self.undo_heads(layer)
             self.undo_scales()

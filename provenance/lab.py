@@ -7,7 +7,7 @@ import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from weightmark import keys as _keys
 from weightmark.bounded import MAX_PEM_BYTES, read_bounded
@@ -331,7 +331,7 @@ class Lab:
     def stamp(self, model_name: str, licensee_id: str, out: str | os.PathLike[str],
               alpha: float = DEFAULT_ALPHA, overwrite: bool = False,
               progress: Progress = NO_PROGRESS, override_reason: str | None = None,
-              fmt: str = "same", collusion: int = DEFAULT_COLLUSION) -> IssuedCopy:
+              fmt: str = "same", collusion: int = DEFAULT_COLLUSION, cluster: Any = None) -> IssuedCopy:
         """Issue a stamped copy, subject to the installed jurisdiction policy.
 
         `fmt`: "same" (the base's own format and dtypes) or a quantized output: a GGUF file
@@ -342,7 +342,7 @@ class Lab:
         from weightmark.stamp import stamp
 
         return stamp(self.registry, self.keys, model_name, licensee_id, out, alpha, overwrite, progress,
-                     policy.current(self.home), override_reason, fmt, collusion)
+                     policy.current(self.home), override_reason, fmt, collusion, cluster)
 
     def evidence(self, report: ScanReport, out: str | os.PathLike[str],
                  suspect: str | os.PathLike[str] | None = None, overwrite: bool = False) -> Path:
@@ -389,13 +389,13 @@ class Lab:
     def scan(self, suspect: str | os.PathLike[str], model_name: str | None = None,
              reference: str | os.PathLike[str] | None = None, blind: bool = False,
              threshold: float = DEFAULT_THRESHOLD, assume_licensees: int = 0,
-             progress: Progress = NO_PROGRESS, realign: bool = True) -> ScanReport:
+             progress: Progress = NO_PROGRESS, realign: bool = True, cluster: Any = None) -> ScanReport:
         """Score a suspect checkpoint against every copy issued of its model; accuse only when
         the family-wise p-value is at most `threshold`."""
         from weightmark.scan import scan
 
         return scan(self.registry, self.keys, suspect, model_name, reference, blind, threshold,
-                    assume_licensees, progress, realign)
+                    assume_licensees, progress, realign, cluster=cluster)
 
     # -- model facts and export-control classes ------------------------------------------------
 

@@ -417,63 +417,90 @@ def _extract_all(
     progress: Progress,
     config: dict[str, Any] | None = None,
     realign: bool = True,
+    cluster: Any = None,
 ) -> Extraction:
     """Per code length, the (num, den) sums over every carrier found; with a reference the
-    suspect is first re-aligned to it (renamed, permuted, rescaled or rotated carriers)."""
+    suspect is first re-aligned to it (renamed, permuted, rescaled or rotated carriers).
+
+    With `cluster`, a sharded safetensors suspect is read one task per shard: each task returns
+    its carriers' own sums, added here in carrier order as the serial loop adds them (the same
+    numbers, bit for bit). The alignment is estimated here, once, and shipped with the tasks.
+    """
     sums = {L: (np.zeros(L), np.zeros(L)) for L in code_lengths}
     first = code_lengths[0]
-    metas = suspect.tensors()
     alignment = None
     if reference is not None and realign:
         alignment = align(suspect, reference, {c.name: c.shape for c in carriers}, config)
         aliases = {c.name: own for c in carriers if (own := alignment.source(c.name)) is not None}
     else:
         aliases = name_aliases(suspect, {c.name for c in carriers})
+    if cluster is not None and _sharded(suspect):
+        results = cluster.carrier_sums(suspect, reference, alignment, carriers, aliases, model_key, code_lengths)
+    else:
+        results = (_carrier_sums(suspect, reference, alignment, carrier, aliases.get(carrier.name), model_key,
+                                 code_lengths) for carrier in carriers)
     used, skipped, elements, per_carrier = 0, [], 0, []
-    for carrier in carriers:
-        own = aliases.get(carrier.name)
-        if own is None:
-            skipped.append(f"{carrier.name}: missing")
+    for carrier, (problem, own_sums) in zip(carriers, results, strict=True):
+        if problem is not None:
+            skipped.append(f"{carrier.name}: {problem}")
             continue
-        meta = metas[own]
-        moved = alignment is not None and not alignment.plans[carrier.name].identity
-        if not moved and meta.shape != carrier.shape:
-            skipped.append(f"{carrier.name}: {meta.source_dtype} {list(meta.shape)} instead of {list(carrier.shape)}")
-            continue
-        if isinstance(suspect, SafetensorsSuspect) and meta.source_dtype not in FLOAT_CARRIER_DTYPES:
-            skipped.append(f"{carrier.name}: {meta.source_dtype} is not a float dtype")
-            continue
-        ref_raw, ref_kind = None, 0
-        if reference is not None:
-            ref_meta = reference.tensors().get(carrier.name)
-            if ref_meta is None or ref_meta.shape != carrier.shape:
-                skipped.append(f"{carrier.name}: not in the reference")
-                continue
-            ref_raw, ref_kind = _values(reference, carrier.name, ref_meta.source_dtype)
-        if moved:
-            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-                sus_raw, sus_kind = np.ascontiguousarray(alignment.tensor(carrier.name), dtype=np.float32), FLOAT
-        else:
-            sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
-        seed = carrier_seed(model_key, carrier.name)
         for L, (num, den) in sums.items():
+            own_num, own_den = own_sums[L]
+            num += own_num
+            den += own_den
             if L == first:
-                own_num, own_den = np.zeros(L), np.zeros(L)
-                extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, own_num, own_den)
-                num += own_num
-                den += own_den
                 per_carrier.append((carrier.name, int(np.prod(carrier.shape)), own_num, own_den))
-            else:
-                extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, num, den)
-        del sus_raw, ref_raw
-        for source, name in ((suspect, own), (reference, carrier.name)):
-            if isinstance(source, SafetensorsSuspect):
-                source.checkpoint.release(name)
         used += 1
         elements += int(np.prod(carrier.shape))
         progress.advance(int(np.prod(carrier.shape)) * 2)
     return Extraction(sums, used, skipped, alignment.report if alignment is not None else [], elements,
                       per_carrier)
+
+
+def _sharded(suspect: QuantizedModel | SafetensorsSuspect) -> bool:
+    return isinstance(suspect, SafetensorsSuspect) and len(suspect.checkpoint.shards) > 1
+
+
+def _carrier_sums(
+    suspect: QuantizedModel | SafetensorsSuspect,
+    reference: QuantizedModel | SafetensorsSuspect | None,
+    alignment: Any,
+    carrier: Carrier,
+    own: str | None,
+    model_key: bytes,
+    code_lengths: list[int],
+) -> tuple[str | None, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """One carrier's own (num, den) per code length, or why it was skipped."""
+    if own is None:
+        return "missing", {}
+    meta = suspect.tensors()[own]
+    moved = alignment is not None and not alignment.plans[carrier.name].identity
+    if not moved and meta.shape != carrier.shape:
+        return f"{meta.source_dtype} {list(meta.shape)} instead of {list(carrier.shape)}", {}
+    if isinstance(suspect, SafetensorsSuspect) and meta.source_dtype not in FLOAT_CARRIER_DTYPES:
+        return f"{meta.source_dtype} is not a float dtype", {}
+    ref_raw, ref_kind = None, 0
+    if reference is not None:
+        ref_meta = reference.tensors().get(carrier.name)
+        if ref_meta is None or ref_meta.shape != carrier.shape:
+            return "not in the reference", {}
+        ref_raw, ref_kind = _values(reference, carrier.name, ref_meta.source_dtype)
+    if moved:
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            sus_raw, sus_kind = np.ascontiguousarray(alignment.tensor(carrier.name), dtype=np.float32), FLOAT
+    else:
+        sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
+    seed = carrier_seed(model_key, carrier.name)
+    out = {}
+    for L in code_lengths:
+        num, den = np.zeros(L), np.zeros(L)
+        extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, num, den)
+        out[L] = (num, den)
+    del sus_raw, ref_raw
+    for source, name in ((suspect, own), (reference, carrier.name)):
+        if isinstance(source, SafetensorsSuspect):
+            source.checkpoint.release(name)
+    return None, out
 
 
 def carrier_signal(per_carrier: list[tuple[str, int, np.ndarray, np.ndarray]], codewords: list[np.ndarray]
@@ -513,6 +540,7 @@ def _scan_model(
     models_considered: int,
     progress: Progress,
     realign: bool,
+    cluster: Any = None,
 ) -> ScanReport:
     """Extract and score one registered model's issued codewords against the suspect."""
     carriers = registry.carriers(model.model_id)
@@ -523,7 +551,8 @@ def _scan_model(
     total = sum(int(np.prod(c.shape)) * 2 for c in carriers)
     progress.begin(f"scanning {Path(suspect_path).name} ({suspect.format}) as {model.name}", total)
     try:
-        ex = _extract_all(suspect, ref, carriers, model_key, code_lengths, progress, _base_config(model), realign)
+        ex = _extract_all(suspect, ref, carriers, model_key, code_lengths, progress, _base_config(model), realign,
+                          cluster)
     finally:
         progress.end()
     if ex.used == 0:
@@ -606,6 +635,8 @@ def scan(
     progress: Progress = NO_PROGRESS,
     realign: bool = True,
     max_models: int = MAX_MODELS,
+    *,
+    cluster: Any = None,
 ) -> ScanReport:
     """Scan a suspect checkpoint and name the licensees whose codeword it carries.
 
@@ -616,6 +647,7 @@ def scan(
     `max_models` of them are scanned in that order, stopping at the first that accuses; every
     family-wise p-value is multiplied by the number of models that could be scanned, so the
     bound covers the choice. Non-blind scans first re-align the suspect to the reference.
+    With `cluster` (weightmark.cluster.Cluster), a sharded suspect is read one task per shard.
     """
     if blind and reference is not None:
         raise UsageError("--blind and --reference exclude each other")
@@ -655,7 +687,7 @@ def scan(
                     references[key] = _open_reference(match.model, reference, blind)
                 ref, info = references[key]
                 report = _scan_model(registry, keys, suspect, suspect_path, match.model, ref, info, threshold,
-                                     assume_licensees, len(considered), progress, realign)
+                                     assume_licensees, len(considered), progress, realign, cluster)
                 reports.append(report)
                 if report.accused:
                     break

@@ -7,6 +7,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -93,8 +94,12 @@ def stamp(
     override_reason: str | None = None,
     fmt: str = "same",
     collusion: int = DEFAULT_COLLUSION,
+    cluster: Any = None,
 ) -> IssuedCopy:
     """Write the licensee's stamped copy at `out` (same format, layout and dtypes as the base).
+
+    With `cluster` (weightmark.cluster.Cluster) a float safetensors copy in the base's format is
+    written one task per shard; the entry is still appended here, after every shard is in.
 
     The jurisdiction policy is consulted first: a refused issue raises PolicyDenied before
     anything is written, unless `override_reason` is given (it goes into the signed entry).
@@ -143,7 +148,11 @@ def stamp(
 
         def write(staging: Path) -> tuple[dict[str, str], str]:
             if file_type is None:
-                return write_like(base, staging, transform, progress.advance, scratch=True), "safetensors"
+                # On a cluster: one task per output shard (weightmark.cluster), the same bytes.
+                shards = None if cluster is None else cluster.shard_stamper(
+                    base, carriers, code, model_key, params.alpha, progress.advance)
+                return write_like(base, staging, transform, progress.advance, scratch=True,
+                                  write_shards=shards), "safetensors"
             seeds = {name: carrier_seed(model_key, name) for name in carriers}
             stamper = float_stamper(carriers, code, seeds, params.alpha)
             raw_stamper = dtype_stamper(carriers, code, seeds, params.alpha, base.root)

@@ -9,7 +9,7 @@ import re
 import stat
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 
 from weightmark.kernels.quant import BLOCK_LAYOUTS, dequantize
+from weightmark.moe import is_fused_experts, split_fused_experts
 
 from ..errors import FormatError, InputFileError
 from .base import TensorMeta
@@ -530,11 +531,17 @@ class GGUFModel:
             rope_heads = 0
             if permuted and kind in _ROPE_TENSORS:
                 rope_heads = self._rope_heads(t, _ROPE_TENSORS[kind])
-            infos.append(
-                GGUFTensorInfo(
-                    t.name, hf_name, candidates, qtype.name, t.ne, begin, nbytes, rope_heads
-                )
+            info = GGUFTensorInfo(
+                t.name, hf_name, candidates, qtype.name, t.ne, begin, nbytes, rope_heads
             )
+            if is_fused_experts(t.name, t.ne):  # one 2-D tensor per expert (weightmark.moe)
+                parts = split_fused_experts(info, arch)
+                parts = [p if p.name not in used and p.name not in taken
+                         else replace(p, name=p.source_name) for p in parts]
+                used.update(p.name for p in parts)
+                infos.extend(parts)
+                continue
+            infos.append(info)
         _check_overlaps(path, infos)
         return {info.name: info for info in infos}
 
