@@ -448,22 +448,26 @@ def _extract_all(
                 skipped.append(f"{carrier.name}: not in the reference")
                 continue
             ref_raw, ref_kind = _values(reference, carrier.name, ref_meta.source_dtype)
+        seed = carrier_seed(model_key, carrier.name)
+        # Packed suspects that need no re-alignment are read straight from their blocks.
+        fused = None if moved else getattr(suspect, "extract_into", None)
         if moved:
             with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
                 sus_raw, sus_kind = np.ascontiguousarray(alignment.tensor(carrier.name), dtype=np.float32), FLOAT
-        else:
+        elif fused is None:
             sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
-        seed = carrier_seed(model_key, carrier.name)
         for L, (num, den) in sums.items():
-            if L == first:
-                own_num, own_den = np.zeros(L), np.zeros(L)
+            own_num, own_den = (np.zeros(L), np.zeros(L)) if L == first else (num, den)
+            if fused is not None and not fused(own, ref_raw, ref_kind, carrier.row_scale, seed, own_num, own_den):
+                fused = None
+                sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
+            if fused is None:
                 extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, own_num, own_den)
+            if L == first:
                 num += own_num
                 den += own_den
                 per_carrier.append((carrier.name, int(np.prod(carrier.shape)), own_num, own_den))
-            else:
-                extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, num, den)
-        del sus_raw, ref_raw
+        sus_raw = ref_raw = None
         for source, name in ((suspect, own), (reference, carrier.name)):
             if isinstance(source, SafetensorsSuspect):
                 source.checkpoint.release(name)

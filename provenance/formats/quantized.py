@@ -315,6 +315,9 @@ class _Entry:
     meta: TensorMeta
     parts: tuple[str, ...]
     decode: Callable[[], np.ndarray]
+    # (reference, reference_kind, row_scale, seed, num, den) -> None: extraction sums straight
+    # from the packed storage, equal to `extract` on decode(); None where there is no kernel
+    fused: Callable[..., None] | None = None
 
 
 class _QuantizedReader:
@@ -343,6 +346,7 @@ class _QuantizedReader:
         source_dtype: str,
         parts: Iterable[str],
         decode: Callable[[], np.ndarray],
+        fused: Callable[..., None] | None = None,
     ) -> None:
         parts = tuple(parts)
         src = self._src
@@ -352,7 +356,7 @@ class _QuantizedReader:
             raise src.error(parts[0], f"describes an empty weight of shape {list(shape)}")
         if src.has(name) and name not in parts:
             raise src.error(name, f"is stored as well as its quantized form {_show(parts[0])}")
-        self._entries[name] = _Entry(TensorMeta(name, shape, source_dtype, parts[0]), parts, decode)
+        self._entries[name] = _Entry(TensorMeta(name, shape, source_dtype, parts[0]), parts, decode, fused)
         self._consumed.update(parts)
 
     def _pass_through(self) -> None:
@@ -399,6 +403,28 @@ class _QuantizedReader:
             for part in entry.parts:
                 self._src.ckpt.release(part)
         return out
+
+    def extract_into(
+        self,
+        name: str,
+        reference: np.ndarray | None,
+        reference_kind: int,
+        row_scale: np.ndarray,
+        seed: int,
+        num: np.ndarray,
+        den: np.ndarray,
+    ) -> bool:
+        """Add a carrier's extraction sums straight from its packed storage, as `extract` on
+        `load` would (no float32 copy of the tensor); False when its layout has no fused kernel."""
+        entry = self._entries.get(name)
+        if entry is None or entry.fused is None or len(entry.meta.shape) != 2:
+            return False
+        try:
+            entry.fused(reference, reference_kind, row_scale, seed, num, den)
+        finally:
+            for part in entry.parts:
+                self._src.ckpt.release(part)
+        return True
 
     def close(self) -> None:
         self._src.ckpt.close()
@@ -524,7 +550,22 @@ class GPTQModel(_QuantizedReader):
             _scale_groups(out, zeros.T, scales.T, g_idx)
             return out
 
-        self._add_layer(f"{prefix}.weight", (out_features, in_features), dtype, parts, decode)
+        def fused(*args: Any) -> None:
+            from weightmark.kernels.fused import extract_gptq
+
+            zeros = _unpack_cols(src.raw(qz_name), bits).astype(np.float32)
+            if not v2:
+                zeros += 1
+            if has_gidx:
+                g_idx = src.raw(g_name).astype(np.int64)
+                _check_index(src, g_name, g_idx, groups, "group index")
+            else:
+                g_idx = np.arange(in_features, dtype=np.int64) // (in_features // groups)
+            qweight = np.ascontiguousarray(src.raw(qw_name)).view(np.uint32)
+            scales = np.ascontiguousarray(_float_values(src, s_name).T, dtype=np.float32)
+            extract_gptq(qweight, bits, np.ascontiguousarray(zeros.T), scales, g_idx, *args)
+
+        self._add_layer(f"{prefix}.weight", (out_features, in_features), dtype, parts, decode, fused)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1091,8 +1132,15 @@ class BitsAndBytesModel(_QuantizedReader):
                 out[whole * blocksize :] *= scales[whole]
             return out.reshape(shape)
 
+        def fused(*args: Any) -> None:
+            from weightmark.kernels.fused import extract_bnb4
+
+            data = src.raw(w_name).reshape(-1).view(np.uint8)[: (numel + 1) // 2]
+            scales = np.ascontiguousarray(absmax(), dtype=np.float32)
+            extract_bnb4(data, code, scales, blocksize, shape[0], numel // shape[0], *args)
+
         self._kinds.add(kind)
-        self._add_layer(w_name, shape, kind + ("-dq" if nested else ""), parts, decode)
+        self._add_layer(w_name, shape, kind + ("-dq" if nested else ""), parts, decode, fused)
 
     def _int8(self, prefix: str) -> None:
         src = self._src
