@@ -16,8 +16,8 @@ from tests.test_attacks_functional import make_tiny_llama
 from tests.test_quantized_traceability import FORMATS, quantize_folder
 from weightmark.canonical import as_2d, to_float32
 from weightmark.formats import open_suspect
-from weightmark.formats.gguf import GGUFModel, write_gguf
 from weightmark.formats._quantized import _QuantizedReader
+from weightmark.formats.gguf import GGUFModel, write_gguf
 from weightmark.formats.safetensors import Checkpoint
 from weightmark.kernels import FLOAT, extract
 from weightmark.kernels.quantize import quantize
