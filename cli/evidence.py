@@ -76,4 +76,4 @@ def show(
     from weightmark.report import summary_lines
 
     for line in summary_lines(read_case(bundle, pubkey, home)):
-        typer.echo(line)
+        typer.echo(safe(line))

@@ -78,7 +78,7 @@ def relocate(
     if json_out:
         print_json({"name": model.name, "model_id": model.model_id, "base_path": model.base_path})
     else:
-        typer.echo(f"Relocated {model.name} to {model.base_path}.")
+        typer.echo(f"Relocated {safe(model.name)} to {safe(model.base_path)}.")
 
 
 def _fact_text(value: object) -> str:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from weightmark.cli.common import HomeOption, err
+from weightmark.cli.common import HomeOption, info
 
 if TYPE_CHECKING:
     from weightmark.report import Case
@@ -21,7 +21,9 @@ PubkeyOption = Annotated[
 
 def read_case(bundle: Path, pubkey: Path | None, home: Path | None) -> Case:
     """Read and verify BUNDLE with --pubkey, else the lab home's lab.pub (exit 3 if it does not verify)."""
+    from weightmark.bounded import read_bounded
     from weightmark.errors import InputFileError
+    from weightmark.evidence import MAX_BUNDLE_BYTES
     from weightmark.keys import PUBLIC_KEY_FILE
     from weightmark.lab import default_home
     from weightmark.report import load_public_key, open_case
@@ -31,10 +33,7 @@ def read_case(bundle: Path, pubkey: Path | None, home: Path | None) -> Case:
         if not pubkey.exists():
             raise InputFileError(pubkey, "no lab public key here: pass --pubkey LAB.pub")
     key = load_public_key(pubkey)
-    try:
-        data = bundle.read_bytes()
-    except OSError as exc:
-        raise InputFileError(bundle, f"cannot read ({exc.strerror})") from None
+    data = read_bounded(bundle, MAX_BUNDLE_BYTES, "evidence bundle")  # no FIFO, device or huge file
     return open_case(data, key, str(bundle))
 
 
@@ -58,5 +57,5 @@ def report(
 
     case = read_case(bundle, pubkey, home)
     write_report(case, out, force=force, fmt=fmt)
-    err.print(f"Case report written to {out} (bundle {case.bundle_sha256[:16]}, verified with key "
-              f"{case.signer_key_id})", markup=False, highlight=False)
+    info(f"Case report written to {out} (bundle {case.bundle_sha256[:16]}, verified with key "
+         f"{case.signer_key_id})")

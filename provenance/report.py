@@ -34,6 +34,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from weightmark.bounded import MAX_PEM_BYTES, read_bounded
 from weightmark.errors import InputFileError, UsageError
 from weightmark.evidence import VerifiedEvidence, verify_bundle
 from weightmark.fsutil import write_bytes_atomic
@@ -150,10 +151,7 @@ def _list(value: Any) -> list[Any]:
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """The lab's Ed25519 public key from a PEM file, or InputFileError naming the file."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InputFileError(path, f"cannot read ({exc.strerror})") from None
+    data = read_bounded(path, MAX_PEM_BYTES, "public key")  # a FIFO or /dev/zero fails at once
     try:
         key = load_pem_public_key(data)
     except ValueError:

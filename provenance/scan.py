@@ -485,16 +485,24 @@ def _carrier_sums(
         if ref_meta is None or ref_meta.shape != carrier.shape:
             return "not in the reference", {}
         ref_raw, ref_kind = _values(reference, carrier.name, ref_meta.source_dtype)
+    # Packed suspects that need no re-alignment are read straight from their blocks (one pass,
+    # no float32 tensor); a reader without a kernel for this tensor says so and it is decoded.
+    fused = None if moved else getattr(suspect, "extract_into", None)
+    sus_raw, sus_kind = None, FLOAT
     if moved:
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             sus_raw, sus_kind = np.ascontiguousarray(alignment.tensor(carrier.name), dtype=np.float32), FLOAT
-    else:
+    elif fused is None:
         sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
     seed = carrier_seed(model_key, carrier.name)
     out = {}
     for L in code_lengths:
         num, den = np.zeros(L), np.zeros(L)
-        extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, num, den)
+        if fused is not None and not fused(own, ref_raw, ref_kind, carrier.row_scale, seed, num, den):
+            fused = None
+            sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
+        if fused is None:
+            extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, num, den)
         out[L] = (num, den)
     del sus_raw, ref_raw
     for source, name in ((suspect, own), (reference, carrier.name)):

@@ -246,7 +246,7 @@ def test_key_file_that_is_not_a_regular_file(kind: str, home_copy: Path, run_mai
     assert snapshot(home_copy) == before
 
 
-@pytest.mark.parametrize("what", ["bundle", "pubkey", "policy"])
+@pytest.mark.parametrize("what", ["bundle", "pubkey", "policy", "report-bundle", "report-pubkey", "show-bundle"])
 @pytest.mark.parametrize("kind", SPECIAL + ["deep-json", "huge"])
 def test_bundle_pubkey_and_policy_files_are_read_with_a_cap(lab: dict, tmp_path: Path, what: str,
                                                             kind: str, run_main) -> None:
@@ -265,9 +265,16 @@ def test_bundle_pubkey_and_policy_files_are_read_with_a_cap(lab: dict, tmp_path:
         r = run_main("evidence", "verify", str(target), "--pubkey", str(pub))
     elif what == "pubkey":
         r = run_main("evidence", "verify", str(pub), "--pubkey", str(target))
-    else:
+    elif what == "policy":
         r = run_main("policy", "set", str(target), home=lab["home"])
+    elif what == "report-bundle":
+        r = run_main("report", str(target), "--pubkey", str(pub), "--out", str(tmp_path / "case.html"))
+    elif what == "report-pubkey":
+        r = run_main("report", str(pub), "--pubkey", str(target), "--out", str(tmp_path / "case.html"))
+    else:
+        r = run_main("evidence", "show", str(target), "--pubkey", str(pub))
     assert target.name in error_line(r, 3)
+    assert not (tmp_path / "case.html").exists()
     assert time.monotonic() - started < 60
     assert (lab["home"] / "registry.db").read_bytes() == registry_before
 

@@ -285,6 +285,9 @@ class _Entry:
     meta: TensorMeta
     parts: tuple[str, ...]
     decode: Callable[[], np.ndarray]
+    # (reference, reference_kind, row_scale, seed, num, den) -> None: extraction sums straight
+    # from the packed storage, equal to `extract` on decode(); None where there is no kernel
+    fused: Callable[..., None] | None = None
 
 
 class _QuantizedReader:
@@ -320,6 +323,7 @@ class _QuantizedReader:
         source_dtype: str,
         parts: Iterable[str],
         decode: Callable[[], np.ndarray],
+        fused: Callable[..., None] | None = None,
     ) -> None:
         parts = tuple(parts)
         src = self._src
@@ -329,7 +333,7 @@ class _QuantizedReader:
             raise src.error(parts[0], f"describes an empty weight of shape {list(shape)}")
         if src.has(name) and name not in parts:
             raise src.error(name, f"is stored as well as its quantized form {_show(parts[0])}")
-        self._entries[name] = _Entry(TensorMeta(name, shape, source_dtype, parts[0]), parts, decode)
+        self._entries[name] = _Entry(TensorMeta(name, shape, source_dtype, parts[0]), parts, decode, fused)
         self._consumed.update(parts)
 
     def _pass_through(self) -> None:
@@ -376,6 +380,28 @@ class _QuantizedReader:
             for part in entry.parts:
                 self._src.ckpt.release(part)
         return out
+
+    def extract_into(
+        self,
+        name: str,
+        reference: np.ndarray | None,
+        reference_kind: int,
+        row_scale: np.ndarray,
+        seed: int,
+        num: np.ndarray,
+        den: np.ndarray,
+    ) -> bool:
+        """Add a carrier's extraction sums straight from its packed storage, as `extract` on
+        `load` would (no float32 copy of the tensor); False when its layout has no fused kernel."""
+        entry = self._entries.get(name)
+        if entry is None or entry.fused is None or len(entry.meta.shape) != 2:
+            return False
+        try:
+            entry.fused(reference, reference_kind, row_scale, seed, num, den)
+        finally:
+            for part in entry.parts:
+                self._src.ckpt.release(part)
+        return True
 
     def close(self) -> None:
         self._src.ckpt.close()

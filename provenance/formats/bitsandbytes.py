@@ -193,8 +193,15 @@ class BitsAndBytesModel(_QuantizedReader):
                 out[whole * blocksize :] *= scales[whole]
             return out.reshape(shape)
 
+        def fused(*args: Any) -> None:
+            from weightmark.kernels.fused import extract_bnb4
+
+            data = src.raw(w_name).reshape(-1).view(np.uint8)[: (numel + 1) // 2]
+            scales = np.ascontiguousarray(absmax(), dtype=np.float32)
+            extract_bnb4(data, code, scales, blocksize, shape[0], numel // shape[0], *args)
+
         self._kinds.add(kind)
-        self._add_layer(w_name, shape, kind + ("-dq" if nested else ""), parts, decode)
+        self._add_layer(w_name, shape, kind + ("-dq" if nested else ""), parts, decode, fused)
 
     def _int8(self, prefix: str) -> None:
         src = self._src

@@ -626,6 +626,40 @@ class GGUFModel:
             values = rope_unpermute(values, info.rope_heads)
         return np.ascontiguousarray(values, dtype=np.float32)
 
+    def extract_into(
+        self,
+        name: str,
+        reference: np.ndarray | None,
+        reference_kind: int,
+        row_scale: np.ndarray,
+        seed: int,
+        num: np.ndarray,
+        den: np.ndarray,
+    ) -> bool:
+        """Add a 2-D carrier's extraction sums straight from its blocks (or its F32/F16/BF16
+        values as stored), as `extract` on `load` would, with no float32 copy of the tensor;
+        False when its type has no kernel here."""
+        from weightmark.kernels import BF16, F16, FLOAT, extract
+        from weightmark.kernels.fused import FUSED_GGML, extract_ggml
+
+        info = self.info(name)
+        dense = {"F32": ("<f4", FLOAT), "F16": ("<u2", F16), "BF16": ("<u2", BF16)}.get(info.ggml_type)
+        if (info.ggml_type not in FUSED_GGML and dense is None) or len(info.ne) != 2:
+            return False
+        cols, rows = info.ne
+        row_map = None
+        if info.rope_heads:
+            row_map = rope_unpermute(np.arange(rows, dtype=np.int64)[:, None], info.rope_heads)[:, 0].copy()
+        if dense is not None:  # the stored values, decoded exactly by the kernel
+            values = self.raw(name).view(dense[0]).reshape(rows, cols)
+            if row_map is not None:
+                values = np.take(values, row_map, axis=0)
+            extract(values, dense[1], reference, reference_kind, row_scale, seed, num, den)
+            return True
+        extract_ggml(info.ggml_type, self.raw(name), rows, cols, row_map, reference, reference_kind, row_scale,
+                     seed, num, den)  # fmt: skip
+        return True
+
     def _fallback(self, info: GGUFTensorInfo, raw: np.ndarray, rows: int) -> np.ndarray:
         """Types without a kernel here (IQ1_*, IQ2_*, IQ3_*, TQ*, MXFP4, ...): gguf's numpy code."""
         qtype = gguf.GGMLQuantizationType[info.ggml_type]

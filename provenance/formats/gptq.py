@@ -142,7 +142,22 @@ class GPTQModel(_QuantizedReader):
             _scale_groups(out, zeros.T, scales.T, g_idx)
             return out
 
-        self._add_layer(f"{prefix}.weight", (out_features, in_features), dtype, parts, decode)
+        def fused(*args: Any) -> None:
+            from weightmark.kernels.fused import extract_gptq
+
+            zeros = _unpack_cols(src.raw(qz_name), bits).astype(np.float32)
+            if not v2:
+                zeros += 1
+            if has_gidx:
+                g_idx = src.raw(g_name).astype(np.int64)
+                _check_index(src, g_name, g_idx, groups, "group index")
+            else:
+                g_idx = np.arange(in_features, dtype=np.int64) // (in_features // groups)
+            qweight = np.ascontiguousarray(src.raw(qw_name)).view(np.uint32)
+            scales = np.ascontiguousarray(_float_values(src, s_name).T, dtype=np.float32)
+            extract_gptq(qweight, bits, np.ascontiguousarray(zeros.T), scales, g_idx, *args)
+
+        self._add_layer(f"{prefix}.weight", (out_features, in_features), dtype, parts, decode, fused)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import pycountry
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from weightmark.errors import KeyProblem, NotFound, RegistryError, UsageError
@@ -168,6 +167,8 @@ def validate_jurisdiction(code: str) -> str:
         raise UsageError(
             f"jurisdiction {code!r} is not an ISO 3166-1 alpha-2 code (two upper-case letters, e.g. GB, DE, US)"
         )
+    import pycountry  # on first use: every CLI start-up would pay for it otherwise
+
     if pycountry.countries.get(alpha_2=code) is None:
         hint = " (the United Kingdom is GB)" if code == "UK" else ""
         raise UsageError(f"jurisdiction {code!r} is not an assigned ISO 3166-1 alpha-2 code{hint}")
@@ -266,6 +267,8 @@ class Entry:
 
 
 def country_name(code: str) -> str:
+    import pycountry
+
     country = pycountry.countries.get(alpha_2=code)
     return country.name if country is not None else code
 

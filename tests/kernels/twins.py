@@ -256,3 +256,42 @@ def dequantize_affine_twin(words: np.ndarray, scales: np.ndarray, biases: np.nda
     if grid == BF16:
         return _round_bf16(_round_bf16(s * q) + b)
     return (s * q + b).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ packed formats
+
+
+def ggml_dequantize_twin(qtype: str, raw: np.ndarray) -> np.ndarray:
+    """float32 values of GGML blocks [rows, bytes per row] by the gguf package's numpy code."""
+    import gguf
+
+    values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def gptq_dequantize_twin(
+    qweight: np.ndarray, bits: int, zeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray
+) -> np.ndarray:
+    """[out, in] float32: w[o, i] = (q[i, o] - zeros[o, g(i)]) * scales[o, g(i)], each step in float32.
+
+    qweight is uint32 [in * bits / 32, out]; input i is field i % (32 / bits) of word i // (32 / bits),
+    low bits first.
+    """
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint32) * np.uint32(bits))[None, :, None]
+    fields = (qweight[:, None, :] >> shifts) & np.uint32((1 << bits) - 1)
+    q = fields.reshape(qweight.shape[0] * per, qweight.shape[1]).T.astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.ascontiguousarray((q - zeros[:, g_idx]) * scales[:, g_idx], dtype=np.float32)
+
+
+def bnb4_dequantize_twin(
+    data: np.ndarray, code: np.ndarray, absmax: np.ndarray, blocksize: int, rows: int, cols: int
+) -> np.ndarray:
+    """[rows, cols] float32: flat element j = code[nibble j] * absmax[j // blocksize], the nibble
+    of element j being the high half of byte j // 2 for even j and the low half for odd j."""
+    j = np.arange(rows * cols)
+    byte = data[j // 2].astype(np.int64)
+    nibble = np.where(j % 2 == 0, byte >> 4, byte & 15)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (code[nibble] * absmax[j // blocksize]).astype(np.float32).reshape(rows, cols)
