@@ -18,6 +18,7 @@ import numpy as np
 
 from weightmark.kernels.bits import BF16, F16, FLOAT, decode_row
 from weightmark.kernels.config import INLINE, PARALLEL
+from weightmark.kernels.dense import EXTRACT_PARTS
 from weightmark.kernels.prng import chip_of, element_hash, position_of
 from weightmark.kernels.quant import (
     BLOCK_LAYOUTS,
@@ -217,12 +218,13 @@ def _check_common(
 
 def _run(kernel, args: tuple, rows: int, cols: int, reference: np.ndarray | None, reference_kind: int,
          row_scale: np.ndarray, seed: int, num: np.ndarray, den: np.ndarray) -> None:  # fmt: skip
-    """Per-thread sums (the same thread count and row split as `extract`), added up after."""
+    """Per-block sums (the same fixed row blocks as `extract`, whatever the thread count, so the
+    two agree bit for bit), added up after."""
     if rows == 0 or cols == 0:
         return
-    threads = max(1, min(numba.get_num_threads(), rows))
-    part_num = np.zeros((threads, num.shape[0]))
-    part_den = np.zeros((threads, num.shape[0]))
+    parts = max(1, min(EXTRACT_PARTS, rows))
+    part_num = np.zeros((parts, num.shape[0]))
+    part_den = np.zeros((parts, num.shape[0]))
     has_reference = reference is not None
     # Without a reference the kernel is given a dummy of the right type (it is never read).
     ref = reference if has_reference else np.empty((1, 1), dtype=np.float32)

@@ -188,6 +188,24 @@ def _rows(model: OpenModel, name: str, rows: np.ndarray) -> np.ndarray:
     return _as_2d(model.load(name))[rows]
 
 
+def _column_norms(model: OpenModel, name: str) -> np.ndarray:
+    """Per input column, the norm over a tensor's rows (float64)."""
+    w = _as_2d(model.load(name))
+    checkpoint = getattr(model, "checkpoint", None)
+    norms = np.sqrt(np.einsum("ij,ij->j", w, w, dtype=np.float64))
+    if checkpoint is not None:
+        try:
+            checkpoint.release(name)
+        except (KeyError, ValueError):
+            pass
+    return norms
+
+
+def _centred_unit(rows: np.ndarray) -> np.ndarray:
+    rows = rows - rows.mean(axis=1, keepdims=True)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), _EPS)
+
+
 def relative_difference(a: np.ndarray, ref: np.ndarray) -> float:
     """||a - ref|| / ||ref|| (float32 differences, float64 sums)."""
     r = np.asarray(ref, dtype=np.float32)
@@ -432,6 +450,8 @@ def infer_architecture(
     )
 
 
+# Projections of an expert by their role in a SwiGLU FFN.
+_EXPERT_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 _NOT_WEIGHTS = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
 
 
@@ -645,6 +665,11 @@ class _Aligner:
         group = self._group(layer, ("gate", "up", "down"))
         if not self._needs_matching(group):
             return
+        label = "mlp" if self.arch is None or self.arch.kind == "llama" else "ffn"
+        self._undo_units(group, f"{label} of layer {layer}")
+
+    def _undo_units(self, group: dict[str, str], label: str) -> None:
+        """Match one FFN's hidden units (gate/up rows, down columns) to the reference's."""
         # Units as rows: gate/up rows, down columns (transposed views, no copy).
         loaded = {part: (self.sus(name), self.ref(name)) for part, name in group.items()}
         pairs = [(s.T, r.T) if part == "down" else (s, r) for part, (s, r) in loaded.items()]
@@ -656,10 +681,7 @@ class _Aligner:
         order = self._match_units(pairs, units)
         moved = int(np.count_nonzero(order != np.arange(units)))
         if moved:
-            label = "mlp" if self.arch is None or self.arch.kind == "llama" else "ffn"
-            self.report.append(
-                f"{label} of layer {layer}: rows permuted ({moved} of {units} moved)"
-            )
+            self.report.append(f"{label}: rows permuted ({moved} of {units} moved)")
         for part, name in group.items():
             sus, ref = loaded[part]
             if moved and part == "down":
@@ -782,8 +804,13 @@ class _Aligner:
         sample, columns = _sample_index(rows), _match_columns(cols)
         sus = np.stack([_unit_rows(_rows(self.suspect, p.source, sample), columns) for p in plans])
         ref = np.stack([_unit_rows(_rows(self.reference, n, sample), columns) for n in names])
-        # score[i, j]: how well suspect expert i's rows match reference expert j's, row by row
+        # score[i, j]: how well suspect expert i's rows match reference expert j's, row by row,
+        # plus (as many rows' worth) the correlation of their column norms, which a permutation
+        # of the expert's own units leaves alone (so such an expert still finds its partner)
         score = np.abs(np.einsum("irc,jrc->ijr", sus, ref)).sum(axis=2)
+        sus_cols = _centred_unit(np.stack([_column_norms(self.suspect, p.source) for p in plans]))
+        ref_cols = _centred_unit(np.stack([_column_norms(self.reference, n) for n in names]))
+        score += sample.size * np.abs(sus_cols @ ref_cols.T)
         order = match_rows(score)
         moved = int(np.count_nonzero(order != np.arange(count)))
         if not moved:
@@ -799,6 +826,23 @@ class _Aligner:
                 and canonical_2d(tuple(self.ref_metas[group.router].shape))[0] == count:
             router.row_order = order
         self.report.append(f"experts of layer {layer}: permuted ({moved} of {count} moved)")
+
+    def undo_expert_units(self, layer: int) -> None:
+        """Each expert is an FFN: an expert still far from its reference counterpart (after the
+        experts were matched) has its hidden units matched like a dense FFN's."""
+        group = self.expert_groups.get(layer)
+        if group is None or not any(n in self.far for n in group.names()):
+            return
+        for e in range(group.count):
+            parts = {_EXPERT_ROLE[p]: n for p, n in group.experts[e].items() if n in self.carriers}
+            key = parts.get("gate") or parts.get("up")
+            plan = self.plans.get(key) if key else None
+            if plan is None or plan.transposed or len(parts) != 3 or key not in self.ref_metas:
+                continue
+            sample = _sample_index(canonical_2d(self.carriers[key])[0])
+            if relative_difference(_rows(self.suspect, plan.source, sample), _rows(self.reference, key, sample)) < CLOSE:
+                continue
+            self._undo_units(parts, f"expert {e} of layer {layer}")
 
     # -- 5: scales -------------------------------------------------------------------------------
 
@@ -856,6 +900,7 @@ class _Aligner:
             layers = sorted({role[0] for n in self.plans if (role := tensor_role(n))} | set(self.expert_groups))
             for layer in layers:
                 self.undo_experts(layer)
+                self.undo_expert_units(layer)
                 self.undo_ffn(layer)
                 self.undo_heads(layer)
             self.undo_scales()

@@ -205,3 +205,34 @@ def test_permute_experts_refuses_a_dense_model(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no Mixture-of-Experts layer"):
         permute_experts(dense, tmp_path / "out", seed=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_units_permuted_inside_experts_realigned(qwen_lab, tmp_path: Path) -> None:
+    """Each expert is an FFN: its hidden units can be permuted too (gate/up rows with down
+    columns). Experts whose units moved still find their partner and are unscrambled."""
+    from weightmark.attacks import map_floats
+
+    lab, _, ids, copies, _ = qwen_lab
+    scrambled = {3, 9, 17, 25, 33, 40, 51, 58}
+
+    def fn(name: str, w: np.ndarray) -> np.ndarray:
+        parts = name.split(".")
+        if ".mlp.experts." not in name or int(parts[5]) not in scrambled:
+            return w
+        perm = np.random.default_rng(int(parts[5])).permutation(w.shape[1] if "down_proj" in name else w.shape[0])
+        return w[:, perm] if "down_proj" in name else w[perm]
+
+    inside = map_floats(copies[0], tmp_path / "inside", fn)
+    leak = permute_experts(inside, tmp_path / "leak", seed=2)
+    report = lab.scan(leak)
+    assert [c.licensee_id for c in report.accused] == [ids[0]]
+    unit_lines = [line for line in report.aligned if line.startswith("expert ") and "rows permuted" in line]
+    assert len(unit_lines) == len(scrambled)
+    assert any(line.startswith("experts of layer 0: permuted") for line in report.aligned)
+    signal = {r["name"]: r["scores"][0] for r in report.carrier_signal}
+    # the scrambled experts carry the codeword again once unscrambled
+    inside_signal = [signal[f"model.layers.0.mlp.experts.{e}.{p}.weight"] for e in scrambled
+                     for p in ("gate_proj", "up_proj", "down_proj")]
+    # (a carrier read at the wrong place scores about N(0, 1); these copies are unquantized, so a
+    # carrier read in place scores far above that)
+    assert min(inside_signal) > 10.0
