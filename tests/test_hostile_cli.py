@@ -387,19 +387,38 @@ def test_stamp_output_on_a_full_disk(lab: dict, tiny_fs: Path) -> None:
 # -- 6. signals -----------------------------------------------------------------------------------
 
 
+# The stamp's test hook, replaced in the child only: once the staged copy is complete (before the
+# registry entry), touch a marker and wait there, so the signal lands at that moment however
+# loaded the machine is (a signal ends the wait at once).
+PAUSED_CHILD = """
+import pathlib, sys, time
+import weightmark.issuing as issuing
+marker = pathlib.Path(sys.argv[1])
+def pause_at(point):
+    if point == "copy-written":
+        marker.touch()
+        time.sleep(120)
+issuing.pause_at = pause_at
+from weightmark.cli import main
+main(sys.argv[2:])
+"""
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_during_stamp(lab: dict, tmp_path: Path, signum: int, code: int) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
+    marker = tmp_path / "paused"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTMARK_")}
     env["WEIGHTMARK_HOME"] = str(lab["home"])
-    proc = subprocess.Popen([sys.executable, "-m", "weightmark", "stamp", "minilm", "--licensee",
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_CHILD, str(marker), "stamp", "minilm", "--licensee",
                              lab["ids"]["c1-csi"], "--out", str(out_dir / "copy")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not any(out_dir.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)  # wait until the copy is being written
-    assert proc.poll() is None, "stamp finished before it could be interrupted"
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # wait until the staged copy is complete
+    assert proc.poll() is None, proc.communicate()
+    assert any(out_dir.iterdir()), "no staged copy while the stamp is paused"
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, (proc.returncode, stderr)

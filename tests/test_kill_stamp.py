@@ -194,7 +194,9 @@ def test_kill_suite(kill_lab: tuple[Path, Path, str]) -> None:
             if started:
                 time.sleep(rng.uniform(0.0, max(0.05, t_total - t_journal)))
         else:  # paused at a named point (SIGTERM there is held until the rename is done)
-            hold = 60.0 if sig == signal.SIGKILL else 0.5
+            # SIGKILL and SIGINT/SIGTERM before the commit end the wait at once; a SIGTERM held
+            # after the commit is delivered when the wait ends, so it must outlast a slow parent.
+            hold = 60.0 if sig == signal.SIGKILL else 5.0
             proc = start_stamp(home, licensee, out, force=force, pause=when, hold=hold)
             assert wait_for(proc, f"@{when}"), proc.communicate()
         proc.send_signal(sig)
@@ -282,7 +284,7 @@ def test_sigint_before_commit_rolls_back(kill_lab: tuple[Path, Path, str]) -> No
     """Ctrl-C while the copy is written: nothing recorded, nothing left, exit 130."""
     home, outdir, licensee = kill_lab
     out = outdir / "interrupted"
-    proc = start_stamp(home, licensee, out, pause="copy-written", hold=0.5)
+    proc = start_stamp(home, licensee, out, pause="copy-written", hold=60.0)  # SIGINT ends the wait
     assert wait_for(proc, "@copy-written")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 130
