@@ -226,6 +226,28 @@ def _wordpiece_pre(tokens: list[str]) -> str:
     return _KNOWN_WORDPIECE.get(digest, "default")
 
 
+def normalizer_flags(node: Any, flags: dict[str, bool] | None = None) -> dict[str, bool]:
+    """tokenizer.json's lowercasing and accent stripping, as llama.cpp's converter records them
+    (`tokenizer.ggml.normalizer.lowercase` / `.strip_accents`; llama.cpp lowercases WordPiece
+    input only when told so, and strips accents when lowercasing unless told otherwise)."""
+    flags = {} if flags is None else flags
+    if not isinstance(node, dict):
+        return flags
+    kind = node.get("type")
+    if kind == "Lowercase":
+        flags["lowercase"] = True
+    elif kind == "StripAccents":
+        flags["strip_accents"] = True
+    elif kind == "BertNormalizer":
+        for name in ("lowercase", "strip_accents"):
+            if isinstance(node.get(name), bool):
+                flags[name] = node[name]
+    elif kind == "Sequence":
+        for child in node.get("normalizers") or []:
+            normalizer_flags(child, flags)
+    return flags
+
+
 def _special_vocab(folder: Path, n_vocab: int, merges: bool) -> Metadata:
     """Merges, special token ids, add_* flags and chat template as gguf.SpecialVocab reads them."""
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
@@ -249,6 +271,8 @@ def tokenizer_from_files(folder: Path, arch: str, config: dict[str, Any], n_voca
     tokens, types = vocab_layout(tokenizer, n_vocab, path)
     T = gguf.Keys.Tokenizer
     meta: Metadata = {"general.type": "model", "general.name": folder.name}
+    meta.update({f"tokenizer.ggml.normalizer.{name}": value
+                 for name, value in normalizer_flags(tokenizer.get("normalizer")).items()})
     if kind == "BPE" and arch == "llama":
         if not any(p.get("type") == "ByteLevel" for p in _pre_tokenizers(tokenizer.get("pre_tokenizer"))):
             raise InputFileError(path, "BPE without a ByteLevel pre-tokenizer (SentencePiece-style) is not supported")

@@ -240,6 +240,9 @@ def test_minilm_wordpiece_as_llama_cpp_spells_it(copies: dict[tuple[str, str], P
         assert meta["tokenizer.ggml.padding_token_id"][0] == 0
         assert meta["tokenizer.ggml.bos_token_id"][0] == 101  # [CLS] stands in for BOS, as in the converter
         assert meta["tokenizer.ggml.add_bos_token"][0] is True
+        # uncased: llama.cpp lowercases (and strips accents) only when the header says so
+        assert meta["tokenizer.ggml.normalizer.lowercase"] == (True, ("BOOL",))
+        assert "tokenizer.ggml.normalizer.strip_accents" not in meta  # null in tokenizer.json
         assert "tokenizer.ggml.merges" not in meta
         for key in BERT_REQUIRED:
             assert key in meta
@@ -308,3 +311,16 @@ def test_donor_for_another_vocabulary_is_refused(tmp_path: Path, minilm: Path, s
         runtime_metadata(tmp_path, "bert", {}, MINILM_TOKENS)
     with pytest.raises(InputFileError, match="49152 tokens"):
         runtime_metadata(tmp_path, "llama", {}, 32000)
+
+
+def test_bpe_pre_tokenizer_names() -> None:
+    """The pre-tokenizer name follows tokenizer.json's pre_tokenizer; unknown ones get "default"."""
+    from weightmark.formats.gguf_vocab import bpe_pre
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    digits = {"type": "Digits", "individual_digits": True}
+    assert bpe_pre({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, byte_level]}}) == "smollm"
+    assert bpe_pre({"pre_tokenizer": byte_level}) == "gpt-2"
+    split = {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": False}
+    assert bpe_pre({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]}}) == "default"
+    assert bpe_pre({"pre_tokenizer": dict(byte_level, use_regex=False)}) == "default"
