@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench eval peers llamacpp bench-llamacpp clean
+.PHONY: demo test lint bench eval peers llamacpp bench-llamacpp runtimes clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -63,6 +63,12 @@ eval: $(EVAL_STAMP)
 # Readers against bitsandbytes / compressed-tensors on files those libraries write.
 peers: $(EVAL_STAMP)
 	$(EVAL_BIN)/python -m pytest -q -rs tests/formats/test_quantized_peers.py
+
+# Do stamped copies run? SmolLM2 GGUF copies in llama.cpp (perplexity vs llama-quantize's own
+# unstamped copies, greedy llama-cli answers) and the safetensors/packed copies in transformers.
+# Minutes; never part of `make test`. Results: benchmarks/results/runtimes.{md,json}.
+runtimes: llamacpp $(EVAL_STAMP)
+	$(EVAL_BIN)/python benchmarks/check_runtimes.py
 
 clean:
 	rm -rf $(VENV) $(EVAL_VENV) build *.egg-info
