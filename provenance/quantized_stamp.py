@@ -107,6 +107,14 @@ def _pooling_type(folder: Path) -> int | None:
     return None
 
 
+def _rope_theta(config: dict[str, Any]) -> float:
+    """The rope base frequency: top-level `rope_theta`, or in `rope_parameters` (transformers 5
+    writes it only there), else llama.cpp's default."""
+    nested = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = config.get("rope_theta", nested.get("rope_theta") if isinstance(nested, dict) else None)
+    return float(theta) if isinstance(theta, (int, float)) else 10000.0
+
+
 def gguf_hparams(base: Path) -> tuple[str, dict[str, Any]]:
     """Architecture and hyper-parameters for the GGUF header, from the base's config.json
     (the keys llama.cpp's converter writes for the architecture)."""
@@ -120,7 +128,7 @@ def gguf_hparams(base: Path) -> tuple[str, dict[str, Any]]:
                     "attention.head_count_kv": config.get("num_key_value_heads", heads),
                     "context_length": config.get("max_position_embeddings", 2048),
                     "attention.layer_norm_rms_epsilon": config.get("rms_norm_eps", 1e-5),
-                    "rope.freq_base": config.get("rope_theta", 10000.0)}
+                    "rope.freq_base": _rope_theta(config)}
             if "head_dim" in config or "hidden_size" in config:
                 meta["rope.dimension_count"] = config.get("head_dim") or config["hidden_size"] // heads
         elif kind == "bert":

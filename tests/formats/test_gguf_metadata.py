@@ -324,3 +324,15 @@ def test_bpe_pre_tokenizer_names() -> None:
     split = {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": False}
     assert bpe_pre({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]}}) == "default"
     assert bpe_pre({"pre_tokenizer": dict(byte_level, use_regex=False)}) == "default"
+
+
+def test_rope_theta_from_transformers_5_config(tmp_path: Path) -> None:
+    """transformers 5 saves rope_theta only inside rope_parameters; the header must still get it."""
+    from weightmark.quantized_stamp import gguf_hparams
+
+    config = {"model_type": "llama", "num_attention_heads": 9, "hidden_size": 576,
+              "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert gguf_hparams(tmp_path)[1]["rope.freq_base"] == 100000.0
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, rope_parameters=None)))
+    assert gguf_hparams(tmp_path)[1]["rope.freq_base"] == 10000.0  # llama.cpp's default
