@@ -66,8 +66,10 @@ peers: $(EVAL_STAMP)
 
 # Do stamped copies run? SmolLM2 GGUF copies in llama.cpp (perplexity vs llama-quantize's own
 # unstamped copies, greedy llama-cli answers) and the safetensors/packed copies in transformers.
-# Minutes; never part of `make test`. Results: benchmarks/results/runtimes.{md,json}.
-runtimes: llamacpp $(EVAL_STAMP)
+# Minutes; never part of `make test`. Needs llama-quantize, llama-perplexity and llama-completion
+# (or llama-cli) in the llama.cpp build of `make llamacpp`; without them only the transformers part
+# runs. Results: benchmarks/results/runtimes.{md,json}.
+runtimes: $(EVAL_STAMP)
 	$(EVAL_BIN)/python benchmarks/check_runtimes.py
 
 clean:

@@ -8,7 +8,8 @@ llama.cpp (the tools benchmarks/llamacpp.py builds; this script never starts a b
   the unstamped copies of our own writer (same frozen scales, no watermark) are measured too;
 - `llama-perplexity` on a fixed English text (weightmark.attacks.finetune.english_text) gives each
   copy's perplexity; the stamped/unstamped ratio should stay within 1%;
-- `llama-cli` (greedy: --temp 0, -n 32, one chat turn) answers 4 fixed prompts with each copy.
+- `llama-completion` (or `llama-cli` where that is what is built; greedy: --temp 0, -n 32, one
+  chat turn in SmolLM2's chat template) answers 4 fixed prompts with each copy.
 
 transformers (in a child `python -P`, so the repo's kernels/ folder cannot shadow the Hugging
 Face package of that name): the base and copies stamped as safetensors (same format), ct:w4a16,
@@ -127,8 +128,17 @@ def make_copies(base: Path, work: Path, hf: bool, gguf: bool) -> dict[str, Path]
 
 
 def llama_tools() -> dict[str, Path] | None:
-    tools = {t: binary_path(SDIST_VERSION, t) for t in ("llama-quantize", "llama-perplexity", "llama-cli")}
-    return tools if all(p.is_file() and os.access(p, os.X_OK) for p in tools.values()) else None
+    """llama-quantize, llama-perplexity and a greedy generator: llama-completion (raw prompts;
+    built beside the others when present) or else llama-cli (a chat client that needs
+    llama.cpp's server code)."""
+    tools = {t: binary_path(SDIST_VERSION, t) for t in ("llama-quantize", "llama-perplexity")}
+    for generator in ("llama-completion", "llama-cli"):
+        path = binary_path(SDIST_VERSION).parent / generator
+        if path.is_file():
+            tools["generate"] = path
+            break
+    ok = all(p.is_file() and os.access(p, os.X_OK) for p in tools.values())
+    return tools if ok and "generate" in tools else None
 
 
 def llama_quantize(tool: Path, src: Path, dst: Path, ftype: str) -> None:
@@ -154,19 +164,32 @@ def perplexity(tool: Path, model: Path, text: Path) -> dict[str, Any]:
             "chunks": int(chunks.group(1)) if chunks else None}
 
 
-def cli_answer(tool: Path, model: Path, prompt: str) -> str:
-    """llama-cli's greedy answer to one chat turn, read from its --output-file transcript."""
-    with tempfile.TemporaryDirectory() as tmp:
-        transcript = Path(tmp) / "chat.txt"
-        run = subprocess.run([str(tool), "-m", str(model), "-p", prompt, "-n", str(NEW_TOKENS), "--temp", "0",
-                              "--seed", "0", "-t", str(THREADS), "-c", "1024", "-st", "--simple-io",
-                              "--no-warmup", "-o", str(transcript)],
-                             capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
-        said = transcript.read_text(errors="replace") if transcript.is_file() else ""
-    if run.returncode != 0 or "Assistant:" not in said:
+# SmolLM2's chat template rendered for one user turn, as transformers' apply_chat_template
+# renders it (with the default system line the template adds): the same input both runtimes see
+CHATML = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+          "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def greedy_answer(tool: Path, model: Path, prompt: str) -> str:
+    """llama.cpp's greedy answer (--temp 0, NEW_TOKENS tokens) to one chat turn."""
+    common = ["-m", str(model), "-n", str(NEW_TOKENS), "--temp", "0", "--seed", "0", "-t", str(THREADS),
+              "-c", "1024", "--no-warmup"]
+    if tool.name == "llama-completion":
+        run = subprocess.run([str(tool), *common, "-p", CHATML.format(prompt=prompt), "-no-cnv",
+                              "--no-display-prompt"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                             timeout=600)
+        said = run.stdout.replace("[end of text]", "")
+    else:  # llama-cli: one chat turn, transcript read from --output-file
+        with tempfile.TemporaryDirectory() as tmp:
+            transcript = Path(tmp) / "chat.txt"
+            run = subprocess.run([str(tool), *common, "-p", prompt, "-st", "--simple-io", "-o", str(transcript)],
+                                 capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+            said = transcript.read_text(errors="replace") if transcript.is_file() else ""
+            said = said.split("Assistant:", 1)[1] if "Assistant:" in said else ""
+    if run.returncode != 0 or not said.strip():
         tail = (run.stdout + run.stderr).strip().splitlines()[-2:]
         return f"<error: exit {run.returncode}: {' | '.join(tail)}>"
-    return " ".join(said.split("Assistant:", 1)[1].split())
+    return " ".join(said.split())
 
 
 def run_llamacpp(base: Path, copies: dict[str, Path], work: Path, tools: dict[str, Path], text: Path,
@@ -184,7 +207,7 @@ def run_llamacpp(base: Path, copies: dict[str, Path], work: Path, tools: dict[st
         _say(f"llama-perplexity {label}")
         row = {"file": path.name, "perplexity": perplexity(tools["llama-perplexity"], path, text), "answers": {}}
         for prompt in PROMPTS:
-            row["answers"][prompt] = cli_answer(tools["llama-cli"], path, prompt)
+            row["answers"][prompt] = greedy_answer(tools["generate"], path, prompt)
         out[label] = row
         _say(f"  {row['perplexity']}")
     for fmt in GGUF_FORMATS:
@@ -267,7 +290,7 @@ def write_report(result: dict[str, Any]) -> None:
              f"Tokenizer of the GGUF copies from: {', '.join(sorted(set(result.get('tokenizer_source', []))))}.", ""]
     llama = result.get("llamacpp")
     if isinstance(llama, dict) and llama:
-        lines += [f"## llama.cpp ({result['llamacpp_version']})", "",
+        lines += [f"## llama.cpp ({result['llamacpp_version']}, measured {result.get('llamacpp_date')})", "",
                   f"Perplexity over {result['text_chars']} characters of English text, -c {CONTEXT}.", "",
                   "| copy | perplexity | stamped / unstamped (llama-quantize) | stamped / unstamped (same scales) |",
                   "|---|---|---|---|"]
@@ -276,7 +299,8 @@ def write_report(result: dict[str, Any]) -> None:
             shown = f"{ppl['ppl']:.4f} +/- {ppl['ppl_err']:.4f}" if "ppl" in ppl else f"error: {ppl['error']}"
             ratio = row.get("ratio", {})
             lines.append(f"| {label} | {shown} | {ratio.get('llama-quantize', '')} | {ratio.get('weightmark writer', '')} |")
-        lines += ["", "Greedy answers (llama-cli, --temp 0, -n 32, one chat turn):", ""]
+        lines += ["", f"Greedy answers ({result.get('llamacpp_generator')}, --temp 0, -n 32, one chat turn "
+                      "in SmolLM2's chat template):", ""]
         for prompt in PROMPTS:
             lines += [f"**{prompt}**", ""]
             lines += [f"- {label}: {row['answers'][prompt]}" for label, row in llama.items()]
@@ -285,7 +309,7 @@ def write_report(result: dict[str, Any]) -> None:
         lines += ["## llama.cpp", "", str(llama), ""]
     hf = result.get("transformers")
     if hf:
-        lines += ["## transformers", "", "Greedy answers (chat template, 32 new tokens, do_sample=False):", ""]
+        lines += [f"## transformers (measured {result.get('transformers_date')})", "", "Greedy answers (chat template, 32 new tokens, do_sample=False):", ""]
         lines += ["| folder | loads | seconds |", "|---|---|---|"]
         for label, row in hf.items():
             lines.append(f"| {label} | {'yes' if 'answers' in row else 'no: ' + row['error']} | {row['seconds']} |")
@@ -294,14 +318,24 @@ def write_report(result: dict[str, Any]) -> None:
             lines += [f"**{prompt}**", ""]
             lines += [f"- {label}: {row['answers'][prompt]}" for label, row in hf.items() if "answers" in row]
             lines.append("")
-        lines += ["Packages: " + ", ".join(f"{k} {v}" for k, v in result["packages"].items()), ""]
+        packages = result.get("transformers_packages", result["packages"])
+        lines += ["Packages: " + ", ".join(f"{k} {v}" for k, v in packages.items()), ""]
     (RESULTS / "runtimes.md").write_text("\n".join(lines))
+
+
+def _earlier_results() -> dict[str, Any]:
+    try:
+        return json.loads((RESULTS / "runtimes.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--skip-llamacpp", action="store_true")
-    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--skip-llamacpp", action="store_true",
+                        help="keep the llama.cpp figures of the last run (results/runtimes.json)")
+    parser.add_argument("--skip-transformers", action="store_true",
+                        help="keep the transformers figures of the last run (results/runtimes.json)")
     parser.add_argument("--text-chars", type=int, default=TEXT_CHARS)
     args = parser.parse_args(argv)
 
@@ -311,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="run-", dir=WORK))
     tools = None if args.skip_llamacpp else llama_tools()
     if not args.skip_llamacpp and tools is None:
-        _say(f"llama.cpp tools are not built in {binary_path(SDIST_VERSION).parent}; "
+        _say(f"llama-quantize, llama-perplexity and llama-completion (or llama-cli) are not all built in "
+             f"{binary_path(SDIST_VERSION).parent}; "
              "run `make llamacpp` first (llama.cpp part skipped)")
     base = make_base()
     _say(f"float base: {base}")
@@ -324,12 +359,25 @@ def main(argv: list[str] | None = None) -> int:
         "text_chars": len(text.read_text()), "prompts": list(PROMPTS), "packages": package_versions(),
         "llamacpp_version": f"llama-cpp-python {SDIST_VERSION} sdist", "tokenizer_source": [],
     }
+    earlier = _earlier_results()
     if tools is not None:
         result["llamacpp"] = run_llamacpp(base, copies, work, tools, text, result["tokenizer_source"])
+        result["llamacpp_date"] = result["date"]
+        result["llamacpp_generator"] = tools["generate"].name
     elif not args.skip_llamacpp:
         result["llamacpp"] = "not run: llama.cpp tools not built"
+    else:  # a part skipped keeps the figures of the last run that measured it, with their date
+        for key in ("llamacpp", "llamacpp_date", "llamacpp_generator", "tokenizer_source"):
+            if key in earlier:
+                result[key] = earlier[key]
     if not args.skip_transformers:
         result["transformers"] = run_transformers(base, copies)
+        result["transformers_date"] = result["date"]
+        result["transformers_packages"] = result["packages"]
+    else:
+        for key in ("transformers", "transformers_date", "transformers_packages"):
+            if key in earlier:
+                result[key] = earlier[key]
     write_report(result)
     _say(f"wrote {RESULTS / 'runtimes.md'}")
     return 0
