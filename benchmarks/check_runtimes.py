@@ -57,6 +57,10 @@ CONTEXT = 512
 TEXT_CHARS = 12_000
 PPL_TARGET = 0.01  # stamped within 1% of unstamped
 THREADS = 2
+# llama.cpp's CPU weight repacking crashed (SIGSEGV) for every batch of more than one token on
+# the machine these figures come from, on the converter-made GGUF as on ours; without it the
+# ordinary CPU kernels run. Same flag for every copy, so the comparison is unaffected.
+LLAMA_FLAGS = ("--no-repack",)
 
 
 def _say(message: str) -> None:
@@ -153,7 +157,7 @@ _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 def perplexity(tool: Path, model: Path, text: Path) -> dict[str, Any]:
     start = time.perf_counter()
     run = subprocess.run([str(tool), "-m", str(model), "-f", str(text), "-c", str(CONTEXT), "-b", str(CONTEXT),
-                          "-t", str(THREADS)], capture_output=True, text=True)
+                          "-t", str(THREADS), *LLAMA_FLAGS], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     found = _PPL.search(run.stdout + run.stderr)
     if run.returncode != 0 or found is None:
@@ -173,7 +177,7 @@ CHATML = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trai
 def greedy_answer(tool: Path, model: Path, prompt: str) -> str:
     """llama.cpp's greedy answer (--temp 0, NEW_TOKENS tokens) to one chat turn."""
     common = ["-m", str(model), "-n", str(NEW_TOKENS), "--temp", "0", "--seed", "0", "-t", str(THREADS),
-              "-c", "1024", "--no-warmup"]
+              "-c", "1024", "--no-warmup", *LLAMA_FLAGS]
     if tool.name == "llama-completion":
         run = subprocess.run([str(tool), *common, "-p", CHATML.format(prompt=prompt), "-no-cnv",
                               "--no-display-prompt"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
@@ -359,22 +363,23 @@ def main(argv: list[str] | None = None) -> int:
         "text_chars": len(text.read_text()), "prompts": list(PROMPTS), "packages": package_versions(),
         "llamacpp_version": f"llama-cpp-python {SDIST_VERSION} sdist", "tokenizer_source": [],
     }
-    earlier = _earlier_results()
     if tools is not None:
         result["llamacpp"] = run_llamacpp(base, copies, work, tools, text, result["tokenizer_source"])
         result["llamacpp_date"] = result["date"]
         result["llamacpp_generator"] = tools["generate"].name
     elif not args.skip_llamacpp:
         result["llamacpp"] = "not run: llama.cpp tools not built"
-    else:  # a part skipped keeps the figures of the last run that measured it, with their date
-        for key in ("llamacpp", "llamacpp_date", "llamacpp_generator", "tokenizer_source"):
-            if key in earlier:
-                result[key] = earlier[key]
     if not args.skip_transformers:
         result["transformers"] = run_transformers(base, copies)
         result["transformers_date"] = result["date"]
         result["transformers_packages"] = result["packages"]
-    else:
+    # a part skipped keeps the figures of the last run that measured it, with their date
+    earlier = _earlier_results()
+    if args.skip_llamacpp:
+        for key in ("llamacpp", "llamacpp_date", "llamacpp_generator", "tokenizer_source"):
+            if key in earlier:
+                result[key] = earlier[key]
+    if args.skip_transformers:
         for key in ("transformers", "transformers_date", "transformers_packages"):
             if key in earlier:
                 result[key] = earlier[key]
