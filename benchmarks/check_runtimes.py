@@ -318,6 +318,8 @@ def write_report(result: dict[str, Any]) -> None:
         for label, row in hf.items():
             lines.append(f"| {label} | {'yes' if 'answers' in row else 'no: ' + row['error']} | {row['seconds']} |")
         lines.append("")
+        lines += [f"- {label}: {row['note']}" for label, row in hf.items() if row.get("note")]
+        lines.append("")
         for prompt in PROMPTS:
             lines += [f"**{prompt}**", ""]
             lines += [f"- {label}: {row['answers'][prompt]}" for label, row in hf.items() if "answers" in row]
