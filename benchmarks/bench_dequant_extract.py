@@ -11,9 +11,13 @@ per-tensor work). Then, page cache warm, in the same run and the same process:
 - `sha256`: hashlib over the same chunks (what verifying a delivered copy costs);
 - `load`: open_suspect(path).load(name) for every carrier (dequantize + canonicalise);
 - `load+extract`: the same plus extract(values, FLOAT, None, ...) into L = 4096 sums, i.e. the
-  per-carrier work of _extract_all in a blind scan.
+  per-carrier work of _extract_all in a blind scan before the fused kernels;
+- `fused`: the reader's `extract_into` (weightmark.kernels.fused: decode and accumulate row by
+  row from the packed blocks, no float32 tensor), what a blind scan does now.
 
-MB/s is file bytes / median seconds; `x read` and `x sha256` are that rate over the baselines'.
+MB/s is file bytes / median seconds; `x sha256` is that rate over sha256's. Peak RSS is one
+child process per pass (python + numba + the pass; `idle` opens the model and does nothing), so
+the difference to `idle` is what the pass itself holds.
 
     .venv/bin/python benchmarks/bench_dequant_extract.py [--matrices 48] [--json PATH]
 """
@@ -122,8 +126,10 @@ def read_all(files: list[Path], digest: Callable[[bytes], Any] | None) -> int:
     return total
 
 
-def scan_pass(path: Path, extract_too: bool) -> int:
-    """One pass of the scan's per-carrier work over every 2-D tensor; returns carriers seen."""
+def scan_pass(path: Path, extract_too: bool, fused: bool = False) -> int:
+    """One pass of the scan's per-carrier work over every 2-D tensor; returns carriers seen.
+
+    fused: the reader's extract_into where it has one (else load + extract, as the scan does)."""
     from weightmark.canonical import as_2d
     from weightmark.formats import open_suspect
     from weightmark.kernels import FLOAT, extract
@@ -136,11 +142,13 @@ def scan_pass(path: Path, extract_too: bool) -> int:
         for name, meta in suspect.tensors().items():
             if len(meta.shape) != 2:
                 continue
+            scale = np.ones(meta.shape[0], dtype=np.float32)
+            seen += 1
+            if fused and suspect.extract_into(name, None, FLOAT, scale, SEED + seen, num, den):
+                continue
             values = as_2d(suspect.load(name))
             if extract_too:
-                scale = np.ones(values.shape[0], dtype=np.float32)
                 extract(values, FLOAT, None, 0, scale, SEED + seen, num, den)
-            seen += 1
             del values
     finally:
         suspect.close()
@@ -153,7 +161,31 @@ def first_call_seconds(fmt: str, folder: Path) -> float:
     path = build(fmt, folder / "probe", names, distinct_weights(1, 256, 256, seed=9))
     start = time.perf_counter()
     scan_pass(path, True)
+    scan_pass(path, True, fused=True)
     return time.perf_counter() - start
+
+
+PASSES = {"idle": None, "load+extract": (True, False), "fused": (True, True)}
+
+
+def child_pass(path: Path, which: str) -> None:
+    """The body of one peak-RSS child: open the model, then run one pass (or none for idle)."""
+    from weightmark.formats import open_suspect
+
+    if PASSES[which] is None:
+        open_suspect(path).close()
+        return
+    extract_too, fused = PASSES[which]
+    scan_pass(path, extract_too, fused)
+
+
+def peak_rss(path: Path) -> dict[str, int]:
+    """Peak RSS in bytes of one child process per pass over the model at path."""
+    from benchmarks.common import run_measured
+
+    script = str(Path(__file__).resolve())
+    return {which: run_measured([sys.executable, script, "--child", str(path), which]).check().max_rss_bytes
+            for which in PASSES}  # fmt: skip
 
 
 def main() -> None:
@@ -166,7 +198,11 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic models")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "PASS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child_pass(Path(args.child[0]), args.child[1])
+        return
 
     folder = OUT_DIR / "dequant-extract"
     shutil.rmtree(folder, ignore_errors=True)
@@ -195,26 +231,32 @@ def main() -> None:
         sha = measure(lambda files=files: read_all(files, hashlib.sha256), args.repeats)
         load = measure(lambda p=paths[fmt]: scan_pass(p, False), args.repeats)
         both = measure(lambda p=paths[fmt]: scan_pass(p, True), args.repeats)
+        fused = measure(lambda p=paths[fmt]: scan_pass(p, True, fused=True), args.repeats)
         mbps = {k: size / MIB / t.median for k, t in
-                (("read", read), ("sha256", sha), ("load", load), ("load+extract", both))}  # fmt: skip
+                (("read", read), ("sha256", sha), ("load", load), ("load+extract", both),
+                 ("fused", fused))}  # fmt: skip
+        rss = peak_rss(paths[fmt])
         rows.append([fmt, size / MIB, mbps["read"], mbps["sha256"], mbps["load"],
-                     mbps["load+extract"], params / both.median / 1e6,
-                     mbps["load+extract"] / mbps["read"], mbps["load+extract"] / mbps["sha256"],
-                     compile_s[fmt]])  # fmt: skip
+                     mbps["load+extract"], mbps["fused"], params / fused.median / 1e6,
+                     mbps["load+extract"] / mbps["sha256"], mbps["fused"] / mbps["sha256"],
+                     *(rss[k] / MIB for k in PASSES), compile_s[fmt]])  # fmt: skip
         results[fmt] = {"file_bytes": size, "parameters": params, "first_call_s": compile_s[fmt],
                         "mb_per_s": mbps, "read": read.to_json(), "sha256": sha.to_json(),
-                        "load": load.to_json(), "load_extract": both.to_json()}  # fmt: skip
+                        "load": load.to_json(), "load_extract": both.to_json(), "fused": fused.to_json(),
+                        "peak_rss_bytes": rss}  # fmt: skip
 
     print(f"Scan work per carrier on {args.matrices} x [{args.rows}, {args.cols}] weights "
           f"({params / 1e6:.0f} M parameters), median of {args.repeats}, page cache warm:")  # fmt: skip
     print_table(
-        ["format", "MiB", "read MB/s", "sha256 MB/s", "load MB/s", "load+extract MB/s",
-         "Mparam/s", "x read", "x sha256", "1st call s"],
+        ["format", "MiB", "read MB/s", "sha256 MB/s", "load MB/s", "load+extract MB/s", "fused MB/s",
+         "fused Mparam/s", "load+extract x sha256", "fused x sha256", "RSS idle MiB",
+         "RSS load+extract MiB", "RSS fused MiB", "1st call s"],
         rows,
     )  # fmt: skip
     print("MB/s = file MiB / median seconds. load = reader .load (dequantize to float32); "
-          "load+extract adds the blind extract kernel (L = 4096). 1st call = a 256x256 model's "
-          "first pass in this process (JIT compile or numba cache load).")  # fmt: skip
+          "load+extract adds the blind extract kernel (L = 4096); fused = the reader's extract_into "
+          "(target >= 0.5x sha256). RSS = peak of one child process per pass. 1st call = a 256x256 "
+          "model's first passes in this process (JIT compile or numba cache load).")  # fmt: skip
     others = report_others(meter)
     write_json(args.json, {"machine": machine_info(), "busy_before": busy, "others_during": others,
                            "matrices": args.matrices, "rows": args.rows, "cols": args.cols,

@@ -1,6 +1,7 @@
 """Find or build llama.cpp's tools from the llama-cpp-python source package (which vendors
 llama.cpp): `llama-quantize` (the independent K-quant peer), and `llama-perplexity` and
-`llama-cli`, the runtime licensees load GGUF copies in. Benchmarks and peers only: never
+`llama-completion` (the plain text-completion CLI of this llama.cpp version; `llama-cli`
+there needs the server build), the runtime licensees load GGUF copies in. Benchmarks and peers only: never
 `make test`.
 
 The build is cached per sdist version in ~/.cache/weightmark/llama.cpp/<version>/ (or
@@ -47,7 +48,8 @@ def cache_dir(version: str = SDIST_VERSION) -> Path:
     return Path.home() / ".cache" / "weightmark" / "llama.cpp" / version
 
 
-TOOLS = ("llama-quantize", "llama-perplexity", "llama-cli")
+TOOLS = ("llama-quantize", "llama-perplexity", "llama-completion")
+ALIASES = {"llama-cli": "llama-completion"}
 
 
 def binary_path(version: str = SDIST_VERSION, tool: str = "llama-quantize") -> Path:
@@ -107,6 +109,7 @@ def llama_quantize(version: str = SDIST_VERSION, jobs: int = JOBS) -> Path:
 
 def llama_tool(tool: str, version: str = SDIST_VERSION, jobs: int = JOBS) -> Path:
     """Path of one of TOOLS built from llama-cpp-python==version (all of them built if needed)."""
+    tool = ALIASES.get(tool, tool)
     if tool not in TOOLS:
         raise ValueError(f"{tool} is not one of {TOOLS}")
     binary = binary_path(version, tool)

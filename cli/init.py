@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import getpass
 import sys
 from typing import Annotated
 
 import typer
 
-from weightmark.cli.common import HomeOption, err
+from weightmark.cli.common import HomeOption, info, prompt_passphrase, safe, warn
 from weightmark.errors import KeyProblem, UsageError
 from weightmark.lab import PASSPHRASE_ENV, Lab, passphrase_from_env
 
@@ -27,18 +26,18 @@ def init(
     """
     if insecure_no_passphrase:
         passphrase = None
-        err.print("[bold red]WARNING: lab keys will be stored UNENCRYPTED (--insecure-no-passphrase). "
-                  "Use this for demos and tests only.[/]")
+        warn("lab keys will be stored UNENCRYPTED (--insecure-no-passphrase). "
+             "Use this for demos and tests only.")
     else:
         passphrase = passphrase_from_env()
         if passphrase is None:
             if not sys.stdin.isatty():
                 raise KeyProblem(f"set {PASSPHRASE_ENV} (or run on a terminal) to encrypt the lab keys")
-            passphrase = getpass.getpass("New passphrase for the lab keys: ")
-            if getpass.getpass("Repeat it: ") != passphrase:
+            passphrase = prompt_passphrase("New passphrase for the lab keys: ")
+            if prompt_passphrase("Repeat it: ") != passphrase:
                 raise UsageError("the two passphrases differ")
         if len(passphrase) < 8:
             raise UsageError("the passphrase must have at least 8 characters")
     lab = Lab.init(home, passphrase)
-    err.print(f"Lab home ready at {lab.home} (key id {lab.keys.key_id}).")
-    typer.echo(str(lab.home))
+    info(f"Lab home ready at {lab.home} (key id {lab.keys.key_id}).")
+    typer.echo(safe(lab.home))

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from weightmark.cli.common import HomeOption, err, open_lab
-from weightmark.fsutil import write_bytes_atomic
+from weightmark.cli.common import HomeOption, info, open_lab, safe
 
 app = typer.Typer(help="The lab's signing keys.", no_args_is_help=True)
 
 
 @app.command("export-public")
 def export_public(
-    out: Annotated[Path, typer.Option("--out", help="Where to write the PEM public key.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the PEM public key (must not exist).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier exported public key (a PEM Ed25519 "
+                                        "public key) at --out; nothing else, and nothing in the lab home.")] = False,
     home: HomeOption = None,
 ) -> None:
     """Write the lab's current public signing key as PEM (for courts, regulators, licensees).
@@ -24,14 +24,15 @@ def export_public(
     Example: weightmark keys export-public --out LAB.pub
     """
     with open_lab(home) as lab:
-        pem = lab.trust().current.pem
-    write_bytes_atomic(out, pem.encode("ascii"), mode=0o644)
-    typer.echo(str(out))
+        lab.write_public_key(out, overwrite=force)
+    typer.echo(safe(out))
 
 
 @app.command("trust")
 def trust(
-    out: Annotated[Path, typer.Option("--out", help="Where to write the trust file (JSON).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the trust file (JSON; must not exist).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier trust file at --out; nothing else, and "
+                                        "nothing in the lab home.")] = False,
     home: HomeOption = None,
 ) -> None:
     """Write every signing key the log has used, with the log indices each is valid for.
@@ -39,9 +40,8 @@ def trust(
     Example: weightmark keys trust --out trust.json
     """
     with open_lab(home) as lab:
-        doc = lab.trust().to_json()
-    write_bytes_atomic(out, (json.dumps(doc, indent=2) + "\n").encode(), mode=0o644)
-    typer.echo(str(out))
+        lab.write_trust(out, overwrite=force)
+    typer.echo(safe(out))
 
 
 @app.command("rotate")
@@ -55,5 +55,5 @@ def rotate(home: HomeOption = None) -> None:
     with open_lab(home) as lab:
         old = lab.keys.key_id
         new = lab.rotate_keys().key_id
-    err.print(f"Signing key rotated: {old} -> {new}. Hand out the new public key and trust file.")
+    info(f"Signing key rotated: {old} -> {new}. Hand out the new public key and trust file.")
     typer.echo(new)

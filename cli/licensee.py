@@ -6,7 +6,15 @@ from typing import Annotated
 
 import typer
 
-from weightmark.cli.common import HomeOption, JsonOption, open_lab, print_json
+from weightmark.cli.common import (
+    HomeOption,
+    JsonOption,
+    name_key,
+    open_lab,
+    print_json,
+    safe,
+    warn,
+)
 from weightmark.registry.store import country_name, validate_jurisdiction
 
 app = typer.Typer(help="Manage licensees (who receives copies, and where).", no_args_is_help=True)
@@ -25,8 +33,11 @@ def add(
     """
     validate_jurisdiction(jurisdiction)
     with open_lab(home) as lab:
+        same = [lic.id for lic in lab.registry.licensees() if name_key(lic.name) == name_key(name)]
         licensee = lab.add_licensee(name, jurisdiction, email)
-    typer.echo(licensee.id)
+    if same:
+        warn(f"a licensee with this name already exists ({', '.join(same)}); added {licensee.id} anyway")
+    typer.echo(safe(licensee.id))
 
 
 @app.command("list")
@@ -47,7 +58,7 @@ def list_licensees(
         print_json(rows)
         return
     for r in rows:
-        typer.echo(f"{r['id']}\t{r['jurisdiction']}\t{r['name']}")
+        typer.echo(f"{safe(r['id'])}\t{safe(r['jurisdiction'])}\t{safe(r['name'])}")
 
 
 @app.command("show")
@@ -66,6 +77,7 @@ def show(
     if json_out:
         print_json({**lic.to_json(), "issued_copies": copies})
         return
-    typer.echo(f"{lic.id}  {lic.name}  {lic.jurisdiction} ({country_name(lic.jurisdiction)})  {lic.email or ''}")
+    typer.echo(f"{safe(lic.id)}  {safe(lic.name)}  {safe(lic.jurisdiction)} ({country_name(lic.jurisdiction)})  "
+               f"{safe(lic.email or '')}")
     for c in copies:
-        typer.echo(f"  entry {c['entry_id']}: {c['variant']} copy issued {c['issued_at']} -> {c['out_path']}")
+        typer.echo(f"  entry {c['entry_id']}: {safe(c['variant'])} copy issued {c['issued_at']} -> {safe(c['out_path'])}")

@@ -7,41 +7,43 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cryptography.exceptions import InvalidSignature
 
-from weightmark.cli.common import HomeOption, JsonOption, err, open_lab, print_json
+from weightmark.cli.common import (
+    HomeOption,
+    JsonOption,
+    info,
+    open_lab,
+    print_json,
+    resolve_licensee,
+    safe,
+)
 from weightmark.errors import UsageError
 from weightmark.registry import policy
-from weightmark.registry.envelope import envelope, verify
-from weightmark.registry.log import LogVerificationError, b64
+from weightmark.registry.envelope import envelope
+from weightmark.registry.log import b64
 from weightmark.registry.merkle import consistency_proof, inclusion_proof, leaf_hash
 from weightmark.registry.store import validate_jurisdiction
 
 app = typer.Typer(help="Look up the signed registry.", no_args_is_help=True)
 
+MAX_INDEX = 2**63 - 1  # SQLite's largest integer: a bigger entry number is a usage error
+
 
 @app.command("show")
 def show(
-    entry_id: Annotated[int, typer.Argument(help="Registry entry number.")],
+    entry_id: Annotated[int, typer.Argument(help="Registry entry number.", max=MAX_INDEX)],
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Show one signed entry (licensee, model or issued copy) and check its signature.
+    """Show one signed entry (licensee, model or issued copy) once its signature (under the key
+    the log's key chain says was valid at its index), leaf and inclusion in the latest signed
+    checkpoint hold; exit 4 naming the entry otherwise.
 
     Example: weightmark registry show 4 --json
     """
     with open_lab(home) as lab:
-        entry = lab.registry.entry(entry_id)
-        trust = lab.trust()
-    # Checked against the key the log's key chain says was valid at this index, so entries
-    # signed before a key rotation still show as valid.
-    try:
-        verify(entry.payload, entry.signature, trust.key_for(entry.key_id, entry.idx).public_key)
-        status = "valid"
-    except LogVerificationError:
-        status = f"signed by key {entry.key_id}, which is not the lab's key for entry {entry.idx}"
-    except InvalidSignature:
-        status = "INVALID"
+        entry = lab.registry.checked_entry(entry_id)
+    status = "valid"
     doc = {"entry_id": entry.idx, "kind": entry.kind, "created_at": entry.created_at,
            "key_id": entry.key_id, "signature": status, "statement": entry.statement,
            "envelope": envelope(entry.payload, entry.key_id, entry.signature)}
@@ -49,31 +51,36 @@ def show(
         print_json(doc)
         return
     st = entry.statement
-    typer.echo(f"entry {entry.idx}: {entry.kind}, {entry.created_at}, key {entry.key_id}, signature {status}")
-    typer.echo(f"subject: {st['subject'][0]['name']} sha256:{st['subject'][0]['digest']['sha256']}")
+    typer.echo(f"entry {entry.idx}: {safe(entry.kind)}, {safe(entry.created_at)}, key {safe(entry.key_id)}, "
+               f"signature {safe(status)}")
+    typer.echo(f"subject: {safe(st['subject'][0]['name'])} sha256:{safe(st['subject'][0]['digest']['sha256'])}")
     for k, v in st["predicate"].items():
         if k != "files":
-            typer.echo(f"  {k}: {v}")
+            typer.echo(f"  {safe(k)}: {safe(v)}")
 
 
 @app.command("find")
 def find(
-    licensee: Annotated[str | None, typer.Option("--licensee", help="Licensee id.")] = None,
+    licensee: Annotated[str | None, typer.Option("--licensee", help="Licensee id or legal name (case and spacing ignored).")] = None,
     jurisdiction: Annotated[str | None, typer.Option("--jurisdiction", help="ISO 3166-1 alpha-2 code.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model name.")] = None,
     tier: Annotated[str | None, typer.Option("--tier", help="Jurisdiction-policy tier name.")] = None,
     since: Annotated[str | None, typer.Option("--since", help="Issued at or after (ISO 8601 date or time, UTC).")] = None,
     until: Annotated[str | None, typer.Option("--until", help="Issued before (ISO 8601 date or time, UTC).")] = None,
+    control_class: Annotated[str | None, typer.Option(
+        "--control-class", help="Copies whose signed policy record classified the model in this control class.")] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Find issued copies by licensee, jurisdiction, policy tier, model or issue time.
+    """Find issued copies by licensee, jurisdiction, policy tier, control class, model or issue time.
 
     Example: weightmark registry find --jurisdiction DE --since 2026-01-01 --json
     """
     if jurisdiction:
         validate_jurisdiction(jurisdiction)
     with open_lab(home) as lab:
+        if licensee is not None:
+            licensee = resolve_licensee(lab, licensee)
         model_id = lab.registry.model(model).model_id if model else None
         countries = None
         if tier is not None:
@@ -84,14 +91,20 @@ def find(
         names = {m.model_id: m.name for m in lab.registry.models()}
         hits = lab.registry.find_issued(licensee, jurisdiction, model_id, _utc(since, "--since"),
                                         _utc(until, "--until"), countries)
+        if control_class is not None:
+            hits = lab.issued_in_control_class(hits, control_class)
+        voided = lab.registry.voided_issues()
+    # A voided issue keeps its codeword (scans still score it) but no copy left the lab.
     rows = [{**copy.to_json(), "model": names.get(copy.model_id), "licensee_name": lic.name,
-             "jurisdiction": lic.jurisdiction} for copy, lic in hits]
+             "jurisdiction": lic.jurisdiction, "delivered": copy.entry_idx not in voided,
+             "void_entry_id": voided.get(copy.entry_idx)} for copy, lic in hits]
     if json_out:
         print_json(rows)
         return
     for r in rows:
-        typer.echo(f"entry {r['entry_id']}\t{r['model']}\t{r['licensee_id']}\t{r['jurisdiction']}\t"
-                   f"{r['licensee_name']}\t{r['issued_at']}")
+        note = "" if r["delivered"] else f"\tnever delivered (entry {r['void_entry_id']})"
+        typer.echo(f"entry {r['entry_id']}\t{safe(r['model'])}\t{safe(r['licensee_id'])}\t{safe(r['jurisdiction'])}\t"
+                   f"{safe(r['licensee_name'])}\t{safe(r['issued_at'])}{note}")
 
 
 def _utc(text: str | None, option: str) -> str | None:
@@ -114,9 +127,11 @@ def verify_cmd(
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Recompute every leaf, the tree and every checkpoint, and check every signature.
+    """Recompute every leaf, the tree and every checkpoint, check every signature, and re-derive
+    every table row the other commands read from the signed entries.
 
-    Exit 0 when everything holds; exit 4 naming the first bad entry or checkpoint otherwise.
+    Also runs SQLite's integrity and foreign-key checks first. Exit 0 when everything holds;
+    exit 4 naming the first bad entry, checkpoint or table row otherwise.
 
     Example: weightmark registry verify   |   weightmark registry verify --from ./log-export
     """
@@ -135,12 +150,12 @@ def verify_cmd(
         print_json(doc)
     else:
         typer.echo(f"Log verified: {result.size} entries, {result.checkpoints} signed checkpoints, "
-                   f"root {doc['root']} ({result.trust.origin})")
+                   f"root {doc['root']} ({safe(result.trust.origin)})")
 
 
 @app.command("proof")
 def proof(
-    entry_id: Annotated[int, typer.Argument(help="Registry entry number.")],
+    entry_id: Annotated[int, typer.Argument(help="Registry entry number.", max=MAX_INDEX)],
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -168,8 +183,8 @@ def proof(
 
 @app.command("consistency")
 def consistency(
-    old_size: Annotated[int, typer.Argument(help="Size of the older checkpoint.")],
-    new_size: Annotated[int | None, typer.Argument(help="Size of the newer one (default: latest).")] = None,
+    old_size: Annotated[int, typer.Argument(help="Size of the older checkpoint.", max=MAX_INDEX)],
+    new_size: Annotated[int | None, typer.Argument(help="Size of the newer one (default: latest).", max=MAX_INDEX)] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -197,7 +212,9 @@ def consistency(
 
 @app.command("export")
 def export(
-    out: Annotated[Path, typer.Option("--out", help="Folder to create with the log's files.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to create with the log's files (must not exist).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier log export at --out (a folder holding "
+                                        "exactly entries.jsonl, checkpoints.jsonl, trust.json); nothing else.")] = False,
     home: HomeOption = None,
 ) -> None:
     """Export the log (entries, checkpoints, trust file) for offline verification by others.
@@ -205,6 +222,6 @@ def export(
     Example: weightmark registry export --out ./log-export && weightmark registry verify --from ./log-export
     """
     with open_lab(home) as lab:
-        count = lab.export_log(out)
-    err.print(f"Exported {count} entries to {out}")
-    typer.echo(str(out))
+        count = lab.export_log(out, overwrite=force)
+    info(f"Exported {count} entries to {out}")
+    typer.echo(safe(out))

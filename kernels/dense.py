@@ -119,6 +119,8 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
                 den[t, p] += squared[c]
 
 
+# Row blocks of extract's partial sums (per-block buffers are L float64s each).
+EXTRACT_PARTS = 64
 _GRID_DTYPE = np.dtype(np.uint16)
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -204,9 +206,11 @@ def extract(
         raise ValueError("num and den must be float64 vectors of the code length")
     if suspect.size == 0:
         return
-    threads = max(1, min(numba.get_num_threads(), suspect.shape[0]))
-    part_num = np.zeros((threads, num.shape[0]))
-    part_den = np.zeros((threads, num.shape[0]))
+    # A fixed number of row blocks whatever the thread count: the sums are then bit-identical
+    # on 1 thread or 64 (a scan on cluster workers with fewer threads agrees with a serial one).
+    parts = max(1, min(EXTRACT_PARTS, suspect.shape[0]))
+    part_num = np.zeros((parts, num.shape[0]))
+    part_den = np.zeros((parts, num.shape[0]))
     has_reference = reference is not None
     _extract(
         suspect,

@@ -5,6 +5,11 @@ float32 [rows, cols] array, one row per prange iteration (threads never write th
 Each value is computed with the same float32 operations, in the same order, as ggml's reference
 dequantizers (and the `gguf` package's numpy ones), so results agree bit for bit: f16 scales are
 decoded exactly, products are rounded to float32 once per operation, and there is no fast-math.
+
+The `_*_row` functions decode one row into a 1-D buffer for the fused kernels (kernels/fused.py).
+They repeat the arithmetic of the whole-tensor kernels on purpose: calling them from those
+kernels made Q6_K dequantization about 2x slower. tests/kernels/test_fused.py checks both
+against gguf's dequantizer bit for bit.
 """
 
 import numba
@@ -80,6 +85,18 @@ def _u32(raw, r, offset):
     )
 
 
+@numba.njit(**INLINE)
+def _q8_0_row(raw, r, out):
+    """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
+    cols = out.shape[0]
+    for b in range(cols // 32):
+        o = b * 34
+        d = _f16(raw, r, o)
+        base = b * 32
+        for j in range(32):
+            out[base + j] = d * np.float32(_i8(raw[r, o + 2 + j]))
+
+
 @numba.njit(**PARALLEL)
 def _q8_0(raw, out):
     rows, cols = out.shape
@@ -90,6 +107,20 @@ def _q8_0(raw, out):
             base = b * 32
             for j in range(32):
                 out[r, base + j] = d * np.float32(_i8(raw[r, o + 2 + j]))
+
+
+@numba.njit(**INLINE)
+def _q4_0_row(raw, r, out):
+    """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
+    cols = out.shape[0]
+    for b in range(cols // 32):
+        o = b * 18
+        d = _f16(raw, r, o)
+        base = b * 32
+        for j in range(16):
+            q = np.int32(raw[r, o + 2 + j])
+            out[base + j] = d * np.float32((q & 15) - 8)
+            out[base + j + 16] = d * np.float32((q >> 4) - 8)
 
 
 @numba.njit(**PARALLEL)
@@ -104,6 +135,21 @@ def _q4_0(raw, out):
                 q = np.int32(raw[r, o + 2 + j])
                 out[r, base + j] = d * np.float32((q & 15) - 8)
                 out[r, base + j + 16] = d * np.float32((q >> 4) - 8)
+
+
+@numba.njit(**INLINE)
+def _q4_1_row(raw, r, out):
+    """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
+    cols = out.shape[0]
+    for b in range(cols // 32):
+        o = b * 20
+        d = _f16(raw, r, o)
+        m = _f16(raw, r, o + 2)
+        base = b * 32
+        for j in range(16):
+            q = np.int32(raw[r, o + 4 + j])
+            out[base + j] = d * np.float32(q & 15) + m
+            out[base + j + 16] = d * np.float32(q >> 4) + m
 
 
 @numba.njit(**PARALLEL)
@@ -121,6 +167,23 @@ def _q4_1(raw, out):
                 out[r, base + j + 16] = d * np.float32(q >> 4) + m
 
 
+@numba.njit(**INLINE)
+def _q5_0_row(raw, r, out):
+    """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
+    cols = out.shape[0]
+    for b in range(cols // 32):
+        o = b * 22
+        d = _f16(raw, r, o)
+        qh = _u32(raw, r, o + 2)
+        base = b * 32
+        for j in range(16):
+            q = np.int32(raw[r, o + 6 + j])
+            h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
+            h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+            out[base + j] = d * np.float32(((q & 15) | h0) - 16)
+            out[base + j + 16] = d * np.float32(((q >> 4) | h1) - 16)
+
+
 @numba.njit(**PARALLEL)
 def _q5_0(raw, out):
     rows, cols = out.shape
@@ -136,6 +199,24 @@ def _q5_0(raw, out):
                 h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
                 out[r, base + j] = d * np.float32(((q & 15) | h0) - 16)
                 out[r, base + j + 16] = d * np.float32(((q >> 4) | h1) - 16)
+
+
+@numba.njit(**INLINE)
+def _q5_1_row(raw, r, out):
+    """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
+    cols = out.shape[0]
+    for b in range(cols // 32):
+        o = b * 24
+        d = _f16(raw, r, o)
+        m = _f16(raw, r, o + 2)
+        qh = _u32(raw, r, o + 4)
+        base = b * 32
+        for j in range(16):
+            q = np.int32(raw[r, o + 8 + j])
+            h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
+            h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+            out[base + j] = d * np.float32((q & 15) | h0) + m
+            out[base + j + 16] = d * np.float32((q >> 4) | h1) + m
 
 
 @numba.njit(**PARALLEL)
@@ -169,6 +250,30 @@ def _scale_min_k4(raw, r, offset, j):
     return np.float32(sc), np.float32(mn)
 
 
+@numba.njit(**INLINE)
+def _q4_k_row(raw, r, out):
+    """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
+    cols = out.shape[0]
+    for b in range(cols // QK_K):
+        o = b * 144
+        d = _f16(raw, r, o)
+        dmin = _f16(raw, r, o + 2)
+        qs = o + 16
+        base = b * QK_K
+        for c in range(4):  # 64 elements per chunk: 32 low nibbles, then 32 high nibbles
+            sc1, m1 = _scale_min_k4(raw, r, o + 4, 2 * c)
+            sc2, m2 = _scale_min_k4(raw, r, o + 4, 2 * c + 1)
+            d1 = d * sc1
+            d2 = d * sc2
+            min1 = dmin * m1
+            min2 = dmin * m2
+            y = base + 64 * c
+            for j in range(32):
+                q = np.int32(raw[r, qs + 32 * c + j])
+                out[y + j] = d1 * np.float32(q & 15) - min1
+                out[y + 32 + j] = d2 * np.float32(q >> 4) - min2
+
+
 @numba.njit(**PARALLEL)
 def _q4_k(raw, out):
     rows, cols = out.shape
@@ -191,6 +296,34 @@ def _q4_k(raw, out):
                     q = np.int32(raw[r, qs + 32 * c + j])
                     out[r, y + j] = d1 * np.float32(q & 15) - min1
                     out[r, y + 32 + j] = d2 * np.float32(q >> 4) - min2
+
+
+@numba.njit(**INLINE)
+def _q5_k_row(raw, r, out):
+    """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
+    cols = out.shape[0]
+    for b in range(cols // QK_K):
+        o = b * 176
+        d = _f16(raw, r, o)
+        dmin = _f16(raw, r, o + 2)
+        qh = o + 16
+        qs = o + 48
+        base = b * QK_K
+        for c in range(4):
+            sc1, m1 = _scale_min_k4(raw, r, o + 4, 2 * c)
+            sc2, m2 = _scale_min_k4(raw, r, o + 4, 2 * c + 1)
+            d1 = d * sc1
+            d2 = d * sc2
+            min1 = dmin * m1
+            min2 = dmin * m2
+            y = base + 64 * c
+            for j in range(32):
+                q = np.int32(raw[r, qs + 32 * c + j])
+                h = np.int32(raw[r, qh + j])
+                q1 = (q & 15) | (((h >> (2 * c)) & 1) << 4)
+                q2 = (q >> 4) | (((h >> (2 * c + 1)) & 1) << 4)
+                out[y + j] = d1 * np.float32(q1) - min1
+                out[y + 32 + j] = d2 * np.float32(q2) - min2
 
 
 @numba.njit(**PARALLEL)
@@ -219,6 +352,34 @@ def _q5_k(raw, out):
                     q2 = (q >> 4) | (((h >> (2 * c + 1)) & 1) << 4)
                     out[r, y + j] = d1 * np.float32(q1) - min1
                     out[r, y + 32 + j] = d2 * np.float32(q2) - min2
+
+
+@numba.njit(**INLINE)
+def _q6_k_row(raw, r, out):
+    """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
+    cols = out.shape[0]
+    for b in range(cols // QK_K):
+        o = b * 210
+        d = _f16(raw, r, o + 208)
+        base = b * QK_K
+        for half in range(2):  # 128 elements each: ql[64], qh[32], scales[8]
+            ql = o + 64 * half
+            qh = o + 128 + 32 * half
+            sc = o + 192 + 8 * half
+            y = base + 128 * half
+            for j in range(32):
+                s = j // 16
+                lo = np.int32(raw[r, ql + j])
+                lo2 = np.int32(raw[r, ql + 32 + j])
+                h = np.int32(raw[r, qh + j])
+                q1 = ((lo & 15) | ((h & 3) << 4)) - 32
+                q2 = ((lo2 & 15) | (((h >> 2) & 3) << 4)) - 32
+                q3 = ((lo >> 4) | (((h >> 4) & 3) << 4)) - 32
+                q4 = ((lo2 >> 4) | (((h >> 6) & 3) << 4)) - 32
+                out[y + j] = (d * np.float32(_i8(raw[r, sc + s]))) * np.float32(q1)
+                out[y + 32 + j] = (d * np.float32(_i8(raw[r, sc + s + 2]))) * np.float32(q2)
+                out[y + 64 + j] = (d * np.float32(_i8(raw[r, sc + s + 4]))) * np.float32(q3)
+                out[y + 96 + j] = (d * np.float32(_i8(raw[r, sc + s + 6]))) * np.float32(q4)
 
 
 @numba.njit(**PARALLEL)

@@ -17,6 +17,8 @@ Example::
     print([(c.name, c.jurisdiction, c.log10_family_wise_p) for c in report.accused])
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from weightmark.errors import (
     FormatError,
     InputFileError,
@@ -30,6 +32,11 @@ from weightmark.errors import (
 from weightmark.lab import Lab
 from weightmark.scheme import SchemeParams
 
+try:
+    __version__ = version("weightmark")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+    __version__ = "0+unknown"
+
 
 def __getattr__(name: str) -> object:
     # The scan types pull in the numba kernels: import them only when asked for.
@@ -41,6 +48,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "__version__",
     "Lab",
     "ScanReport",
     "Candidate",

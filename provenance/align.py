@@ -44,6 +44,7 @@ import numpy as np
 from weightmark.attacks.functional import Architecture, tensor_role
 from weightmark.canonical import to_float32
 from weightmark.errors import UsageError
+from weightmark.moe import expert_layers
 from weightmark.scheme import canonical_2d
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "align",
     "infer_architecture",
     "match_rows",
+    "match_rows_blocked",
     "relative_difference",
 ]
 
@@ -61,6 +63,9 @@ SAMPLE_ROWS = 32  # rows compared when telling tensors apart by content
 MATCH_COLUMNS = 64  # input columns used to correlate rows when matching units (plenty: an
 # unrelated row's cosine on 64 columns is about N(0, 1/64), a matching row's close to 1, and
 # the FFN score sums two matrices)
+DENSE_MATCH_UNITS = 4096  # above this many units, rows are matched block by block (bounded memory)
+MATCH_BLOCK = 1024  # suspect rows scored at once by the blocked matcher
+MATCH_TOP = 8  # best candidates kept per row and per column by the blocked matcher
 SCALE_GAIN = 0.9  # least-squares scales are kept only if they cut the difference by 10%
 PROCRUSTES_ROWS = 64  # embedding rows per hidden channel used to fit the rotation (at most)
 _EPS = 1e-30
@@ -173,10 +178,32 @@ def _rows(model: OpenModel, name: str, rows: np.ndarray) -> np.ndarray:
             dtype = checkpoint.info(name).dtype
             raw = checkpoint.raw(name)
             raw = raw.reshape(canonical_2d(tuple(raw.shape)))
-            return np.asarray(to_float32(dtype, raw[rows]), dtype=np.float32)
+            picked = np.array(to_float32(dtype, raw[rows]), dtype=np.float32)
+            # Readahead faults in far more than the sampled rows: give the pages back, or
+            # sampling every carrier of suspect and reference keeps both models resident.
+            checkpoint.release(name)
+            return picked
         except (KeyError, ValueError):
             pass
     return _as_2d(model.load(name))[rows]
+
+
+def _column_norms(model: OpenModel, name: str) -> np.ndarray:
+    """Per input column, the norm over a tensor's rows (float64)."""
+    w = _as_2d(model.load(name))
+    checkpoint = getattr(model, "checkpoint", None)
+    norms = np.sqrt(np.einsum("ij,ij->j", w, w, dtype=np.float64))
+    if checkpoint is not None:
+        try:
+            checkpoint.release(name)
+        except (KeyError, ValueError):
+            pass
+    return norms
+
+
+def _centred_unit(rows: np.ndarray) -> np.ndarray:
+    rows = rows - rows.mean(axis=1, keepdims=True)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), _EPS)
 
 
 def relative_difference(a: np.ndarray, ref: np.ndarray) -> float:
@@ -226,6 +253,93 @@ def match_rows(score: np.ndarray) -> np.ndarray:
         keep_r[best_r[rows]] = False
         free_s, free_r = free_s[keep_s], free_r[keep_r]
     return order
+
+
+def _top(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the indices and values of the k largest entries, best first (ties: lower index)."""
+    k = min(k, values.shape[1])
+    idx = np.argpartition(-values, k - 1, axis=1)[:, :k] if k < values.shape[1] else \
+        np.broadcast_to(np.arange(values.shape[1]), values.shape).copy()
+    vals = np.take_along_axis(values, idx, axis=1)
+    order = np.lexsort((idx, -vals), axis=1)
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+
+def match_rows_blocked(score_block, n: int, block: int = MATCH_BLOCK, k: int = MATCH_TOP) -> np.ndarray:
+    """`match_rows` without the n x n score matrix: the same greedy mutual-best rounds, run on
+    the k best candidates of every row and column, scored `block` rows at a time.
+
+    `score_block(rows, cols)` gives the float scores of suspect rows x reference rows. A row or
+    column whose kept candidates are all taken, or whose k-th candidate ties its best free one,
+    is re-scored against everything still free, so the result is the dense one. Memory is
+    O(block * n + n * k) instead of O(n^2).
+    """
+    def finite(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        return np.where(np.isfinite(x), x, -np.inf)
+
+    row_idx = np.empty((n, min(k, n)), dtype=np.intp)
+    row_val = np.empty((n, min(k, n)))
+    col_idx = np.empty((n, 0), dtype=np.intp)
+    col_val = np.empty((n, 0))
+    everything = np.arange(n)
+    for start in range(0, n, block):
+        rows = everything[start:start + block]
+        sc = finite(score_block(rows, everything))
+        row_idx[rows], row_val[rows] = _top(sc, k)
+        # Merge this block's best rows per column into the running per-column lists.
+        ci, cv = _top(sc.T, k)
+        col_idx, col_val = _top_merge(col_idx, col_val, rows[ci], cv, k)
+    order = np.full(n, -1, dtype=np.intp)
+    free_s = np.ones(n, dtype=bool)
+    free_r = np.ones(n, dtype=bool)
+
+    def best_free(idx: np.ndarray, val: np.ndarray, free: np.ndarray, who: np.ndarray, transpose: bool
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """For each of `who`, its best free partner and that score (re-scored when unsure)."""
+        ok = free[idx[who]]
+        has = ok.any(axis=1)
+        first = ok.argmax(axis=1)
+        pick = idx[who, first]
+        best = val[who, first]
+        # Unsure: no free candidate kept, or the best free one ties the last kept (more may tie
+        # beyond the list).
+        unsure = ~has | ((best == val[who, -1]) & (idx.shape[1] < n))
+        for j in np.flatnonzero(unsure):
+            partners = np.flatnonzero(free)
+            one = np.array([who[j]])
+            sc = finite(score_block(partners, one).T if transpose else score_block(one, partners))[0]
+            m = int(sc.argmax())
+            pick[j], best[j] = partners[m], sc[m]
+        return pick, best
+
+    while free_s.any():
+        rows = np.flatnonzero(free_s)
+        best_r, best_v = best_free(row_idx, row_val, free_r, rows, False)
+        cols = np.unique(best_r)
+        _, col_best = best_free(col_idx, col_val, free_s, cols, True)
+        column_max = dict(zip(cols.tolist(), col_best.tolist(), strict=True))
+        mutual = np.array([v >= column_max[c] for c, v in zip(best_r.tolist(), best_v.tolist(), strict=True)],
+                          dtype=bool)
+        hits = np.flatnonzero(mutual)
+        _, first = np.unique(best_r[hits], return_index=True)  # ties: one row per column
+        hits = hits[first]
+        if hits.size == 0:  # cannot happen with finite scores; never loop on odd input
+            order[np.flatnonzero(free_r)] = rows
+            break
+        order[best_r[hits]] = rows[hits]
+        free_s[rows[hits]] = False
+        free_r[best_r[hits]] = False
+    return order
+
+
+def _top_merge(idx: np.ndarray, val: np.ndarray, new_idx: np.ndarray, new_val: np.ndarray, k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best of two candidate lists (best first, ties: lower index)."""
+    both_idx = np.concatenate([idx, new_idx], axis=1)
+    both_val = np.concatenate([val, new_val], axis=1)
+    top_idx, top_val = _top(both_val, k)
+    return np.take_along_axis(both_idx, top_idx, axis=1), top_val
 
 
 def _unit_rows(w: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
@@ -336,6 +450,8 @@ def infer_architecture(
     )
 
 
+# Projections of an expert by their role in a SwiGLU FFN.
+_EXPERT_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 _NOT_WEIGHTS = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
 
 
@@ -363,6 +479,7 @@ class _Aligner:
         self.fitted: set[str] = set()  # carriers whose gains have been fitted
         self.rows_rescaled: list[str] = []
         self.cols_rescaled: list[str] = []
+        self.expert_groups = expert_layers([*self.carriers, *self.ref_metas])
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -548,6 +665,11 @@ class _Aligner:
         group = self._group(layer, ("gate", "up", "down"))
         if not self._needs_matching(group):
             return
+        label = "mlp" if self.arch is None or self.arch.kind == "llama" else "ffn"
+        self._undo_units(group, f"{label} of layer {layer}")
+
+    def _undo_units(self, group: dict[str, str], label: str) -> None:
+        """Match one FFN's hidden units (gate/up rows, down columns) to the reference's."""
         # Units as rows: gate/up rows, down columns (transposed views, no copy).
         loaded = {part: (self.sus(name), self.ref(name)) for part, name in group.items()}
         pairs = [(s.T, r.T) if part == "down" else (s, r) for part, (s, r) in loaded.items()]
@@ -556,13 +678,10 @@ class _Aligner:
             return
         if "gate" in loaded and "up" in loaded:
             pairs = [loaded["gate"], loaded["up"]]  # enough to tell units apart; down is not needed
-        order = match_rows(self._unit_score(pairs, units))
+        order = self._match_units(pairs, units)
         moved = int(np.count_nonzero(order != np.arange(units)))
         if moved:
-            label = "mlp" if self.arch is None or self.arch.kind == "llama" else "ffn"
-            self.report.append(
-                f"{label} of layer {layer}: rows permuted ({moved} of {units} moved)"
-            )
+            self.report.append(f"{label}: rows permuted ({moved} of {units} moved)")
         for part, name in group.items():
             sus, ref = loaded[part]
             if moved and part == "down":
@@ -572,6 +691,21 @@ class _Aligner:
                 self.plans[name].row_order = order
                 sus = sus[order]
             self.fit_gains(name, sus, ref)
+
+    def _match_units(self, pairs: list[tuple[np.ndarray, np.ndarray]], units: int) -> np.ndarray:
+        """The suspect unit matched to each reference unit: dense scores up to
+        DENSE_MATCH_UNITS units, block by block beyond (same answer, bounded memory)."""
+        if units <= DENSE_MATCH_UNITS:
+            return match_rows(self._unit_score(pairs, units))
+        unit_pairs = self._unit_pairs(pairs)
+
+        def score_block(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+            out = np.zeros((rows.size, cols.size), dtype=np.float32)
+            for s, r in unit_pairs:
+                out += np.abs(s[rows] @ r[cols].T)
+            return out
+
+        return match_rows_blocked(score_block, units)
 
     def _unit_score(self, pairs: list[tuple[np.ndarray, np.ndarray]], units: int) -> np.ndarray:
         """score[i, j] = sum over the pairs of |cos(suspect row i, reference row j)|."""
@@ -653,6 +787,63 @@ class _Aligner:
                 sus = sus[rows]
             self.fit_gains(name, sus, ref)
 
+    def undo_experts(self, layer: int) -> None:
+        """MoE: match the suspect's experts to the reference's by sampled rows of one projection,
+        then read each reference expert from its suspect counterpart and reorder the router's
+        rows the same way (experts move with their router rows: function-preserving)."""
+        group = self.expert_groups.get(layer)
+        if group is None or not any(n in self.far for n in group.names()):
+            return
+        count, part = group.count, group.parts[0]
+        names = [group.experts[e][part] for e in range(count)]
+        plans = [self.plans.get(n) for n in names]
+        if any(p is None or p.transposed or n not in self.ref_metas for p, n in zip(plans, names, strict=True)):
+            return
+        rows, cols = canonical_2d(self.carriers[names[0]]) if names[0] in self.carriers else \
+            canonical_2d(tuple(self.ref_metas[names[0]].shape))
+        sample, columns = _sample_index(rows), _match_columns(cols)
+        sus = np.stack([_unit_rows(_rows(self.suspect, p.source, sample), columns) for p in plans])
+        ref = np.stack([_unit_rows(_rows(self.reference, n, sample), columns) for n in names])
+        # score[i, j]: how well suspect expert i's rows match reference expert j's, row by row,
+        # plus (as many rows' worth) the correlation of their column norms, which a permutation
+        # of the expert's own units leaves alone (so such an expert still finds its partner)
+        score = np.abs(np.einsum("irc,jrc->ijr", sus, ref)).sum(axis=2)
+        sus_cols = _centred_unit(np.stack([_column_norms(self.suspect, p.source) for p in plans]))
+        ref_cols = _centred_unit(np.stack([_column_norms(self.reference, n) for n in names]))
+        score += sample.size * np.abs(sus_cols @ ref_cols.T)
+        order = match_rows(score)
+        moved = int(np.count_nonzero(order != np.arange(count)))
+        if not moved:
+            return
+        sources = {e: {p: plan.source for p, n in group.experts[e].items() if (plan := self.plans.get(n))}
+                   for e in range(count)}
+        for j in range(count):
+            for p, name in group.experts[j].items():
+                if self.plans.get(name) is not None and p in sources[int(order[j])]:
+                    self.plans[name] = _Plan(sources[int(order[j])][p])
+        router = self.plans.get(group.router) if group.router else None
+        if router is not None and not router.transposed and router.row_order is None \
+                and canonical_2d(tuple(self.ref_metas[group.router].shape))[0] == count:
+            router.row_order = order
+        self.report.append(f"experts of layer {layer}: permuted ({moved} of {count} moved)")
+
+    def undo_expert_units(self, layer: int) -> None:
+        """Each expert is an FFN: an expert still far from its reference counterpart (after the
+        experts were matched) has its hidden units matched like a dense FFN's."""
+        group = self.expert_groups.get(layer)
+        if group is None or not any(n in self.far for n in group.names()):
+            return
+        for e in range(group.count):
+            parts = {_EXPERT_ROLE[p]: n for p, n in group.experts[e].items() if n in self.carriers}
+            key = parts.get("gate") or parts.get("up")
+            plan = self.plans.get(key) if key else None
+            if plan is None or plan.transposed or len(parts) != 3 or key not in self.ref_metas:
+                continue
+            sample = _sample_index(canonical_2d(self.carriers[key])[0])
+            if relative_difference(_rows(self.suspect, plan.source, sample), _rows(self.reference, key, sample)) < CLOSE:
+                continue
+            self._undo_units(parts, f"expert {e} of layer {layer}")
+
     # -- 5: scales -------------------------------------------------------------------------------
 
     def fit_gains(self, name: str, sus: np.ndarray, ref: np.ndarray) -> None:
@@ -706,8 +897,10 @@ class _Aligner:
         self.resolve_names()
         if self.far:
             self.undo_rotation()
-            layers = sorted({role[0] for n in self.plans if (role := tensor_role(n))})
+            layers = sorted({role[0] for n in self.plans if (role := tensor_role(n))} | set(self.expert_groups))
             for layer in layers:
+                self.undo_experts(layer)
+                self.undo_expert_units(layer)
                 self.undo_ffn(layer)
                 self.undo_heads(layer)
             self.undo_scales()

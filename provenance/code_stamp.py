@@ -25,7 +25,8 @@ from weightmark.canonical import as_2d, kind_of, to_float32
 from weightmark.errors import InputFileError, UsageError
 from weightmark.formats.gguf import GGUFModel, GGUFTensorInfo, rope_permute, rope_unpermute
 from weightmark.formats.safetensors import Checkpoint, TensorInfo, write_like
-from weightmark.fsutil import sha256_file, staged_output
+from weightmark.fsutil import sha256_file
+from weightmark.issuing import issue_copy
 from weightmark.kernels import FLOAT, element_hashes, embed
 from weightmark.kernels.quantize import nudge_codes
 from weightmark.keys import LabKeys
@@ -35,6 +36,7 @@ from weightmark.model import (
     PACKED_FORMATS,
     open_registered_base,
 )
+from weightmark.outputs import STAMPED_COPY, Protected, prepare_output
 from weightmark.progress import NO_PROGRESS, Progress
 from weightmark.registry.policy import Policy
 from weightmark.registry.store import Carrier, IssuedCopy, Model, Registry
@@ -270,9 +272,10 @@ def stamp_quantized_base(
 ) -> IssuedCopy:
     """Issue a licensee's copy of a quantized base, in the base's own format (see stamp.stamp).
 
-    Policy first (a refused issue writes nothing), then the copy is written to a temporary
-    name, synced, recorded as a signed entry, and only then moved to `out`.
+    Policy first (a refused issue writes nothing), then the copy is made by issuing.issue_copy
+    (journalled, staged, synced, recorded as a signed entry, and only then moved to `out`).
     """
+    from weightmark.facts import verified_facts
     from weightmark.stamp import policy_gate, stamp_scheme
 
     if model.format != GGUF_FORMAT and model.format not in PACKED_FORMATS:
@@ -284,12 +287,14 @@ def stamp_quantized_base(
     licensee = registry.licensee(licensee_id)
     params = stamp_scheme(registry, model, alpha, collusion)
     carriers = {c.name: c for c in registry.carriers(model.model_id)}
-    out = Path(out)
+    target = prepare_output(out, STAMPED_COPY, force=overwrite, registry=registry,
+                            protected=Protected.of_lab(registry.path.parent, registry))
     is_gguf = model.format == GGUF_FORMAT
     opened = open_registered_base(model)
     with opened as base:
         variant = quantized_variant(model.format, carriers)
-        policy_record = policy_gate(policy, licensee.jurisdiction, variant, override_reason)
+        policy_record = policy_gate(policy, licensee.jurisdiction, variant, override_reason,
+                                    lambda: verified_facts(registry, model))
         model_key = keys.model_key(model.model_id)
         index = registry.reserve_codeword(model.model_id)
         code = params.codeword(model_key, index)
@@ -297,21 +302,21 @@ def stamp_quantized_base(
             total = sum(base.info(name).nbytes for name in carriers)
         else:
             total = sum(info.nbytes for _, info in base.tensors.values())
+        folder = not is_gguf and base.is_folder
+
+        def write(staging: Path) -> tuple[dict[str, str], str]:
+            if is_gguf:
+                write_code_stamped(base, carriers, code, model_key, params.alpha, staging, progress)
+                return {target.final.name: sha256_file(staging)}, model.format
+            return write_packed_stamped(base, carriers, code, model_key, params.alpha, staging, progress), model.format
+
+        def record(files: dict[str, str], output_format: str) -> IssuedCopy:
+            return registry.record_issue(model, licensee, index, str(params), output_format, variant,
+                                         str(target.final), files, keys, policy_record)
+
         progress.begin(f"stamping {model.name} for {licensee.name}", total)
         try:
-            folder = not is_gguf and base.is_folder
-            with staged_output(out, is_dir=folder, overwrite=overwrite) as staging:
-                if is_gguf:
-                    write_code_stamped(base, carriers, code, model_key, params.alpha, staging.path, progress)
-                    files = {out.name: sha256_file(staging.path)}
-                else:
-                    files = write_packed_stamped(base, carriers, code, model_key, params.alpha, staging.path,
-                                                 progress)
-                issued = registry.record_issue(
-                    model, licensee, index, str(params), model.format,
-                    variant, str(out.resolve()), files, keys, policy_record,
-                )
-                staging.publish()
+            issued = issue_copy(registry, keys, model, licensee, index, target, folder, write, record)
         finally:
             progress.end()
     return issued

@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from weightmark.bounded import loads_json, read_bounded, read_json
 from weightmark.errors import InputFileError
 from weightmark.fsutil import sha256_file, staged_output, write_bytes_atomic
 from weightmark.keys import LabKeys, key_id
@@ -45,6 +47,8 @@ EVIDENCE_FORMAT = "weightmark-evidence/v2"
 EVIDENCE_FORMATS = ("weightmark-evidence/v1", EVIDENCE_FORMAT)
 EVIDENCE_PAYLOAD_TYPE = "application/vnd.weightmark.evidence+json"
 MAX_BUNDLE_BYTES = 64 << 20
+MAX_TRUST_BYTES = 16 << 20
+MAX_EXPORT_FILE_BYTES = 4 << 30  # entries.jsonl of a log with millions of entries
 
 
 class EvidenceError(InputFileError):
@@ -263,11 +267,15 @@ CHECKPOINTS_FILE = "checkpoints.jsonl"
 TRUST_FILE = "trust.json"
 
 
-def export_log(registry: Registry, out: Path) -> int:
-    """Write the log as files: entries, checkpoints and the trust file. Returns the entry count."""
+def export_log(registry: Registry, out: Path, overwrite: bool = False,
+               before_publish: Callable[[], None] | None = None) -> int:
+    """Write the log as files: entries, checkpoints and the trust file. Returns the entry count.
+
+    `overwrite` replaces a folder already at `out` (the caller checks it is an earlier export);
+    `before_publish` runs just before the rename (a last check of the target)."""
     entries = registry.log_entries()
     trust = trust_from_entries(entries)
-    with staged_output(out, is_dir=True) as staging:
+    with staged_output(out, is_dir=True, overwrite=overwrite) as staging:
         with open(staging.path / ENTRIES_FILE, "wb") as fh:
             for e in entries:
                 fh.write(canonical_json({"index": e.idx, "envelope": envelope(e.payload, e.key_id, e.signature)}) + b"\n")
@@ -279,19 +287,18 @@ def export_log(registry: Registry, out: Path) -> int:
             fh.flush()
             os.fsync(fh.fileno())
         write_bytes_atomic(staging.path / TRUST_FILE, (json.dumps(trust.to_json(), indent=2) + "\n").encode())
+        if before_publish is not None:
+            before_publish()
         staging.publish()
     return len(entries)
 
 
 def _read_jsonl(path: Path) -> list[Any]:
     try:
-        lines = path.read_bytes().splitlines()
-    except OSError as exc:
-        raise EvidenceError(path, f"cannot read ({exc.strerror})") from None
-    try:
-        return [json.loads(line) for line in lines]
-    except ValueError as exc:
-        raise EvidenceError(path, f"line is not JSON ({exc})") from None
+        lines = read_bounded(path, MAX_EXPORT_FILE_BYTES, "log export file").splitlines()
+        return [loads_json(line, path, "log export line") for line in lines]
+    except InputFileError as exc:
+        raise EvidenceError(path, exc.problem) from None
 
 
 def verify_export(folder: Path, trust_file: Path | None = None) -> VerifiedLog:
@@ -300,8 +307,10 @@ def verify_export(folder: Path, trust_file: Path | None = None) -> VerifiedLog:
     folder = Path(folder)
     pinned_path = trust_file or folder / TRUST_FILE
     try:
-        pinned = Trust.from_json(json.loads(pinned_path.read_bytes()), str(pinned_path))
-    except (OSError, ValueError) as exc:
+        pinned = Trust.from_json(read_json(pinned_path, MAX_TRUST_BYTES, "trust file"), str(pinned_path))
+    except InputFileError as exc:
+        raise EvidenceError(pinned_path, exc.problem) from None
+    except ValueError as exc:
         raise EvidenceError(pinned_path, f"not a readable trust file ({exc})") from None
     try:
         entries = [_entry_from_envelope(int(row["index"]), row["envelope"]) for row in _read_jsonl(folder / ENTRIES_FILE)]

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from weightmark.errors import KeyProblem
+from weightmark.bounded import loads_json, read_bounded
+from weightmark.errors import InputFileError, KeyProblem
 from weightmark.fsutil import write_bytes_atomic
 
 KEY_FILE = "lab-keys.json"
@@ -25,6 +26,10 @@ NEXT_KEY_FILE = "lab-keys.next.json"  # a rotation in progress
 PUBLIC_KEY_FILE = "lab.pub"
 _AAD = b"weightmark/lab-keys/v1"
 _SCRYPT = {"n": 2**15, "r": 8, "p": 1}
+# The most a key file may ask scrypt for (n * r * 128 bytes of memory: 1 GiB at the caps).
+# A hostile file asking for n = 2**40 is refused before anything is derived.
+MAX_SCRYPT = {"n": 2**20, "r": 8, "p": 1}
+MAX_KEY_FILE_BYTES = 64 << 10
 MODEL_KEY_INFO = b"weightmark/v1/model"
 
 
@@ -86,8 +91,17 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def passphrase_bytes(passphrase: str) -> bytes:
+    """The passphrase as UTF-8; text that is not (undecodable bytes from the environment or a
+    terminal) is a KeyProblem, not an encoding traceback."""
+    try:
+        return passphrase.encode("utf-8")
+    except UnicodeEncodeError:
+        raise KeyProblem("the passphrase is not valid UTF-8 text") from None
+
+
 def _scrypt_key(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase_bytes(passphrase))
 
 
 def seal(keys: LabKeys, passphrase: str | None) -> bytes:
@@ -111,29 +125,66 @@ def seal(keys: LabKeys, passphrase: str | None) -> bytes:
     return (json.dumps(doc, indent=2) + "\n").encode()
 
 
+def _field(doc: dict, name: str, kind: type, source: str) -> object:
+    """doc[name], which must be a `kind` (bool is not an int here)."""
+    value = doc.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise KeyProblem(f"{source}: not a weightmark key file ({name!r} missing or not a {kind.__name__})")
+    return value
+
+
+def _key_document(data: bytes, source: str) -> dict:
+    """The parsed key file with every field it needs checked for presence and type."""
+    try:
+        doc = loads_json(data, source, "weightmark key file")
+    except InputFileError as exc:
+        raise KeyProblem(str(exc)) from None
+    if not isinstance(doc, dict):
+        raise KeyProblem(f"{source}: not a weightmark key file (a JSON {type(doc).__name__}, not an object)")
+    if doc.get("format") != "weightmark-lab-keys" or _field(doc, "version", int, source) != 1:
+        raise KeyProblem(f"{source}: not a weightmark key file (format or version)")
+    _field(doc, "key_id", str, source)
+    kdf = _field(doc, "kdf", str, source)
+    if kdf == "none":
+        _field(doc, "secret", str, source)
+    elif kdf == "scrypt":
+        for name in ("nonce", "ciphertext"):
+            _field(doc, name, str, source)
+        if doc.get("cipher") != "aes-256-gcm":
+            raise KeyProblem(f"{source}: unknown key cipher {str(doc.get('cipher'))[:40]!r}")
+        sc = _field(doc, "scrypt", dict, source)
+        _field(sc, "salt", str, source)
+        for name, cap in MAX_SCRYPT.items():
+            value = _field(sc, name, int, source)
+            if not 1 <= value <= cap:
+                raise KeyProblem(f"{source}: scrypt parameter {name} = {value} is outside 1..{cap}; "
+                                 "refusing to derive a key with it")
+        if sc["n"] < 2 or sc["n"] & (sc["n"] - 1):
+            raise KeyProblem(f"{source}: scrypt parameter n = {sc['n']} is not a power of two")
+    else:
+        raise KeyProblem(f"{source}: unknown key encryption {kdf[:40]!r}")
+    return doc
+
+
 def unseal(data: bytes, passphrase: str | None, source: str = KEY_FILE) -> LabKeys:
     """Inverse of seal(). Raises KeyProblem on a wrong passphrase or a damaged file."""
+    doc = _key_document(data, source)
     try:
-        doc = json.loads(data)
-        if doc.get("format") != "weightmark-lab-keys" or doc.get("version") != 1:
-            raise KeyProblem(f"{source}: not a weightmark lab key file")
         if doc["kdf"] == "none":
             secret = base64.b64decode(doc["secret"], validate=True)
-        elif doc["kdf"] == "scrypt":
+        else:
             if passphrase is None:
                 raise KeyProblem(
                     "the lab keys are passphrase-protected: set WEIGHTMARK_PASSPHRASE "
                     "or run the command on a terminal"
                 )
             sc = doc["scrypt"]
-            key = _scrypt_key(passphrase, base64.b64decode(sc["salt"]), sc["n"], sc["r"], sc["p"])
+            key = _scrypt_key(passphrase, base64.b64decode(sc["salt"], validate=True), sc["n"], sc["r"], sc["p"])
             nonce = base64.b64decode(doc["nonce"], validate=True)
-            secret = AESGCM(key).decrypt(nonce, base64.b64decode(doc["ciphertext"]), _AAD)
-        else:
-            raise KeyProblem(f"{source}: unknown key encryption {doc['kdf']!r}")
+            secret = AESGCM(key).decrypt(nonce, base64.b64decode(doc["ciphertext"], validate=True), _AAD)
     except InvalidTag:
         raise KeyProblem(f"{source}: wrong passphrase (or the key file was altered)") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise KeyProblem(f"{source}: damaged key file ({exc})") from None
     if len(secret) != 64:
         raise KeyProblem(f"{source}: damaged key file (secret has {len(secret)} bytes, expected 64)")
@@ -141,6 +192,13 @@ def unseal(data: bytes, passphrase: str | None, source: str = KEY_FILE) -> LabKe
     if doc.get("key_id") != keys.key_id:
         raise KeyProblem(f"{source}: key id does not match the stored key")
     return keys
+
+
+def _read_key_file(path: Path) -> bytes:
+    try:
+        return read_bounded(path, MAX_KEY_FILE_BYTES, "weightmark key file")
+    except InputFileError as exc:
+        raise KeyProblem(str(exc)) from None
 
 
 def create(home: Path, passphrase: str | None) -> LabKeys:
@@ -156,12 +214,9 @@ def create(home: Path, passphrase: str | None) -> LabKeys:
 
 def load(home: Path, passphrase: str | None, name: str = KEY_FILE) -> LabKeys:
     path = home / name
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyProblem(f"{path}: no lab keys here; run `weightmark init` first") from None
-    except OSError as exc:
-        raise KeyProblem(f"{path}: cannot read lab keys ({exc.strerror})") from None
+    if not os.path.lexists(path):
+        raise KeyProblem(f"{path}: no lab keys here; run `weightmark init` first")
+    data = _read_key_file(path)
     mode = os.stat(path).st_mode & 0o777
     if mode & 0o077:
         raise KeyProblem(f"{path}: lab key file is readable by others (mode {mode:o}); chmod 600 it")
@@ -170,14 +225,11 @@ def load(home: Path, passphrase: str | None, name: str = KEY_FILE) -> LabKeys:
 
 def sealed_key_id(path: Path) -> str:
     """The key id a sealed key file declares (readable without the passphrase)."""
-    try:
-        return str(json.loads(path.read_bytes())["key_id"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise KeyProblem(f"{path}: damaged key file ({exc})") from None
+    return str(_key_document(_read_key_file(path), str(path))["key_id"])
 
 
 def is_encrypted(home: Path) -> bool:
     try:
-        return json.loads((home / KEY_FILE).read_bytes()).get("kdf") != "none"
-    except (OSError, ValueError):
-        return True
+        return _key_document(_read_key_file(home / KEY_FILE), KEY_FILE)["kdf"] != "none"
+    except KeyProblem:
+        return True  # load() then names the problem

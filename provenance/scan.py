@@ -21,7 +21,7 @@ import numpy as np
 
 from weightmark.align import _rows, _sample_index, align, relative_difference
 from weightmark.canonical import as_2d, kind_of
-from weightmark.errors import InputFileError, UsageError
+from weightmark.errors import InputFileError, RegistryError, UsageError
 from weightmark.formats import QuantizedModel, SafetensorsSuspect, open_suspect
 from weightmark.formats.safetensors import Checkpoint
 from weightmark.kernels import FLOAT, extract
@@ -60,6 +60,7 @@ class Candidate:
     score: float
     log10_p: float
     log10_family_wise_p: float
+    delivered: bool = True  # False: an issue-void entry says this copy never left the lab
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +74,7 @@ class Candidate:
             "log10_p_value": round(self.log10_p, 4),
             "family_wise_p_value": p_from_log10(self.log10_family_wise_p),
             "log10_family_wise_p_value": round(self.log10_family_wise_p, 4),
+            "delivered": self.delivered,
         }
 
 
@@ -415,63 +417,98 @@ def _extract_all(
     progress: Progress,
     config: dict[str, Any] | None = None,
     realign: bool = True,
+    cluster: Any = None,
 ) -> Extraction:
     """Per code length, the (num, den) sums over every carrier found; with a reference the
-    suspect is first re-aligned to it (renamed, permuted, rescaled or rotated carriers)."""
+    suspect is first re-aligned to it (renamed, permuted, rescaled or rotated carriers).
+
+    With `cluster`, a sharded safetensors suspect is read one task per shard: each task returns
+    its carriers' own sums, added here in carrier order as the serial loop adds them (the same
+    numbers, bit for bit). The alignment is estimated here, once, and shipped with the tasks.
+    """
     sums = {L: (np.zeros(L), np.zeros(L)) for L in code_lengths}
     first = code_lengths[0]
-    metas = suspect.tensors()
     alignment = None
     if reference is not None and realign:
         alignment = align(suspect, reference, {c.name: c.shape for c in carriers}, config)
         aliases = {c.name: own for c in carriers if (own := alignment.source(c.name)) is not None}
     else:
         aliases = name_aliases(suspect, {c.name for c in carriers})
+    if cluster is not None and _sharded(suspect):
+        results = cluster.carrier_sums(suspect, reference, alignment, carriers, aliases, model_key, code_lengths)
+    else:
+        results = (_carrier_sums(suspect, reference, alignment, carrier, aliases.get(carrier.name), model_key,
+                                 code_lengths) for carrier in carriers)
     used, skipped, elements, per_carrier = 0, [], 0, []
-    for carrier in carriers:
-        own = aliases.get(carrier.name)
-        if own is None:
-            skipped.append(f"{carrier.name}: missing")
+    for carrier, (problem, own_sums) in zip(carriers, results, strict=True):
+        if problem is not None:
+            skipped.append(f"{carrier.name}: {problem}")
             continue
-        meta = metas[own]
-        moved = alignment is not None and not alignment.plans[carrier.name].identity
-        if not moved and meta.shape != carrier.shape:
-            skipped.append(f"{carrier.name}: {meta.source_dtype} {list(meta.shape)} instead of {list(carrier.shape)}")
-            continue
-        if isinstance(suspect, SafetensorsSuspect) and meta.source_dtype not in FLOAT_CARRIER_DTYPES:
-            skipped.append(f"{carrier.name}: {meta.source_dtype} is not a float dtype")
-            continue
-        ref_raw, ref_kind = None, 0
-        if reference is not None:
-            ref_meta = reference.tensors().get(carrier.name)
-            if ref_meta is None or ref_meta.shape != carrier.shape:
-                skipped.append(f"{carrier.name}: not in the reference")
-                continue
-            ref_raw, ref_kind = _values(reference, carrier.name, ref_meta.source_dtype)
-        if moved:
-            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-                sus_raw, sus_kind = np.ascontiguousarray(alignment.tensor(carrier.name), dtype=np.float32), FLOAT
-        else:
-            sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
-        seed = carrier_seed(model_key, carrier.name)
         for L, (num, den) in sums.items():
+            own_num, own_den = own_sums[L]
+            num += own_num
+            den += own_den
             if L == first:
-                own_num, own_den = np.zeros(L), np.zeros(L)
-                extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, own_num, own_den)
-                num += own_num
-                den += own_den
                 per_carrier.append((carrier.name, int(np.prod(carrier.shape)), own_num, own_den))
-            else:
-                extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, num, den)
-        del sus_raw, ref_raw
-        for source, name in ((suspect, own), (reference, carrier.name)):
-            if isinstance(source, SafetensorsSuspect):
-                source.checkpoint.release(name)
         used += 1
         elements += int(np.prod(carrier.shape))
         progress.advance(int(np.prod(carrier.shape)) * 2)
     return Extraction(sums, used, skipped, alignment.report if alignment is not None else [], elements,
                       per_carrier)
+
+
+def _sharded(suspect: QuantizedModel | SafetensorsSuspect) -> bool:
+    return isinstance(suspect, SafetensorsSuspect) and len(suspect.checkpoint.shards) > 1
+
+
+def _carrier_sums(
+    suspect: QuantizedModel | SafetensorsSuspect,
+    reference: QuantizedModel | SafetensorsSuspect | None,
+    alignment: Any,
+    carrier: Carrier,
+    own: str | None,
+    model_key: bytes,
+    code_lengths: list[int],
+) -> tuple[str | None, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """One carrier's own (num, den) per code length, or why it was skipped."""
+    if own is None:
+        return "missing", {}
+    meta = suspect.tensors()[own]
+    moved = alignment is not None and not alignment.plans[carrier.name].identity
+    if not moved and meta.shape != carrier.shape:
+        return f"{meta.source_dtype} {list(meta.shape)} instead of {list(carrier.shape)}", {}
+    if isinstance(suspect, SafetensorsSuspect) and meta.source_dtype not in FLOAT_CARRIER_DTYPES:
+        return f"{meta.source_dtype} is not a float dtype", {}
+    ref_raw, ref_kind = None, 0
+    if reference is not None:
+        ref_meta = reference.tensors().get(carrier.name)
+        if ref_meta is None or ref_meta.shape != carrier.shape:
+            return "not in the reference", {}
+        ref_raw, ref_kind = _values(reference, carrier.name, ref_meta.source_dtype)
+    # Packed suspects that need no re-alignment are read straight from their blocks (one pass,
+    # no float32 tensor); a reader without a kernel for this tensor says so and it is decoded.
+    fused = None if moved else getattr(suspect, "extract_into", None)
+    sus_raw, sus_kind = None, FLOAT
+    if moved:
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            sus_raw, sus_kind = np.ascontiguousarray(alignment.tensor(carrier.name), dtype=np.float32), FLOAT
+    elif fused is None:
+        sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
+    seed = carrier_seed(model_key, carrier.name)
+    out = {}
+    for L in code_lengths:
+        num, den = np.zeros(L), np.zeros(L)
+        if fused is not None and not fused(own, ref_raw, ref_kind, carrier.row_scale, seed, num, den):
+            fused = None
+            sus_raw, sus_kind = _values(suspect, own, meta.source_dtype)
+        if fused is None:
+            extract(sus_raw, sus_kind, ref_raw, ref_kind, carrier.row_scale, seed, num, den)
+        out[L] = (num, den)
+    del sus_raw, ref_raw
+    for source, name in ((suspect, own), (reference, carrier.name)):
+        if isinstance(source, SafetensorsSuspect):
+            source.checkpoint.release(name)
+    return None, out
 
 
 def carrier_signal(per_carrier: list[tuple[str, int, np.ndarray, np.ndarray]], codewords: list[np.ndarray]
@@ -511,6 +548,7 @@ def _scan_model(
     models_considered: int,
     progress: Progress,
     realign: bool,
+    cluster: Any = None,
 ) -> ScanReport:
     """Extract and score one registered model's issued codewords against the suspect."""
     carriers = registry.carriers(model.model_id)
@@ -521,7 +559,8 @@ def _scan_model(
     total = sum(int(np.prod(c.shape)) * 2 for c in carriers)
     progress.begin(f"scanning {Path(suspect_path).name} ({suspect.format}) as {model.name}", total)
     try:
-        ex = _extract_all(suspect, ref, carriers, model_key, code_lengths, progress, _base_config(model), realign)
+        ex = _extract_all(suspect, ref, carriers, model_key, code_lengths, progress, _base_config(model), realign,
+                          cluster)
     finally:
         progress.end()
     if ex.used == 0:
@@ -540,18 +579,21 @@ def _scan_model(
         if presence is None or log_p < presence[1]:
             presence = (stat, log_p, k)
     candidates: list[Candidate] = []
-    licensees: dict[str, Any] = {}
+    licensees = {lic.id: lic for lic in registry.licensees()}  # every row checked against its entry
+    voided = registry.voided_issues()  # still scored: the codeword was reserved for that licensee
     for text, copies in by_scheme.items():
         scheme = params[copies[0].entry_idx]
         scores, log_ps = scheme.score(model_key, [c.codeword_index for c in copies],
                                       z_by_length[scheme.code_length])
         for copy, score, lp in zip(copies, scores, log_ps, strict=True):
-            if copy.licensee_id not in licensees:
-                licensees[copy.licensee_id] = registry.licensee(copy.licensee_id)
-            lic = licensees[copy.licensee_id]
+            lic = licensees.get(copy.licensee_id)
+            if lic is None:
+                raise RegistryError(f"registry entry {copy.entry_idx}: its licensee {copy.licensee_id} has no "
+                                    "licensee row; run `weightmark registry verify`")
             candidates.append(Candidate(lic.id, lic.name, lic.jurisdiction, copy.entry_idx, copy.codeword_index,
                                         text, float(score), float(lp),
-                                        log10_family_wise(float(lp), family * models_considered)))
+                                        log10_family_wise(float(lp), family * models_considered),
+                                        copy.entry_idx not in voided))
     candidates.sort(key=lambda c: (c.log10_p, -c.score))
     scheme_text = candidates[0].scheme if candidates else str(SchemeParams(code_length=code_lengths[0]))
     report = ScanReport(
@@ -601,6 +643,8 @@ def scan(
     progress: Progress = NO_PROGRESS,
     realign: bool = True,
     max_models: int = MAX_MODELS,
+    *,
+    cluster: Any = None,
 ) -> ScanReport:
     """Scan a suspect checkpoint and name the licensees whose codeword it carries.
 
@@ -611,6 +655,7 @@ def scan(
     `max_models` of them are scanned in that order, stopping at the first that accuses; every
     family-wise p-value is multiplied by the number of models that could be scanned, so the
     bound covers the choice. Non-blind scans first re-align the suspect to the reference.
+    With `cluster` (weightmark.cluster.Cluster), a sharded suspect is read one task per shard.
     """
     if blind and reference is not None:
         raise UsageError("--blind and --reference exclude each other")
@@ -650,7 +695,7 @@ def scan(
                     references[key] = _open_reference(match.model, reference, blind)
                 ref, info = references[key]
                 report = _scan_model(registry, keys, suspect, suspect_path, match.model, ref, info, threshold,
-                                     assume_licensees, len(considered), progress, realign)
+                                     assume_licensees, len(considered), progress, realign, cluster)
                 reports.append(report)
                 if report.accused:
                     break

@@ -124,7 +124,10 @@ def is_carrier(dtype: str, shape: tuple[int, ...]) -> bool:
 
 
 def canonical_2d(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The [out, in] view of a carrier: first axis is out, the rest flattened."""
+    """The [out, in] view of a carrier: first axis is out, the rest flattened (a scalar, which
+    a hostile file may put under a carrier's name, is one row of one)."""
+    if not shape:
+        return 1, 1
     return shape[0], math.prod(shape[1:])
 
 

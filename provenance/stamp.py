@@ -5,17 +5,21 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from weightmark.canonical import as_2d, kind_of
 from weightmark.errors import InputFileError, PolicyDenied
+from weightmark.facts import Fact, verified_facts
 from weightmark.formats.safetensors import Checkpoint, TensorInfo, write_like
-from weightmark.fsutil import staged_output
+from weightmark.issuing import issue_copy
 from weightmark.kernels import embed
 from weightmark.keys import LabKeys
 from weightmark.model import open_registered_base
+from weightmark.outputs import STAMPED_COPY, Protected, prepare_output
 from weightmark.progress import NO_PROGRESS, Progress
 from weightmark.quantized_stamp import (
     dtype_stamper,
@@ -44,12 +48,19 @@ def variant_of(ckpt: Checkpoint, carrier_names: set[str]) -> str:
 
 
 def policy_gate(policy: Policy | None, jurisdiction: str, variant: str,
-                override_reason: str | None) -> dict[str, object]:
-    """The policy record of an issue; raises PolicyDenied when refused and not overridden."""
+                override_reason: str | None, facts: Callable[[], dict[str, Fact]] | None = None) -> dict[str, object]:
+    """The policy record of an issue; raises PolicyDenied when refused and not overridden.
+
+    With control classes, `facts` gives the model's facts in force; the record then holds the
+    classification, the rules that decided and the facts they used. A refusal for facts the
+    model lacks cannot be overridden: the facts must be declared.
+    """
     reason = (override_reason or "").strip() or None
     if policy is None:
         return {"installed": False, "override_reason": reason}
-    decision = policy.decide(jurisdiction, variant)
+    decision = policy.decide(jurisdiction, variant, facts() if policy.classes and facts is not None else None)
+    if decision.refusal is not None:
+        raise PolicyDenied(f"{decision.refusal}; nothing was issued")
     if not decision.allowed and reason is None:
         raise PolicyDenied(f"{decision.rule}; nothing was issued "
                            "(give --override-reason TEXT to issue anyway, recorded in the signed entry)")
@@ -83,13 +94,19 @@ def stamp(
     override_reason: str | None = None,
     fmt: str = "same",
     collusion: int = DEFAULT_COLLUSION,
+    cluster: Any = None,
 ) -> IssuedCopy:
     """Write the licensee's stamped copy at `out` (same format, layout and dtypes as the base).
 
+    With `cluster` (weightmark.cluster.Cluster) a float safetensors copy in the base's format is
+    written one task per shard; the entry is still appended here, after every shard is in.
+
     The jurisdiction policy is consulted first: a refused issue raises PolicyDenied before
     anything is written, unless `override_reason` is given (it goes into the signed entry).
-    The copy is written to a temporary name, synced, recorded as a signed registry entry, and
-    only then moved to `out`: a crash leaves neither a half-written copy nor an unrecorded one.
+    `out` must not exist, or with `overwrite` hold a copy this lab issued there (see outputs).
+    The copy is made by issuing.issue_copy: journalled, written to a temporary name, synced,
+    recorded as a signed registry entry, and only then moved to `out`; a crash at any point is
+    finished or rolled back by the next command that opens the lab.
     `fmt` "same" keeps the base's format; "gguf:Q4_K_M" and the like write a quantized GGUF,
     "gptq:4bit-g128", "awq:4bit-g128", "ct:w4a16", "ct:w8a16" and "bnb:nf4" a quantized
     safetensors folder, with scales frozen from the unstamped base (see quantized_stamp).
@@ -106,10 +123,12 @@ def stamp(
     licensee = registry.licensee(licensee_id)
     params = stamp_scheme(registry, model, alpha, collusion)
     carriers = {c.name: c for c in registry.carriers(model.model_id)}
-    out = Path(out)
+    target = prepare_output(out, STAMPED_COPY, force=overwrite, registry=registry,
+                            protected=Protected.of_lab(registry.path.parent, registry))
     with open_registered_base(model) as base:
         variant = variant_of(base, set(carriers)) if file_type is None else quantized_variant(file_type)
-        policy_record = policy_gate(policy, licensee.jurisdiction, variant, override_reason)
+        policy_record = policy_gate(policy, licensee.jurisdiction, variant, override_reason,
+                                    lambda: verified_facts(registry, model))
         model_key = keys.model_key(model.model_id)
         index = registry.reserve_codeword(model.model_id)
         code = params.codeword(model_key, index)
@@ -125,25 +144,28 @@ def stamp(
             return out
 
         total = sum(info.nbytes for _, info in base.tensors.values())
+        is_dir = (base.is_folder and file_type is None) or is_packed(file_type)
+
+        def write(staging: Path) -> tuple[dict[str, str], str]:
+            if file_type is None:
+                # On a cluster: one task per output shard (weightmark.cluster), the same bytes.
+                shards = None if cluster is None else cluster.shard_stamper(
+                    base, carriers, code, model_key, params.alpha, progress.advance)
+                return write_like(base, staging, transform, progress.advance, scratch=True,
+                                  write_shards=shards), "safetensors"
+            seeds = {name: carrier_seed(model_key, name) for name in carriers}
+            stamper = float_stamper(carriers, code, seeds, params.alpha)
+            raw_stamper = dtype_stamper(carriers, code, seeds, params.alpha, base.root)
+            return write_stamped_copy(base, Path(model.base_path), staging, target.final.name, file_type, stamper,
+                                      raw_stamper, progress.advance)
+
+        def record(files: dict[str, str], output_format: str) -> IssuedCopy:
+            return registry.record_issue(model, licensee, index, str(params), output_format, variant,
+                                         str(target.final), files, keys, policy_record)
+
         progress.begin(f"stamping {model.name} for {licensee.name}", total)
         try:
-            is_dir = (base.is_folder and file_type is None) or is_packed(file_type)
-            with staged_output(out, is_dir=is_dir, overwrite=overwrite) as staging:
-                if file_type is None:
-                    files = write_like(base, staging.path, transform, progress.advance, scratch=True)
-                    output_format = "safetensors"
-                else:
-                    seeds = {name: carrier_seed(model_key, name) for name in carriers}
-                    stamper = float_stamper(carriers, code, seeds, params.alpha)
-                    raw_stamper = dtype_stamper(carriers, code, seeds, params.alpha, base.root)
-                    files, output_format = write_stamped_copy(
-                        base, Path(model.base_path), staging.path, out.name, file_type, stamper,
-                        raw_stamper, progress.advance)
-                issued = registry.record_issue(
-                    model, licensee, index, str(params), output_format,
-                    variant, str(out.resolve()), files, keys, policy_record,
-                )
-                staging.publish()
+            issued = issue_copy(registry, keys, model, licensee, index, target, is_dir, write, record)
         finally:
             progress.end()
     return issued

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +30,18 @@ def minilm() -> Path:
 
 
 @pytest.fixture(scope="session")
-def minilm_variants(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> dict[str, Path]:
-    """The real model as shipped (F32) and converted to BF16 and F16 (round to nearest)."""
+def minilm_variants(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Iterator[dict[str, Path]]:
+    """The real model as shipped (F32) and converted to BF16 and F16 (round to nearest).
+
+    Deleted at the end of the session whatever the outcome: tens of megabytes per run that a
+    failing test's report does not need."""
     root = tmp_path_factory.mktemp("minilm")
-    return {
+    yield {
         "F32": minilm,
         "BF16": attacks.cast(minilm, root / "bf16", "BF16"),
         "F16": attacks.cast(minilm, root / "f16", "F16"),
     }
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass
@@ -60,10 +66,14 @@ def make_stamped_lab(work: Path, base: Path, dtype: str, collusion: int = DEFAUL
 
 @pytest.fixture(scope="session", params=["F32", "BF16", "F16"])
 def stamped(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-            minilm_variants: dict[str, Path]) -> StampedLab:
-    """Three copies under the v1 uniform code (collusion 1), in each dtype."""
+            minilm_variants: dict[str, Path]) -> Iterator[StampedLab]:
+    """Three copies under the v1 uniform code (collusion 1), in each dtype (deleted afterwards)."""
     dtype = request.param
-    return make_stamped_lab(tmp_path_factory.mktemp(f"lab-{dtype}"), minilm_variants[dtype], dtype, collusion=1)
+    work = tmp_path_factory.mktemp(f"lab-{dtype}")
+    stamped_lab = make_stamped_lab(work, minilm_variants[dtype], dtype, collusion=1)
+    yield stamped_lab
+    stamped_lab.lab.close()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def run_cli(*args: str, home: Path | None = None, env: dict[str, str] | None = None,

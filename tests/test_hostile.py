@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -73,4 +74,68 @@ def test_hostile_file_is_refused_cleanly(case: str, command: str, home: Path, tm
     assert len(lines) == 1 and lines[0].startswith("Error: ") and named in lines[0], r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert _snapshot(tmp_path) == before, "a hostile input must not change or add files"
+    assert (home / "registry.db").read_bytes() == registry_before
+
+
+# -- tensors under a carrier's name that no carrier can be, and symbolic-link loops ------------
+
+CARRIER = "encoder.layer.0.attention.self.query.weight"  # a carrier of the registered MiniLM
+CARRIER_CASES = {
+    "scalar": _file({CARRIER: {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}, bytes(4)),
+    "one-element": _file({CARRIER: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
+    "one-by-one": _file({CARRIER: {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]}}, bytes(4)),
+    "zero-by-2^40": _file({CARRIER: {"dtype": "F32", "shape": [0, 2**40], "data_offsets": [0, 0]}}),
+    "product-overflows-int64": _file({CARRIER: {"dtype": "F32", "shape": [2**32] * 3, "data_offsets": [0, 0]}}),
+    "dim-2^63": _file({CARRIER: {"dtype": "F32", "shape": [2**63, 1], "data_offsets": [0, 0]}}),
+    "dim-2^64": _file({CARRIER: {"dtype": "F32", "shape": [2**64, 384], "data_offsets": [0, 0]}}),
+    "negative-dim": _file({CARRIER: {"dtype": "F32", "shape": [-1, 384], "data_offsets": [0, 0]}}),
+    "float-dim": _file({CARRIER: {"dtype": "F32", "shape": [1.5, 384], "data_offsets": [0, 0]}}),
+}
+
+
+def _one_line_error(r, code: int, named: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and named in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.mark.parametrize("case", sorted(CARRIER_CASES))
+@pytest.mark.parametrize("command", ["scan", "scan-any-model", "register"])
+def test_impossible_tensor_under_a_carrier_name(case: str, command: str, home: Path, tmp_path: Path) -> None:
+    target = tmp_path / f"{case}.safetensors"
+    target.write_bytes(CARRIER_CASES[case])
+    registry_before = (home / "registry.db").read_bytes()
+    if command == "register":
+        r = run_cli("model", "register", str(target), "--name", f"m-{case}", home=home)
+    elif command == "scan":
+        r = run_cli("scan", str(target), "--model", "minilm", home=home)
+    else:
+        r = run_cli("scan", str(target), home=home)
+    _one_line_error(r, 3, target.name)
+    assert target.read_bytes() == CARRIER_CASES[case] and sorted(tmp_path.iterdir()) == [target]
+    assert (home / "registry.db").read_bytes() == registry_before
+
+
+def _loops(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "a.safetensors").symlink_to("b.safetensors")
+    (folder / "b.safetensors").symlink_to("a.safetensors")
+    (folder / "self.safetensors").symlink_to("self.safetensors")
+    (folder / "config.json").write_text("{}")
+
+
+@pytest.mark.parametrize("target", ["folder", "folder/a.safetensors", "folder/self.safetensors"])
+@pytest.mark.parametrize("command", ["scan", "register"])
+def test_symlink_loops(target: str, command: str, home: Path, tmp_path: Path) -> None:
+    _loops(tmp_path / "folder")
+    before = {p.name: os.readlink(p) for p in (tmp_path / "folder").iterdir() if p.is_symlink()}
+    registry_before = (home / "registry.db").read_bytes()
+    path = tmp_path / target
+    if command == "register":
+        r = run_cli("model", "register", str(path), "--name", "looped", home=home)
+    else:
+        r = run_cli("scan", str(path), "--model", "minilm", home=home)
+    _one_line_error(r, 3, path.name)
+    assert {p.name: os.readlink(p) for p in (tmp_path / "folder").iterdir() if p.is_symlink()} == before
     assert (home / "registry.db").read_bytes() == registry_before

@@ -162,8 +162,22 @@ def test_moved_base_warns_loudly_and_scans_blind(tmp_path: Path, minilm: Path) -
     assert out["reference"]["status"] == "missing"
     assert out["mode"] == "blind"
     assert "Warning:" in result.stderr and "missing" in result.stderr and "relocate" in result.stderr
-    # Copied back without its times: the weights still hash to the model id, so it is used.
-    shutil.copytree(tmp_path / "moved", base)
+    blind_score = max(c["score"] for c in out["candidates"])
+    assert blind_score < before.accused[0].score / 3
+    # `model relocate` points the model at the moved files and restores the non-blind score.
+    relocate = run_cli("model", "relocate", "m", str(tmp_path / "moved"), home=home)
+    assert relocate.returncode == 0, relocate.stderr
+    with Lab(home) as lab:
+        restored = lab.scan(tmp_path / "copy")
+    assert restored.reference_info["status"] == "ok" and restored.mode == "non-blind"
+    assert restored.accused[0].score == pytest.approx(before.accused[0].score, rel=1e-9)
+    relocate = run_cli("model", "relocate", "m", str(base), home=home)
+    assert relocate.returncode == 3  # nothing there any more
+    (tmp_path / "moved").rename(base)
+    assert run_cli("model", "relocate", "m", str(base), home=home).returncode == 0
+    # Copied without its times: the weights still hash to the model id, so it is used.
+    shutil.rmtree(base)
+    shutil.copytree(tmp_path / "moved" if (tmp_path / "moved").exists() else minilm, base)
     with Lab(home) as lab:
         again = lab.scan(tmp_path / "copy")
     assert again.reference_info["status"] == "ok"

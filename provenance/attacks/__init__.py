@@ -16,6 +16,7 @@ from weightmark.attacks.basic import (
 from weightmark.attacks.combine import COLLUSIONS, collude, merge
 from weightmark.attacks.functional import (
     function_preserving,
+    permute_experts,
     permute_ffn,
     permute_heads,
     rename_transpose_drop,
@@ -24,6 +25,6 @@ from weightmark.attacks.functional import (
 )
 from weightmark.attacks.prune import magnitude_prune, semi_structured
 
-__all__ = ["COLLUSIONS", "collude", "merge", "magnitude_prune", "semi_structured", "function_preserving", "permute_ffn", "permute_heads", "rename_transpose_drop", "rescale",
+__all__ = ["COLLUSIONS", "collude", "merge", "magnitude_prune", "semi_structured", "function_preserving", "permute_experts", "permute_ffn", "permute_heads", "rename_transpose_drop", "rescale",
            "rotate_residual", "add_noise", "cast", "map_floats", "quantization_error", "relative_error", "requantize",
            "requantize_array"]

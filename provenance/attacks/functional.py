@@ -35,6 +35,8 @@ __all__ = [
     "Architecture",
     "function_preserving",
     "head_permutations",
+    "expert_permutations",
+    "permute_experts",
     "permute_ffn",
     "permute_heads",
     "random_orthogonal",
@@ -202,6 +204,58 @@ def permute_ffn(src: str | os.PathLike[str], dst: str | os.PathLike[str], seed: 
         return w[:, perm] if part == "down" else w[perm]
 
     return _apply(src, dst, fn)
+
+
+def expert_permutations(src: str | os.PathLike[str], seed: int) -> dict[int, np.ndarray]:
+    """Per MoE layer of `src`, new expert -> old expert (never the identity)."""
+    from weightmark.moe import expert_layers
+
+    with Checkpoint.open(src) as ckpt:
+        return _expert_permutations(expert_layers(ckpt.tensors), seed)
+
+
+def _expert_permutations(layers: dict, seed: int) -> dict[int, np.ndarray]:
+    return {layer: _moving_permutation(_rng(seed, "experts", layer), group.count)
+            for layer, group in layers.items()}
+
+
+def permute_experts(src: str | os.PathLike[str], dst: str | os.PathLike[str], seed: int) -> Path:
+    """Reorder every MoE layer's routed experts together with the router's rows.
+
+    Expert j of the copy is expert perm[j] of `src` (all its projections) and router row j is
+    router row perm[j], so every token picks the same experts with the same weights: the
+    model computes the same function. Shared experts stay. Streams tensor by tensor and keeps
+    the shards, dtypes and other files.
+    """
+    from weightmark.formats.safetensors import write_like
+    from weightmark.moe import expert_layers
+
+    dst = Path(dst)
+    with Checkpoint.open(src) as ckpt:
+        layers = expert_layers(ckpt.tensors)
+        if not layers:
+            raise UsageError(f"{src}: no Mixture-of-Experts layer (per-expert tensors and a router) found")
+        perms = _expert_permutations(layers, seed)
+        source: dict[str, str] = {}
+        router_rows: dict[str, np.ndarray] = {}
+        for layer, group in layers.items():
+            for j, parts in group.experts.items():
+                for part, name in parts.items():
+                    source[name] = group.experts[int(perms[layer][j])][part]
+            if group.router is not None:
+                router_rows[group.router] = perms[layer]
+
+        def transform(name: str, info: object, raw: np.ndarray) -> np.ndarray:
+            if name in source:
+                return ckpt.raw(source[name])
+            if name in router_rows:
+                return np.ascontiguousarray(raw[router_rows[name]])
+            return raw
+
+        with staged_output(dst, is_dir=ckpt.is_folder) as staging:
+            write_like(ckpt, staging.path, transform)
+            staging.publish()
+    return dst
 
 
 def head_permutations(arch: Architecture, seed: int, layer: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,11 @@ class QuantizedModel(Protocol):
     Readers validate headers, offsets and packed lengths up front and raise
     weightmark.errors.FormatError (one line, naming the file and the rule) for anything that
     does not add up. `load` dequantizes ONE tensor; peak memory must not grow with the model.
+
+    Optional: `extract_into(name, reference, reference_kind, row_scale, seed, num, den) -> bool`
+    adds a 2-D carrier's extraction sums straight from its packed storage (weightmark.kernels.
+    fused), equal bit for bit to `extract` on `load(name)`, and returns False for a tensor it
+    has no kernel for; the scan then loads it.
     """
 
     format: str  # "gguf", "gptq", "awq", "compressed-tensors", "bitsandbytes-nf4", ...

@@ -9,7 +9,7 @@ import re
 import stat
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
@@ -20,6 +20,7 @@ import numpy as np
 from gguf.gguf_writer import GGUFValue
 
 from weightmark.kernels.quant import BLOCK_LAYOUTS, dequantize
+from weightmark.moe import is_fused_experts, split_fused_experts
 
 from ..errors import FormatError, InputFileError
 from .base import TensorMeta
@@ -209,7 +210,7 @@ def _map_name(
 class _Cursor:
     """Bounds-checked little-endian reads over the mapped file; FormatError past the end."""
 
-    def __init__(self, path: Path, data: mmap.mmap | bytes, size: int) -> None:
+    def __init__(self, path: Path, data: mmap.mmap | bytes | memoryview, size: int) -> None:
         self.path = path
         self.data = data
         self.size = size
@@ -315,7 +316,7 @@ def _ggml_type(type_id: int) -> gguf.GGMLQuantizationType | None:
 
 
 def _parse_header(
-    path: Path, data: mmap.mmap | bytes, size: int
+    path: Path, data: mmap.mmap | bytes | memoryview, size: int
 ) -> tuple[int, dict[str, Any], list[_RawTensor], int]:
     """Validate the header; return (version, metadata, tensor infos, data section start)."""
     if size < _HEADER_BYTES:
@@ -463,8 +464,11 @@ class GGUFModel:
 
     format = "gguf"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], offset: int = 0, length: int | None = None) -> None:
+        """Open the GGUF file at `path`, or the GGUF stored in bytes [offset, offset + length)
+        of it (a container such as a llamafile): offsets in it are relative to `offset`."""
         self.path = Path(path)
+        self.offset = offset
         self._data: np.memmap | None = None
         try:
             st = os.stat(self.path)
@@ -476,13 +480,21 @@ class GGUFModel:
             raise InputFileError(self.path, "not a regular file")
         try:
             with open(self.path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
+                file_size = os.fstat(fh.fileno()).st_size
+                size = file_size - offset if length is None else length
+                if offset < 0 or size < 0 or offset + size > file_size:
+                    raise FormatError(self.path, f"GGUF window of {size} bytes at offset {offset} lies "
+                                                 f"outside the file ({file_size} bytes)")
                 if size == 0:
                     raise FormatError(self.path, "file is empty, not a GGUF file")
-                with mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as mm:
-                    self.version, self.metadata, raw, self.data_start = _parse_header(
-                        self.path, mm, size
-                    )
+                with mmap.mmap(fh.fileno(), file_size, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
+                    window = view[offset : offset + size]
+                    try:
+                        self.version, self.metadata, raw, self.data_start = _parse_header(
+                            self.path, window, size
+                        )
+                    finally:
+                        window.release()
         except OSError as exc:
             raise InputFileError(self.path, f"cannot read: {exc.strerror}") from None
         self.size = size
@@ -520,11 +532,17 @@ class GGUFModel:
             rope_heads = 0
             if permuted and kind in _ROPE_TENSORS:
                 rope_heads = self._rope_heads(t, _ROPE_TENSORS[kind])
-            infos.append(
-                GGUFTensorInfo(
-                    t.name, hf_name, candidates, qtype.name, t.ne, begin, nbytes, rope_heads
-                )
+            info = GGUFTensorInfo(
+                t.name, hf_name, candidates, qtype.name, t.ne, begin, nbytes, rope_heads
             )
+            if is_fused_experts(t.name, t.ne):  # one 2-D tensor per expert (weightmark.moe)
+                parts = split_fused_experts(info, arch)
+                parts = [p if p.name not in used and p.name not in taken
+                         else replace(p, name=p.source_name) for p in parts]
+                used.update(p.name for p in parts)
+                infos.extend(parts)
+                continue
+            infos.append(info)
         _check_overlaps(path, infos)
         return {info.name: info for info in infos}
 
@@ -555,7 +573,7 @@ class GGUFModel:
         """Map the file for tensor reads; offsets were validated against its size by the
         header parser, so views into the map cannot run past the end."""
         try:
-            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.offset, shape=(self.size,))
         except (OSError, ValueError) as exc:
             raise InputFileError(self.path, f"cannot map: {exc}") from None
         if self._data.shape[0] != self.size:
@@ -608,6 +626,40 @@ class GGUFModel:
         if info.rope_heads:
             values = rope_unpermute(values, info.rope_heads)
         return np.ascontiguousarray(values, dtype=np.float32)
+
+    def extract_into(
+        self,
+        name: str,
+        reference: np.ndarray | None,
+        reference_kind: int,
+        row_scale: np.ndarray,
+        seed: int,
+        num: np.ndarray,
+        den: np.ndarray,
+    ) -> bool:
+        """Add a 2-D carrier's extraction sums straight from its blocks (or its F32/F16/BF16
+        values as stored), as `extract` on `load` would, with no float32 copy of the tensor;
+        False when its type has no kernel here."""
+        from weightmark.kernels import BF16, F16, FLOAT, extract
+        from weightmark.kernels.fused import FUSED_GGML, extract_ggml
+
+        info = self.info(name)
+        dense = {"F32": ("<f4", FLOAT), "F16": ("<u2", F16), "BF16": ("<u2", BF16)}.get(info.ggml_type)
+        if (info.ggml_type not in FUSED_GGML and dense is None) or len(info.ne) != 2:
+            return False
+        cols, rows = info.ne
+        row_map = None
+        if info.rope_heads:
+            row_map = rope_unpermute(np.arange(rows, dtype=np.int64)[:, None], info.rope_heads)[:, 0].copy()
+        if dense is not None:  # the stored values, decoded exactly by the kernel
+            values = self.raw(name).view(dense[0]).reshape(rows, cols)
+            if row_map is not None:
+                values = np.take(values, row_map, axis=0)
+            extract(values, dense[1], reference, reference_kind, row_scale, seed, num, den)
+            return True
+        extract_ggml(info.ggml_type, self.raw(name), rows, cols, row_map, reference, reference_kind, row_scale,
+                     seed, num, den)  # fmt: skip
+        return True
 
     def _fallback(self, info: GGUFTensorInfo, raw: np.ndarray, rows: int) -> np.ndarray:
         """Types without a kernel here (IQ1_*, IQ2_*, IQ3_*, TQ*, MXFP4, ...): gguf's numpy code."""

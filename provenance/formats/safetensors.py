@@ -860,6 +860,7 @@ def write_like(
     progress: Callable[[int], None] | None = None,
     out_dtype: Callable[[TensorInfo], str] | None = None,
     scratch: bool = False,
+    write_shards: Callable[[list[tuple[SafetensorsFile, pathlib.Path]]], list[str]] | None = None,
 ) -> dict[str, str]:
     """Write a copy of `src` at `staging` with each tensor passed through `transform`.
 
@@ -868,18 +869,26 @@ def write_like(
     own); the transform must then return arrays of that dtype's storage type. With
     `scratch=True` the transform gets a fourth argument, an uninitialised output array of the
     right dtype and shape that it may fill and return (it is reused for later tensors).
+    `write_shards`, given (source shard, target path) pairs, writes the shards some other way
+    (e.g. one task per shard on a cluster) and returns their SHA-256s in the same order.
     """
     buffers = _ScratchBuffers() if scratch else None
     staging = pathlib.Path(staging)
     manifest: dict[str, str] = {}
     if not src.is_folder:
         (shard,) = src.shards
+        if write_shards is not None:
+            (manifest[shard.path.name],) = write_shards([(shard, staging)])
+            return manifest
         manifest[shard.path.name] = _write_shard(
             src, shard, staging, transform, progress, out_dtype, buffers
         )
         return manifest
     staging.mkdir(exist_ok=True)
-    for shard in src.shards:
+    if write_shards is not None:
+        pairs = [(shard, staging / shard.path.name) for shard in src.shards]
+        manifest.update(zip([s.path.name for s in src.shards], write_shards(pairs), strict=True))
+    for shard in src.shards if write_shards is None else ():
         manifest[shard.path.name] = _write_shard(
             src, shard, staging / shard.path.name, transform, progress, out_dtype, buffers
         )

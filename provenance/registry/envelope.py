@@ -15,9 +15,12 @@ PREDICATE_BASE = "https://weightmark.dev/predicates"
 PREDICATE_TYPES = {
     "licensee": f"{PREDICATE_BASE}/licensee/v1",
     "model": f"{PREDICATE_BASE}/model/v1",
+    "model-relocation": f"{PREDICATE_BASE}/model-relocation/v1",
     "issued-copy": f"{PREDICATE_BASE}/issued-copy/v1",
     "log-genesis": f"{PREDICATE_BASE}/log-genesis/v1",
     "key-rotation": f"{PREDICATE_BASE}/key-rotation/v1",
+    "model-facts": f"{PREDICATE_BASE}/model-facts/v1",
+    "issue-void": f"{PREDICATE_BASE}/issue-void/v1",
 }
 
 

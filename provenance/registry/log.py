@@ -242,6 +242,13 @@ def verify_log(entries: Iterable[LogEntry], checkpoints: Iterable[tuple[int, byt
     return VerifiedLog(expected, tree.root(), checked, trust)
 
 
+def verify_entry(entry: LogEntry, trust: Trust) -> dict[str, Any]:
+    """Check one entry (payload type, stored leaf, signature under the key chain, signed log
+    index) and return its statement; raise LogVerificationError naming it otherwise."""
+    _verify_entry(entry, trust)
+    return entry.statement
+
+
 def _verify_entry(entry: LogEntry, trust: Trust) -> None:
     i = entry.idx
     if entry.payload_type != PAYLOAD_TYPE:

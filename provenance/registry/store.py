@@ -1,35 +1,60 @@
 """The registry database: licensees, models and issued copies as signed, append-only entries.
 
 Every fact a scan relies on is a row of `entries` (index, canonical statement, signature);
-the tables beside it are indexes over those entries for look-ups. The Merkle log sits over
-`entries` in index order.
+the tables beside it are caches of those entries for look-ups. The Merkle log sits over
+`entries` in index order. Every accessor that returns a cached row first checks it against
+its signed entry (see registry/tables.py), so a row edited behind the tool's back is refused,
+never acted on. A file is only opened as a registry after read-only checks that it is one.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import hashlib
 import json
+import re
 import secrets
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import pycountry
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from weightmark.errors import NotFound, RegistryError, UsageError
+from weightmark.errors import KeyProblem, NotFound, RegistryError, UsageError
+from weightmark.keys import PUBLIC_KEY_FILE
+from weightmark.registry import tables
 from weightmark.registry.envelope import PAYLOAD_TYPE, canonical_json, pae, statement
-from weightmark.registry.log import LogEntry, entry_bytes
+from weightmark.registry.log import (
+    LogEntry,
+    LogVerificationError,
+    Trust,
+    entry_bytes,
+    trust_from_entries,
+    verify_entry,
+)
 from weightmark.registry.merkle import CompactRange, leaf_hash
 from weightmark.registry.note import Checkpoint as NoteCheckpoint
-from weightmark.registry.note import sign_note
+from weightmark.registry.note import NoteError, sign_note, verify_note
+from weightmark.registry.tables import (
+    CARRIER_COLUMNS,
+    ISSUED_COLUMNS,
+    LICENSEE_COLUMNS,
+    MODEL_COLUMNS,
+    SignedIndex,
+    TableMismatch,
+    compare,
+    row_dict,
+)
 
 DB_FILE = "registry.db"
+SQLITE_MAGIC = b"SQLite format 3\x00"
+_ROW_KEYS = {"licensees": "id", "models": "model_id", "carriers": "name", "issued_copies": "entry_idx",
+             "codeword_reservations": "codeword_index"}  # how an error names a row of each table
 
 
 class Signer(Protocol):
@@ -119,6 +144,16 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX entries_created ON entries(created_at);
         """,
     ),
+    (
+        5,
+        """
+        CREATE TABLE model_facts (
+            entry_idx INTEGER PRIMARY KEY REFERENCES entries(idx),
+            model_id TEXT NOT NULL REFERENCES models(model_id)
+        );
+        CREATE INDEX model_facts_by_model ON model_facts(model_id);
+        """,
+    ),
 ]
 
 
@@ -132,6 +167,8 @@ def validate_jurisdiction(code: str) -> str:
         raise UsageError(
             f"jurisdiction {code!r} is not an ISO 3166-1 alpha-2 code (two upper-case letters, e.g. GB, DE, US)"
         )
+    import pycountry  # on first use: every CLI start-up would pay for it otherwise
+
     if pycountry.countries.get(alpha_2=code) is None:
         hint = " (the United Kingdom is GB)" if code == "UK" else ""
         raise UsageError(f"jurisdiction {code!r} is not an assigned ISO 3166-1 alpha-2 code{hint}")
@@ -230,18 +267,102 @@ class Entry:
 
 
 def country_name(code: str) -> str:
+    import pycountry
+
     country = pycountry.countries.get(alpha_2=code)
     return country.name if country is not None else code
 
 
-class Registry:
-    """SQLite store (WAL, synchronous=FULL, appends under BEGIN IMMEDIATE)."""
+def _tables_of(versions: Iterable[int]) -> set[str]:
+    """The tables a weightmark registry holds once these migrations have run."""
+    names = {"schema_migrations"}
+    done = set(versions)
+    for version, sql in MIGRATIONS:
+        if version in done:
+            names.update(re.findall(r"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", sql, flags=re.IGNORECASE))
+    return names
 
-    def __init__(self, path: Path) -> None:
+
+def inspect_database(path: Path) -> None:
+    """Refuse, before anything is written to it, a file that is not a healthy weightmark registry.
+
+    Empty files, files that are not SQLite, SQLite databases of something else (foreign
+    tables, no schema_migrations, an unknown or newer schema version) and corrupted ones
+    (PRAGMA quick_check) all raise RegistryError. The checks run on a read-only connection.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read the registry database ({exc.strerror})") from None
+    if size == 0:
+        raise RegistryError(f"{path}: empty file (0 bytes), not a registry database")
+    if head != SQLITE_MAGIC:
+        raise RegistryError(f"{path}: not an SQLite database, so not a weightmark registry")
+    # Read-only; and with no write-ahead log beside the file (a registry closed cleanly), as an
+    # immutable file, so that not even SQLite's -shm and -wal side files are created.
+    wal = Path(f"{path}-wal").exists()
+    try:
+        db = sqlite3.connect(path.resolve().as_uri() + ("?mode=ro" if wal else "?mode=ro&immutable=1"),
+                             uri=True, timeout=60.0)
+    except sqlite3.DatabaseError as exc:
+        raise RegistryError(f"{path}: cannot open the registry database ({exc})") from None
+    try:
+        problems = [r[0] for r in db.execute("PRAGMA quick_check(1)")]
+        if problems != ["ok"]:
+            raise RegistryError(f"{path}: the database is corrupted ({' '.join(str(problems[0]).split())}); "
+                                "restore it from a backup")
+        found = {r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+        if "schema_migrations" not in found:
+            raise RegistryError(f"{path}: an SQLite database without weightmark's schema_migrations table: "
+                                "not a weightmark registry")
+        versions = {r[0] for r in db.execute("SELECT version FROM schema_migrations")}
+        known = [v for v, _ in MIGRATIONS]
+        if any(type(v) is not int for v in versions) or not versions:
+            raise RegistryError(f"{path}: schema_migrations holds no weightmark schema version")
+        if max(versions) > known[-1]:
+            raise RegistryError(f"{path}: registry schema version {max(versions)} is newer than this weightmark "
+                                f"knows ({known[-1]}); use a newer weightmark")
+        if unknown := sorted(versions - set(known)):
+            raise RegistryError(f"{path}: schema version {unknown[0]} is not one of weightmark's migrations "
+                                f"{known}")
+        expected = _tables_of(versions)
+        if foreign := sorted(found - expected):
+            raise RegistryError(f"{path}: holds table {foreign[0]!r}, which is not part of a weightmark registry")
+        if missing := sorted(expected - found):
+            raise RegistryError(f"{path}: lacks the registry table {missing[0]!r}")
+    except sqlite3.DatabaseError as exc:
+        raise RegistryError(f"{path}: not a usable registry database ({exc})") from None
+    finally:
+        db.close()
+
+
+class Registry:
+    """SQLite store (WAL, synchronous=FULL, appends under BEGIN IMMEDIATE).
+
+    `Registry(path)` opens an existing registry (and brings an older schema up to date);
+    only `Registry.create` writes a new schema. The trust anchor for checked reads is the
+    lab's public key (`lab.pub`) beside the database: the log's key chain must end in it.
+    """
+
+    def __init__(self, path: Path, create: bool = False) -> None:
         self.path = Path(path)
         # The jurisdiction policy (version, date, sha256) recorded in every entry; None when no
         # policy is installed. The lab sets it when it opens the registry.
         self.policy_in_force: dict[str, Any] | None = None
+        self._index: SignedIndex | None = None
+        self._trust: Trust | None = None
+        self._tree = CompactRange()  # frontier of the entries in _index
+        self._chain: list[LogEntry] = []  # genesis and rotation entries in _index
+        self._statements: dict[int, dict[str, Any]] = {}  # entries whose signature was checked
+        self._carriers: dict[str, list[Carrier]] = {}
+        if create:
+            if self.path.exists():
+                raise RegistryError(f"{self.path}: a file is already there; not creating a registry over it")
+        else:
+            inspect_database(self.path)
         try:
             self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -253,7 +374,7 @@ class Registry:
 
     @classmethod
     def create(cls, home: Path) -> Registry:
-        return cls(home / DB_FILE)
+        return cls(home / DB_FILE, create=True)
 
     @classmethod
     def open(cls, home: Path) -> Registry:
@@ -277,6 +398,18 @@ class Registry:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every query inside sees the same state of the database."""
+        if self._db.in_transaction:
+            yield self._db
+            return
+        self._db.execute("BEGIN")
+        try:
+            yield self._db
+        finally:
+            self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         self._db.execute(
@@ -396,6 +529,113 @@ class Registry:
             raise NotFound(f"no checkpoint of size {size}")
         return row[0], row[1]
 
+    # -- checked reads: the signed log as the truth --------------------------------------------
+
+    def signed_index(self, covering: int = 0) -> SignedIndex:
+        """The log's summary, built once per Registry in one pass and cached.
+
+        The pass recomputes every entry's leaf from its bytes (and compares the stored leaf),
+        the Merkle root from those leaves, and checks it against the latest checkpoint's
+        signature under the log's key chain, whose current key must be the home's lab.pub.
+        It is rebuilt when a row refers to an entry past it (an append since).
+        """
+        if self._index is None or self._index.size <= covering:
+            known, self._index = self._index, None
+            self._index, self._trust = self._read_log(known)
+            if self._index.size <= covering:
+                raise TableMismatch(f"entry {covering}: referred to by a table row but not in the signed log "
+                                    f"(which ends at entry {self._index.size - 1})")
+        return self._index
+
+    def _read_log(self, known: SignedIndex | None) -> tuple[SignedIndex, Trust]:
+        """Read the log into `known` (None: from entry 0), check it against the latest checkpoint.
+
+        Extending a known index reads only the entries appended since; the tree's frontier and
+        the key chain's entries are kept between calls for that.
+        """
+        with self.snapshot() as db:
+            latest = db.execute("SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+            if latest is None:
+                raise RegistryError(f"{self.path}: no signed checkpoint yet")
+            size, _, note = latest
+            if known is None:
+                index, tree, chain = SignedIndex(size), CompactRange(), []
+            else:
+                index, chain = known, list(self._chain)
+                tree = CompactRange(self._tree.size, self._tree.hashes)
+                index.size = size
+            rows = db.execute("SELECT idx, payload_type, payload, key_id, signature, leaf_hash FROM entries"
+                              " WHERE idx >= ? ORDER BY idx", (len(index.kinds),))
+            for row in rows:
+                idx = len(index.kinds)
+                if row[0] != idx:
+                    raise LogVerificationError(f"entry {idx}: missing or out of order (next stored entry is {row[0]}); "
+                                               "run `weightmark registry verify`")
+                try:
+                    leaf = leaf_hash(entry_bytes(row[2], row[3], row[4]))
+                    stmt = json.loads(row[2])
+                except (TypeError, ValueError, AttributeError):
+                    raise LogVerificationError(f"entry {idx}: unreadable entry bytes") from None
+                if leaf != row[5]:
+                    raise LogVerificationError(f"entry {idx}: stored leaf hash does not match the entry's bytes")
+                tree.append(leaf)
+                index.add(idx, stmt)
+                if index.kinds[-1] in ("log-genesis", "key-rotation"):
+                    chain.append(LogEntry(*row))
+            origin = self.origin
+            _check_row_keys(db, index)
+        if tree.size != size:
+            raise LogVerificationError(f"the log holds {tree.size} entries but its latest signed checkpoint covers "
+                                       f"{size}; run `weightmark registry verify`")
+        trust = trust_from_entries(chain)
+        try:
+            signed = verify_note(note, trust.note_keys(size), origin=trust.origin)
+        except NoteError as exc:
+            raise LogVerificationError(f"checkpoint {size}: {exc}") from None
+        if signed.size != size or signed.root != tree.root():
+            raise LogVerificationError(f"checkpoint {size}: root does not match entries 0..{size - 1}")
+        if origin != trust.origin:
+            raise TableMismatch(f"log_meta row origin: is {origin} but the signed entry 0 says {trust.origin}")
+        pub_path = self.path.parent / PUBLIC_KEY_FILE
+        try:
+            pub = pub_path.read_bytes().decode("ascii", errors="replace")
+        except OSError as exc:
+            raise KeyProblem(f"{pub_path}: cannot read the lab's public key ({exc.strerror})") from None
+        if pub.strip() != trust.current.pem.strip():
+            raise LogVerificationError(f"{pub_path}: is not the log's current signing key")
+        self._tree, self._chain = tree, chain
+        return index, trust
+
+    def signed_statements(self, idxs: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """The statements of these entries, each checked once per Registry: its leaf recomputed
+        from its bytes, its signature under the key chain, its signed log index, and its
+        inclusion in the latest signed checkpoint."""
+        wanted = sorted(set(idxs))
+        todo = [i for i in wanted if i not in self._statements]
+        if todo:
+            self.signed_index(todo[-1])
+            assert self._trust is not None
+            for start in range(0, len(todo), 500):
+                chunk = todo[start:start + 500]
+                rows = self._db.execute(
+                    "SELECT idx, payload_type, payload, key_id, signature, leaf_hash FROM entries"
+                    f" WHERE idx IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+                for row in rows:
+                    self._statements[row[0]] = verify_entry(LogEntry(*row), self._trust)
+        missing = [i for i in wanted if i not in self._statements]
+        if missing:
+            raise NotFound(f"no registry entry {missing[0]}")
+        return {i: self._statements[i] for i in wanted}
+
+    def _signed(self, idx: int) -> dict[str, Any]:
+        return self.signed_statements([idx])[idx]
+
+    def _cover(self, rows: Sequence[dict[str, Any]]) -> SignedIndex:
+        """The index, rebuilt if a row names an entry appended since it was built."""
+        latest = max((r["entry_idx"] for r in rows if isinstance(r["entry_idx"], int)), default=-1)
+        index = self.signed_index()
+        return self.signed_index(latest) if latest >= index.size else index
+
     # -- entries ----------------------------------------------------------------------------
 
     def entry(self, idx: int) -> Entry:
@@ -406,8 +646,61 @@ class Registry:
             raise NotFound(f"no registry entry {idx}")
         return Entry(*row)
 
+    def checked_entry(self, idx: int) -> Entry:
+        """An entry whose signature, leaf and checkpoint inclusion hold, and whose kind column
+        is its signed kind (`created_at` is when the row was written: bookkeeping, not signed)."""
+        if not 0 <= idx < self.entry_count():
+            raise NotFound(f"no registry entry {idx}")
+        self.signed_statements([idx])
+        entry = self.entry(idx)
+        signed_kind = self.signed_index().kinds[idx]
+        if entry.kind != signed_kind:
+            raise TableMismatch(f"entries row idx={idx}: kind is {entry.kind} but the signed entry {idx} "
+                                f"says {signed_kind}")
+        return entry
+
     def entry_count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+
+    def check_integrity(self) -> None:
+        """PRAGMA integrity_check: raise RegistryError naming the first problem SQLite finds."""
+        problems = [r[0] for r in self._db.execute("PRAGMA integrity_check(1)")]
+        if problems != ["ok"]:
+            raise RegistryError(f"{self.path}: the database is corrupted ({' '.join(str(problems[0]).split())})")
+
+    def check_foreign_keys(self) -> None:
+        """PRAGMA foreign_key_check: raise TableMismatch naming the first row that refers to nothing."""
+        bad = self._db.execute("PRAGMA foreign_key_check").fetchone()
+        if bad is not None:
+            table, rowid, parent, _ = bad
+            key = _ROW_KEYS.get(table, "rowid")
+            value = self._db.execute(f"SELECT {key} FROM {table} WHERE rowid = ?", (rowid,)).fetchone()
+            raise TableMismatch(f"{table} row {key}={tables.show(value[0] if value else rowid)}: refers to a "
+                                f"{parent} row that does not exist")
+
+    def verify_tables(self, entries: Sequence[LogEntry]) -> None:
+        """Every row of every table a command reads, re-derived from these (verified) entries."""
+        with self.snapshot() as db:
+            tables.verify_tables(db, entries)
+            origin = json.loads(entries[0].payload)["predicate"]["origin"] if entries else None
+            meta = db.execute("SELECT key, value FROM log_meta ORDER BY key").fetchall()
+            if meta != [("origin", origin)]:
+                raise TableMismatch(f"log_meta rows are {meta} but the signed entry 0 says origin {origin}")
+            # Every checkpoint's note was verified with the log; its root column must be the
+            # note's (the third line of the body). Only the latest frontier is ever resumed.
+            latest = db.execute("SELECT MAX(size) FROM checkpoints").fetchone()[0]
+            for size, root, note, frontier in db.execute("SELECT size, root, note, frontier FROM checkpoints"):
+                where = f"checkpoints row size={size}"
+                try:
+                    signed_root = base64.b64decode(bytes(note).split(b"\n", 3)[2], validate=True)
+                    resumed = signed_root if size != latest else CompactRange(
+                        size, [bytes.fromhex(h) for h in json.loads(frontier)]).root()
+                except (IndexError, ValueError, TypeError):
+                    raise TableMismatch(f"{where}: note or frontier is unreadable") from None
+                if root != signed_root:
+                    raise TableMismatch(f"{where}: root is not the root its signed note states")
+                if resumed != signed_root:
+                    raise TableMismatch(f"{where}: frontier does not hash to the root its signed note states")
 
     # -- licensees --------------------------------------------------------------------------
 
@@ -430,16 +723,42 @@ class Registry:
         return Licensee(lid, name, jurisdiction, email, created, idx)
 
     def licensee(self, licensee_id: str) -> Licensee:
-        row = self._db.execute("SELECT * FROM licensees WHERE id = ?", (licensee_id,)).fetchone()
+        row = self._db.execute(f"SELECT {', '.join(LICENSEE_COLUMNS)} FROM licensees WHERE id = ?",
+                               (licensee_id,)).fetchone()
         if row is None:
+            signed = self.signed_index().licensees.get(licensee_id)
+            if signed is not None:
+                raise TableMismatch(f"licensees: no row for the licensee of signed entry {signed[0]} (a deleted row)")
             raise NotFound(f"no licensee {licensee_id!r} (see `weightmark licensee list`)")
-        return Licensee(*row)
+        return self._checked_licensees([row])[0]
 
     def licensees(self, jurisdiction: str | None = None) -> list[Licensee]:
-        sql, args = "SELECT * FROM licensees", ()
-        if jurisdiction:
-            sql, args = sql + " WHERE jurisdiction = ?", (jurisdiction,)
-        return [Licensee(*r) for r in self._db.execute(sql + " ORDER BY entry_idx", args)]
+        rows = self._db.execute(f"SELECT {', '.join(LICENSEE_COLUMNS)} FROM licensees ORDER BY entry_idx").fetchall()
+        checked = self._checked_licensees(rows, complete=True)
+        return [lic for lic in checked if jurisdiction is None or lic.jurisdiction == jurisdiction]
+
+    def _checked_licensees(self, rows: Sequence[Sequence[Any]], complete: bool = False) -> list[Licensee]:
+        """Licensee rows checked against their signed entries; `complete`: rows are the whole
+        table, and every signed licensee must be among them."""
+        dicts = [row_dict(LICENSEE_COLUMNS, r) for r in rows]
+        index = self._cover(dicts)
+        by_id = {}
+        for d in dicts:
+            signed = index.licensees.get(d["id"])
+            if signed is None:
+                raise TableMismatch(f"licensees row id={tables.show(d['id'])}: no signed licensee entry has this id "
+                                    "(an added row)")
+            by_id[d["id"]] = signed[0]
+        statements = self.signed_statements(by_id.values())
+        for d in dicts:
+            idx = by_id[d["id"]]
+            compare(f"licensees row id={d['id']}", d, _expected(tables.expected_licensee, idx, statements[idx]), idx,
+                    values=False)
+        if complete:
+            for lid, (idx, _) in sorted(index.licensees.items(), key=lambda kv: kv[1][0]):
+                if lid not in by_id:
+                    raise TableMismatch(f"licensees: no row for the licensee of signed entry {idx} (a deleted row)")
+        return [Licensee(*r) for r in rows]
 
     # -- models -----------------------------------------------------------------------------
 
@@ -452,23 +771,26 @@ class Registry:
         files: dict[str, dict[str, int]],
         carriers: Sequence[Carrier],
         signer: Signer,
+        facts: dict[str, Any] | None = None,
     ) -> Model:
         if not name.strip():
             raise UsageError("model name must not be empty")
-        table = hashlib.sha256()
-        for c in carriers:
-            table.update(canonical_json([c.name, c.dtype, list(c.shape)]))
-            table.update(np.ascontiguousarray(c.row_scale, dtype="<f4").tobytes())
+        digest, count, elements = tables.row_scale_sha256(
+            (c.name, c.dtype, c.shape, np.ascontiguousarray(c.row_scale, dtype="<f4").tobytes()) for c in carriers)
         created = now()
         predicate = {
             "model_id": model_id,
             "name": name,
             "format": fmt,
-            "carriers": len(carriers),
-            "carrier_elements": int(sum(int(np.prod(c.shape)) for c in carriers)),
-            "row_scale_sha256": table.hexdigest(),
+            "carriers": count,
+            "carrier_elements": elements,
+            "row_scale_sha256": digest,
             "registered_at": created,
+            "base_path": base_path,
+            "files": files,
         }
+        if facts is not None:
+            predicate["facts"] = facts  # measured at registration (see weightmark.facts)
         with self._write() as db:
             clash = db.execute("SELECT name FROM models WHERE model_id = ? OR name = ?", (model_id, name)).fetchone()
             if clash is not None:
@@ -483,42 +805,85 @@ class Registry:
                 [(model_id, i, c.name, c.dtype, json.dumps(list(c.shape)),
                   np.ascontiguousarray(c.row_scale, dtype="<f4").tobytes()) for i, c in enumerate(carriers)],
             )
-        return self.model(name)
+        return Model(model_id, name, base_path, fmt, files, created, idx)
 
-    def _model_from_row(self, row: tuple) -> Model:
-        model_id, name, base_path, fmt, files, created, idx = row
-        return Model(model_id, name, base_path, fmt, json.loads(files), created, idx)
-
-    def model(self, name: str) -> Model:
-        row = self._db.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            raise NotFound(f"no model named {name!r} (see `weightmark model list`)")
-        return self._model_from_row(row)
-
-    def model_by_id(self, model_id: str) -> Model:
-        row = self._db.execute("SELECT * FROM models WHERE model_id = ?", (model_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no model with id {model_id}")
-        return self._model_from_row(row)
+    def relocate_model(self, model: Model, base_path: str, files: dict[str, dict[str, int]],
+                       signer: Signer) -> Model:
+        """Record, in a signed `model-relocation` entry, that a model's base files now live at
+        `base_path` (the caller has checked that they are the registered weights)."""
+        predicate = {"model_id": model.model_id, "name": model.name, "base_path": base_path, "files": files,
+                     "relocated_at": now()}
+        with self._write() as db:
+            self._append(db, "model-relocation", statement("model-relocation", model.name, model.model_id, predicate),
+                         signer)
+            db.execute("UPDATE models SET base_path = ?, files = ? WHERE model_id = ?",
+                       (base_path, json.dumps(files), model.model_id))
+        return replace(model, base_path=base_path, files=files)
 
     def models(self) -> list[Model]:
-        return [self._model_from_row(r) for r in self._db.execute("SELECT * FROM models ORDER BY entry_idx")]
+        """Every registered model, each row checked against its signed entry (and its latest
+        signed relocation); a signed model without its row is refused too."""
+        rows = self._db.execute(f"SELECT {', '.join(MODEL_COLUMNS)} FROM models ORDER BY entry_idx").fetchall()
+        dicts = [row_dict(MODEL_COLUMNS, r) for r in rows]
+        index = self._cover(dicts)
+        by_id = {}
+        for d in dicts:
+            idx = index.models.get(d["model_id"])
+            if idx is None:
+                raise TableMismatch(f"models row model_id={tables.show(d['model_id'])}: no signed model entry has "
+                                    "this model id (an added row)")
+            by_id[d["model_id"]] = idx
+        for model_id, idx in sorted(index.models.items(), key=lambda kv: kv[1]):
+            if model_id not in by_id:
+                raise TableMismatch(f"models: no row for model {model_id} of signed entry {idx} (a deleted row)")
+        statements = self.signed_statements([*by_id.values(), *index.locations.values()])
+        for d in dicts:
+            idx = by_id[d["model_id"]]
+            where = f"models row model_id={d['model_id']}"
+            compare(where, d, _expected(tables.expected_model, idx, statements[idx]), idx, values=False)
+            moved = index.locations.get(d["model_id"])
+            at, location = _expected(tables.expected_location, idx, statements[idx],
+                                     {} if moved is None else {moved: statements[moved]})
+            compare(where, d, location, at, values=False)
+        return [Model(d["model_id"], d["name"], d["base_path"], d["format"], d["files"], d["created_at"],
+                      d["entry_idx"]) for d in dicts]
+
+    def model(self, name: str) -> Model:
+        for model in self.models():
+            if model.name == name:
+                return model
+        raise NotFound(f"no model named {name!r} (see `weightmark model list`)")
+
+    def model_by_id(self, model_id: str) -> Model:
+        for model in self.models():
+            if model.model_id == model_id:
+                return model
+        raise NotFound(f"no model with id {model_id}")
 
     def carriers(self, model_id: str) -> list[Carrier]:
-        rows = self._db.execute(
-            "SELECT name, dtype, shape, row_scale FROM carriers WHERE model_id = ? ORDER BY ordinal", (model_id,)
-        )
-        return [
-            Carrier(name, dtype, tuple(json.loads(shape)), np.frombuffer(blob, dtype="<f4"))
-            for name, dtype, shape, blob in rows
-        ]
+        """A model's carriers in order, their row-scale table checked against the signed digest."""
+        if model_id not in self._carriers:
+            index = self.signed_index()
+            idx = index.models.get(model_id)
+            if idx is None:
+                raise NotFound(f"no model with id {model_id}")
+            rows = self._db.execute(f"SELECT {', '.join(CARRIER_COLUMNS)} FROM carriers WHERE model_id = ?"
+                                    " ORDER BY ordinal", (model_id,)).fetchall()
+            stmt = self._signed(idx)
+            checked = _expected(tables.check_carriers, model_id, stmt["predicate"]["name"], stmt, idx, rows)
+            self._carriers[model_id] = [Carrier(name, dtype, shape, np.frombuffer(blob, dtype="<f4"))
+                                        for name, dtype, shape, blob in checked]
+        return self._carriers[model_id]
 
     def carrier_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         """model_id -> {carrier name: shape}, for finding which model a suspect is."""
-        out: dict[str, dict[str, tuple[int, ...]]] = {}
-        for model_id, name, shape in self._db.execute("SELECT model_id, name, shape FROM carriers"):
-            out.setdefault(model_id, {})[name] = tuple(json.loads(shape))
-        return out
+        found = {r[0] for r in self._db.execute("SELECT DISTINCT model_id FROM carriers")}
+        index = self.signed_index()
+        for model_id in sorted(found - index.models.keys(), key=str):
+            raise TableMismatch(f"carriers rows of model_id={tables.show(model_id)}: no signed model entry has "
+                                "this model id (added rows)")
+        return {model_id: {c.name: c.shape for c in self.carriers(model_id)}
+                for model_id, _ in sorted(index.models.items(), key=lambda kv: kv[1])}
 
     # -- issued copies ----------------------------------------------------------------------
 
@@ -572,6 +937,7 @@ class Registry:
             "issuer_key_id": signer.key_id,
             "issued_at": issued,
             "policy": policy,
+            "out_path": out_path,
         }
         subject = Path(out_path).name
         with self._write() as db:
@@ -584,18 +950,56 @@ class Registry:
             )
             db.execute("DELETE FROM codeword_reservations WHERE model_id = ? AND codeword_index = ?",
                        (model.model_id, codeword_index))
-        return self.issued_copy(idx)
+        return IssuedCopy(idx, model.model_id, licensee.id, codeword_index, scheme, output_format, variant,
+                          out_path, digest, issued, licensee.jurisdiction,
+                          None if policy is None else json.dumps(policy, sort_keys=True))
 
     def issued_copy(self, entry_idx: int) -> IssuedCopy:
-        row = self._db.execute("SELECT * FROM issued_copies WHERE entry_idx = ?", (entry_idx,)).fetchone()
+        row = self._db.execute(f"SELECT {', '.join(ISSUED_COLUMNS)} FROM issued_copies WHERE entry_idx = ?",
+                               (entry_idx,)).fetchone()
         if row is None:
+            if entry_idx in self.signed_index().issued:
+                raise TableMismatch(f"issued_copies: no row for the issued copy of signed entry {entry_idx} "
+                                    "(a deleted row)")
             raise NotFound(f"registry entry {entry_idx} is not an issued copy")
-        return IssuedCopy(*row)
+        return self._checked_issued([row])[0]
 
     def issued(self, model_id: str) -> list[IssuedCopy]:
+        """Every copy issued of a model, each row checked against its signed entry; a signed
+        issued copy of this model without its row is refused too."""
         rows = self._db.execute(
-            "SELECT * FROM issued_copies WHERE model_id = ? ORDER BY codeword_index", (model_id,)
-        )
+            f"SELECT {', '.join(ISSUED_COLUMNS)} FROM issued_copies WHERE model_id = ? ORDER BY codeword_index",
+            (model_id,)).fetchall()
+        copies = self._checked_issued(rows)
+        index = self.signed_index()
+        self._complete({c.entry_idx for c in copies},
+                       (idx for idx, (m, _, _) in index.issued.items() if m == model_id))
+        return copies
+
+    def _complete(self, returned: set[int], signed: Iterable[int]) -> None:
+        """Every signed issued copy that a read should have returned was returned; otherwise
+        name the row that hid it (deleted, or an edited column that a filter ran on)."""
+        for idx in sorted(set(signed) - returned):
+            copy = self.issued_copy(idx)  # raises naming a deleted or edited row
+            self.licensee(copy.licensee_id)  # or the licensee row the search joined on
+            raise TableMismatch(f"issued_copies: a stored row hides the issued copy of signed entry {idx} "
+                                "from this search")
+
+    def _checked_issued(self, rows: Sequence[Sequence[Any]]) -> list[IssuedCopy]:
+        dicts = [row_dict(ISSUED_COLUMNS, r) for r in rows]
+        index = self._cover(dicts)
+        for d in dicts:
+            idx = d["entry_idx"]
+            if idx not in index.issued:
+                kind = index.kinds[idx] if isinstance(idx, int) and 0 <= idx < index.size else ""
+                what = f"a {kind} entry" if kind else "no entry"
+                raise TableMismatch(f"issued_copies row entry_idx={tables.show(idx)}: signed entry {tables.show(idx)} "
+                                    f"is {what}, not an issued copy (an added row)")
+        statements = self.signed_statements(d["entry_idx"] for d in dicts)
+        for d in dicts:
+            idx = d["entry_idx"]
+            compare(f"issued_copies row entry_idx={idx}", d, _expected(tables.expected_issued, idx, statements[idx]),
+                    idx, values=False)
         return [IssuedCopy(*r) for r in rows]
 
     def find_issued(
@@ -608,7 +1012,8 @@ class Registry:
         jurisdictions: frozenset[str] | None = None,
     ) -> list[tuple[IssuedCopy, Licensee]]:
         """Issued copies matching every given filter; since/until compare ISO 8601 UTC times."""
-        sql = "SELECT i.*, l.* FROM issued_copies i JOIN licensees l ON l.id = i.licensee_id WHERE 1=1"
+        sql = (f"SELECT {', '.join('i.' + c for c in ISSUED_COLUMNS)}, {', '.join('l.' + c for c in LICENSEE_COLUMNS)}"
+               " FROM issued_copies i JOIN licensees l ON l.id = i.licensee_id WHERE 1=1")
         args: list[Any] = []
         for clause, value in (("i.licensee_id = ?", licensee_id), ("l.jurisdiction = ?", jurisdiction),
                               ("i.model_id = ?", model_id), ("i.issued_at >= ?", since),
@@ -619,5 +1024,154 @@ class Registry:
         if jurisdictions is not None:
             sql += f" AND l.jurisdiction IN ({','.join('?' * len(jurisdictions))})" if jurisdictions else " AND 0"
             args.extend(sorted(jurisdictions))
-        n = len(IssuedCopy.__dataclass_fields__)
-        return [(IssuedCopy(*r[:n]), Licensee(*r[n:])) for r in self._db.execute(sql + " ORDER BY i.entry_idx", args)]
+        n = len(ISSUED_COLUMNS)
+        rows = self._db.execute(sql + " ORDER BY i.entry_idx", args).fetchall()
+        copies = self._checked_issued([r[:n] for r in rows])
+        licensees = self._checked_licensees([r[n:] for r in rows])
+        # The filters ran on the stored rows; the same filters on the signed entries must pick
+        # the same copies, or a row was deleted (or hidden by an edit of a row not returned).
+        index = self.signed_index()
+        wanted = jurisdictions
+        if jurisdiction is not None:
+            wanted = frozenset({jurisdiction}) & (wanted if wanted is not None else frozenset({jurisdiction}))
+
+        def selected(model: str, lic: str, at: str) -> bool:
+            place = index.licensees.get(lic, (None, None))[1]
+            return ((licensee_id is None or lic == licensee_id) and (model_id is None or model == model_id)
+                    and (since is None or at >= since) and (until is None or at < until)
+                    and (wanted is None or place in wanted))
+
+        self._complete({c.entry_idx for c in copies}, (i for i, v in index.issued.items() if selected(*v)))
+        return list(zip(copies, licensees, strict=True))
+
+
+    # -- model facts (export-control classification) --------------------------------------------
+
+    def add_model_facts(self, model: Model, facts: dict[str, Any], how: str, signer: Signer,
+                        by: str | None = None, source: str | None = None,
+                        estimate: str | None = None) -> int:
+        """Append a signed `model-facts` entry: facts `how` ("measured" or "declared") about a
+        model, with who declared them (the signing key, and `by` if given), when, and from what."""
+        at = now()
+        predicate = {"model_id": model.model_id, "model_name": model.name, "how": how, "facts": facts,
+                     "by": by, "source": source, "estimate": estimate, "declared_by_key_id": signer.key_id,
+                     "at": at}
+        digest = hashlib.sha256(canonical_json(facts)).hexdigest()
+        with self._write() as db:
+            idx = self._append(db, "model-facts", statement("model-facts", model.name, digest, predicate), signer)
+            db.execute("INSERT INTO model_facts VALUES (?, ?)", (idx, model.model_id))
+        return idx
+
+    def model_fact_entries(self, model: Model) -> list[Entry]:
+        """The model's signed `model` entry and its `model-facts` entries, in log order."""
+        rows = self._db.execute("SELECT entry_idx FROM model_facts WHERE model_id = ? ORDER BY entry_idx",
+                                (model.model_id,)).fetchall()
+        return [self.entry(model.entry_idx)] + [self.entry(r[0]) for r in rows]
+
+    def key_chain_entries(self) -> list[LogEntry]:
+        """The genesis and key-rotation entries: enough to rebuild the log's key chain (each link
+        is verified by trust_from_entries; a hidden rotation leaves later signatures unverifiable)."""
+        return [LogEntry(*row) for row in self._db.execute(
+            "SELECT idx, payload_type, payload, key_id, signature, leaf_hash FROM entries"
+            " WHERE idx = 0 OR kind = 'key-rotation' ORDER BY idx")]
+
+    def model_fact_index(self) -> list[tuple[int, str]]:
+        """Every (entry index, model id) row of the model-facts index, in log order."""
+        return [(idx, mid) for idx, mid in self._db.execute(
+            "SELECT entry_idx, model_id FROM model_facts ORDER BY entry_idx")]
+
+    # -- copies never delivered ---------------------------------------------------------------
+
+    def _issue_files(self, entry_idx: int) -> dict[str, str]:
+        """The files manifest of an issued-copy entry, from its signed statement (checked)."""
+        files = self._signed(entry_idx)["predicate"].get("files")
+        if not isinstance(files, dict):
+            raise RegistryError(f"registry entry {entry_idx}: issued copy without a files manifest")
+        return files
+
+    def issued_manifests_at(self, out_path: str) -> list[dict[str, str]]:
+        """The files manifests of every copy issued to `out_path` (newest first), voided or not."""
+        rows = self._db.execute(f"SELECT {', '.join(ISSUED_COLUMNS)} FROM issued_copies WHERE out_path = ?"
+                                " ORDER BY entry_idx DESC", (out_path,)).fetchall()
+        return [self._issue_files(copy.entry_idx) for copy in self._checked_issued(rows)]
+
+    def issue_for_codeword(self, model_id: str, codeword_index: int) -> tuple[IssuedCopy, dict[str, str]] | None:
+        """The copy recorded for a model's codeword and its files manifest; None if not recorded."""
+        row = self._db.execute("SELECT entry_idx FROM issued_copies WHERE model_id = ? AND codeword_index = ?",
+                               (model_id, codeword_index)).fetchone()
+        if row is None:
+            return None
+        return self.issued_copy(row[0]), self._issue_files(row[0])
+
+    def voided_issues(self) -> dict[int, int]:
+        """{issued-copy entry: the issue-void entry saying that copy was never delivered}, from
+        the signed void entries (their kind taken from the statement, their signature checked)."""
+        index = self.signed_index(self.entry_count() - 1)
+        voids = [i for i, kind in enumerate(index.kinds) if kind == "issue-void"]
+        out: dict[int, int] = {}
+        for idx, stmt in self.signed_statements(voids).items():
+            issue = stmt["predicate"].get("issue_entry")
+            if type(issue) is not int or issue not in index.issued:
+                raise TableMismatch(f"signed entry {idx}: voids entry {tables.show(issue)}, which is not an issued copy")
+            out.setdefault(issue, idx)
+        return out
+
+    def void_issue(self, issued: IssuedCopy, reason: str, signer: Signer) -> int:
+        """Append a signed issue-void entry: the copy of entry `issued` was never delivered.
+
+        The codeword stays reserved for it (scans still score it); the entry only records that
+        no file left the lab under that issue. Voiding twice returns the first void entry.
+        """
+        predicate = {
+            "issue_entry": issued.entry_idx,
+            "model_id": issued.model_id,
+            "licensee_id": issued.licensee_id,
+            "codeword_index": issued.codeword_index,
+            "reason": reason,
+            "voided_at": now(),
+        }
+        subject = self.entry(issued.entry_idx)
+        digest = hashlib.sha256(subject.payload).hexdigest()
+        with self._write() as db:
+            for idx, payload in db.execute("SELECT idx, payload FROM entries WHERE kind = 'issue-void'"):
+                if json.loads(payload)["predicate"]["issue_entry"] == issued.entry_idx:
+                    return idx
+            return self._append(db, "issue-void",
+                                statement("issue-void", f"entry-{issued.entry_idx}", digest, predicate), signer)
+
+
+def _expected(derive: Any, *args: Any) -> Any:
+    """Call a tables.* derivation, turning a signed entry that lacks a field into a clear error."""
+    try:
+        return derive(*args)
+    except (KeyError, TypeError, IndexError) as exc:
+        raise RegistryError(f"a signed entry lacks a field its table row needs ({exc}); "
+                            "run `weightmark registry verify`") from None
+
+
+def _check_row_keys(db: sqlite3.Connection, index: SignedIndex) -> None:
+    """Every licensee, model and issued-copy row has its signed entry, and every such entry its
+    row, by key and entry index alone (no signature: cheap enough for every opening). A row
+    added or deleted anywhere is refused by every command, not only by those that read it."""
+    stored = {r[0]: r[1] for r in db.execute("SELECT id, entry_idx FROM licensees")}
+    for lid, idx in stored.items():
+        if index.licensees.get(lid, (None,))[0] != idx:
+            raise TableMismatch(f"licensees row id={tables.show(lid)}: no signed licensee entry {tables.show(idx)} "
+                                "has this id (an added or changed row)")
+    for lid, (idx, _) in sorted(index.licensees.items(), key=lambda kv: kv[1][0]):
+        if lid not in stored:
+            raise TableMismatch(f"licensees: no row for the licensee of signed entry {idx} (a deleted row)")
+    stored = {r[0]: r[1] for r in db.execute("SELECT model_id, entry_idx FROM models")}
+    for model_id, idx in stored.items():
+        if index.models.get(model_id) != idx:
+            raise TableMismatch(f"models row model_id={tables.show(model_id)}: no signed model entry "
+                                f"{tables.show(idx)} has this model id (an added or changed row)")
+    for model_id, idx in sorted(index.models.items(), key=lambda kv: kv[1]):
+        if model_id not in stored:
+            raise TableMismatch(f"models: no row for the model of signed entry {idx} (a deleted row)")
+    issued = {r[0] for r in db.execute("SELECT entry_idx FROM issued_copies")}
+    for idx in sorted(issued - index.issued.keys(), key=str):
+        raise TableMismatch(f"issued_copies row entry_idx={tables.show(idx)}: signed entry {tables.show(idx)} is not "
+                            "an issued copy (an added row)")
+    for idx in sorted(index.issued.keys() - issued):
+        raise TableMismatch(f"issued_copies: no row for the issued copy of signed entry {idx} (a deleted row)")

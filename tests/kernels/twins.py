@@ -227,3 +227,71 @@ def score_twin(packed: np.ndarray, z: np.ndarray) -> np.ndarray:
     """sum_i c_k[i] z_i with c = +1 for a set bit, -1 for a clear bit (np.unpackbits order)."""
     codes = np.unpackbits(packed, axis=1).astype(np.float64) * 2.0 - 1.0
     return np.array([float(np.sum(row * z)) for row in codes])
+
+
+# ------------------------------------------------------------------------------ MLX affine
+
+
+def _round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> nearest-even bfloat16 value, as float32 (NaN stays NaN)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(x), x, r).astype(np.float32)
+
+
+def dequantize_affine_twin(words: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
+                           group_size: int, cols: int, grid: int = FLOAT) -> np.ndarray:
+    """MLX affine dequantization: the row's bit stream cut into `bits`-bit codes (LSB first),
+    w = scale * q + bias per group, each operation rounded to the scales' dtype."""
+    rows = words.shape[0]
+    stream = np.unpackbits(np.ascontiguousarray(words, dtype="<u4").view(np.uint8), axis=1, bitorder="little")
+    codes = stream[:, : cols * bits].reshape(rows, cols, bits).astype(np.uint32)
+    q = (codes << np.arange(bits, dtype=np.uint32)).sum(axis=-1).astype(np.float32)
+    s = np.repeat(scales.astype(np.float32), group_size, axis=1)
+    b = np.repeat(biases.astype(np.float32), group_size, axis=1)
+    if grid == F16:
+        with np.errstate(over="ignore"):
+            product = (s * q).astype(np.float16).astype(np.float32)
+            return (product + b).astype(np.float16).astype(np.float32)
+    if grid == BF16:
+        return _round_bf16(_round_bf16(s * q) + b)
+    return (s * q + b).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ packed formats
+
+
+def ggml_dequantize_twin(qtype: str, raw: np.ndarray) -> np.ndarray:
+    """float32 values of GGML blocks [rows, bytes per row] by the gguf package's numpy code."""
+    import gguf
+
+    values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def gptq_dequantize_twin(
+    qweight: np.ndarray, bits: int, zeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray
+) -> np.ndarray:
+    """[out, in] float32: w[o, i] = (q[i, o] - zeros[o, g(i)]) * scales[o, g(i)], each step in float32.
+
+    qweight is uint32 [in * bits / 32, out]; input i is field i % (32 / bits) of word i // (32 / bits),
+    low bits first.
+    """
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint32) * np.uint32(bits))[None, :, None]
+    fields = (qweight[:, None, :] >> shifts) & np.uint32((1 << bits) - 1)
+    q = fields.reshape(qweight.shape[0] * per, qweight.shape[1]).T.astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.ascontiguousarray((q - zeros[:, g_idx]) * scales[:, g_idx], dtype=np.float32)
+
+
+def bnb4_dequantize_twin(
+    data: np.ndarray, code: np.ndarray, absmax: np.ndarray, blocksize: int, rows: int, cols: int
+) -> np.ndarray:
+    """[rows, cols] float32: flat element j = code[nibble j] * absmax[j // blocksize], the nibble
+    of element j being the high half of byte j // 2 for even j and the low half for odd j."""
+    j = np.arange(rows * cols)
+    byte = data[j // 2].astype(np.int64)
+    nibble = np.where(j % 2 == 0, byte >> 4, byte & 15)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (code[nibble] * absmax[j // blocksize]).astype(np.float32).reshape(rows, cols)
