@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench eval peers llamacpp bench-llamacpp report-check clean
+.PHONY: demo test lint bench eval peers llamacpp bench-llamacpp runtimes report-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -70,6 +70,14 @@ report-check: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	command -v pdfinfo >/dev/null || (apt-get update && apt-get install -y poppler-utils)
 	$(BIN)/python tests/browser/check_reports.py
+
+# Do stamped copies run? SmolLM2 GGUF copies in llama.cpp (perplexity vs llama-quantize's own
+# unstamped copies, greedy llama-cli answers) and the safetensors/packed copies in transformers.
+# Minutes; never part of `make test`. Needs llama-quantize, llama-perplexity and llama-completion
+# (or llama-cli) in the llama.cpp build of `make llamacpp`; without them only the transformers part
+# runs. Results: benchmarks/results/runtimes.{md,json}.
+runtimes: $(EVAL_STAMP)
+	$(EVAL_BIN)/python benchmarks/check_runtimes.py
 
 clean:
 	rm -rf $(VENV) $(EVAL_VENV) build *.egg-info

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from weightmark.canonical import as_2d, kind_of, to_float32
@@ -80,29 +81,107 @@ def tensor_type(file_type: str, hf_name: str, shape: tuple[int, ...]) -> str:
     return qtype
 
 
-def gguf_hparams(base: Path) -> tuple[str, dict[str, Any]]:
-    """Architecture and hyper-parameters for the GGUF header, from the base's config.json."""
+def _config(base: Path) -> tuple[Path, dict[str, Any]]:
     config_path = (base if base.is_dir() else base.parent) / "config.json"
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError):
         raise InputFileError(config_path, "a readable config.json is needed beside the base to write GGUF") from None
+    if not isinstance(config, dict):
+        raise InputFileError(config_path, "config.json is not a JSON object")
+    return config_path, config
+
+
+def _pooling_type(folder: Path) -> int | None:
+    """sentence-transformers pooling (modules.json -> <pooling>/config.json) as llama.cpp's enum."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        pooling = next(m["path"] for m in modules if m.get("type", "").endswith("Pooling"))
+        config = json.loads((folder / pooling / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
+        return None
+    if config.get("pooling_mode_mean_tokens"):
+        return int(gguf.PoolingType.MEAN)
+    if config.get("pooling_mode_cls_token"):
+        return int(gguf.PoolingType.CLS)
+    return None
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    """The rope base frequency: top-level `rope_theta`, or in `rope_parameters` (transformers 5
+    writes it only there), else llama.cpp's default."""
+    nested = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = config.get("rope_theta", nested.get("rope_theta") if isinstance(nested, dict) else None)
+    return float(theta) if isinstance(theta, (int, float)) else 10000.0
+
+
+def gguf_hparams(base: Path) -> tuple[str, dict[str, Any]]:
+    """Architecture and hyper-parameters for the GGUF header, from the base's config.json
+    (the keys llama.cpp's converter writes for the architecture)."""
+    config_path, config = _config(base)
     kind = config.get("model_type")
-    if kind in ("llama", "mistral", "smollm3"):
-        arch = "llama"
-        meta = {"attention.head_count": config["num_attention_heads"],
-                "attention.head_count_kv": config.get("num_key_value_heads", config["num_attention_heads"]),
-                "context_length": config.get("max_position_embeddings", 2048),
-                "attention.layer_norm_rms_epsilon": config.get("rms_norm_eps", 1e-5),
-                "rope.freq_base": config.get("rope_theta", 10000.0)}
-    elif kind == "bert":
-        arch = "bert"
-        meta = {"attention.head_count": config["num_attention_heads"],
-                "context_length": config.get("max_position_embeddings", 512),
-                "attention.layer_norm_epsilon": config.get("layer_norm_eps", 1e-12)}
-    else:
-        raise InputFileError(config_path, f"model_type {kind!r}: GGUF output supports llama-family and bert")
+    try:
+        if kind in ("llama", "mistral", "smollm3"):
+            arch = "llama"
+            heads = config["num_attention_heads"]
+            meta = {"attention.head_count": heads,
+                    "attention.head_count_kv": config.get("num_key_value_heads", heads),
+                    "context_length": config.get("max_position_embeddings", 2048),
+                    "attention.layer_norm_rms_epsilon": config.get("rms_norm_eps", 1e-5),
+                    "rope.freq_base": _rope_theta(config)}
+            if "head_dim" in config or "hidden_size" in config:
+                meta["rope.dimension_count"] = config.get("head_dim") or config["hidden_size"] // heads
+        elif kind == "bert":
+            arch = "bert"
+            meta = {"attention.head_count": config["num_attention_heads"],
+                    "context_length": config.get("max_position_embeddings", 512),
+                    "attention.layer_norm_epsilon": config.get("layer_norm_eps", 1e-12),
+                    "attention.causal": False}
+            pooling = _pooling_type(config_path.parent)
+            if pooling is not None:
+                meta["pooling_type"] = pooling
+        else:
+            raise InputFileError(config_path, f"model_type {kind!r}: GGUF output supports llama-family and bert")
+    except (KeyError, TypeError, ZeroDivisionError) as exc:
+        raise InputFileError(config_path, f"missing or invalid {exc} for the GGUF header") from None
+    for key, hf_key in (("feed_forward_length", "intermediate_size"), ("embedding_length", "hidden_size"),
+                        ("vocab_size", "vocab_size")):
+        if isinstance(config.get(hf_key), int):
+            meta[key] = config[hf_key]
     return arch, meta
+
+
+def _embedding_rows(base: Checkpoint) -> int | None:
+    for name, (_, info) in base.tensors.items():
+        if name.endswith(("embed_tokens.weight", "word_embeddings.weight", "wte.weight")) and len(info.shape) == 2:
+            return int(info.shape[0])
+    return None
+
+
+def gguf_metadata(base: Checkpoint, base_path: Path, file_type: str | None) -> tuple[str, dict[str, Any], str]:
+    """(architecture, every metadata key of a GGUF copy, where the tokenizer came from).
+
+    Hyper-parameters from config.json, tokenizer and descriptive keys from a donor GGUF or the
+    tokenizer files (weightmark.formats.gguf_vocab), and the file type of `file_type` (None for
+    an all-F32 file) with the quantization version llama-quantize writes. InputFileError, before
+    anything is written, when llama.cpp could not run the result.
+    """
+    from weightmark.formats.gguf_vocab import runtime_metadata
+
+    arch, meta = gguf_hparams(base_path)
+    folder = base_path if base_path.is_dir() else base_path.parent
+    _, config = _config(base_path)
+    n_vocab = _embedding_rows(base) or config.get("vocab_size")
+    if not isinstance(n_vocab, int):
+        raise InputFileError(folder, "no token embedding and no vocab_size in config.json: cannot size the tokenizer")
+    tokenizer, source = runtime_metadata(folder, arch, config, n_vocab)
+    meta.update(tokenizer)
+    if file_type is None:
+        meta["general.file_type"] = int(gguf.LlamaFileType.ALL_F32)
+    else:
+        meta["general.file_type"] = int(gguf.LlamaFileType[f"MOSTLY_{file_type}"])
+        meta["general.quantization_version"] = gguf.GGML_QUANT_VERSION
+    return arch, meta, source
 
 
 def write_quantized_copy(
@@ -117,7 +196,7 @@ def write_quantized_copy(
     from weightmark.formats.gguf import write_gguf
     from weightmark.kernels.quantize import quantize, quantize_frozen
 
-    arch, meta = gguf_hparams(base_path)
+    arch, meta, _ = gguf_metadata(base, base_path, file_type)
     tensors = []
     for name, (_, info) in base.tensors.items():
         if info.dtype in ("F32", "F64", "F16", "BF16"):
@@ -140,6 +219,7 @@ def write_quantized_copy(
         # rounding boundary change, never an unmarked one.
         return qtype, quantize_frozen(qtype, np.ascontiguousarray(stamped), reference, nearest=True)
 
+    # file_type and quantization_version come with `meta`; "F32" only names the default encoder
     return write_gguf(target, arch, tensors, "F32", meta, encode=encode, drop_unmapped=True)
 
 

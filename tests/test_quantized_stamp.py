@@ -37,6 +37,8 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> StampedLab:
     (base / "config.json").write_text(json.dumps({
         "model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3,
         "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0}))
+    # the converter-made GGUF beside the base gives GGUF copies their tokenizer
+    (base / gguf_path.name).symlink_to(gguf_path)
     lab = make_stamped_lab(work, base, "BF16")
     return lab
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import gguf
 import numpy as np
+from gguf.gguf_writer import GGUFValue
 
 from weightmark.kernels.quant import BLOCK_LAYOUTS, dequantize
 from weightmark.moe import is_fused_experts, split_fused_experts
@@ -702,6 +703,9 @@ def _full_key(arch: str, key: str) -> str:
 
 
 def _add_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    if isinstance(value, GGUFValue):  # already typed (copied from another GGUF file)
+        writer.add_key_value(key, value.value, value.type, value.sub_type)
+        return
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, bool):
