@@ -76,7 +76,7 @@ report-check: $(STAMP)
 # Minutes; never part of `make test`. Needs llama-quantize, llama-perplexity and llama-completion
 # (or llama-cli) in the llama.cpp build of `make llamacpp`; without them only the transformers part
 # runs. Results: benchmarks/results/runtimes.{md,json}.
-runtimes: $(EVAL_STAMP)
+runtimes: $(EVAL_STAMP) llamacpp
 	$(EVAL_BIN)/python benchmarks/check_runtimes.py
 
 clean:
