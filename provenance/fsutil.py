@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from .errors import InputFileError
 
-__all__ = ["Staging", "fsync_dir", "sha256_file", "staged_output", "write_bytes_atomic"]
+__all__ = ["Staging", "fsync_dir", "remove_path", "sha256_file", "staged_output", "write_bytes_atomic"]
 
 # Errors that mean "this filesystem cannot fsync a directory", not "the data is lost".
 _FSYNC_DIR_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES}
@@ -23,7 +23,7 @@ def _temp_sibling(final: pathlib.Path, tag: str) -> pathlib.Path:
     return final.parent / f".{final.name}.{tag}-{secrets.token_hex(6)}"
 
 
-def _remove(path: pathlib.Path) -> None:
+def remove_path(path: pathlib.Path) -> None:
     """Remove a file, symlink or whole tree; a missing path is fine."""
     try:
         if path.is_dir() and not path.is_symlink():
@@ -83,7 +83,7 @@ class Staging:
                     except OSError:
                         os.rename(old, final)  # put the previous folder back
                         raise
-                    _remove(old)
+                    remove_path(old)
                 else:
                     os.replace(self.path, final)
             elif self.is_dir:
@@ -135,7 +135,7 @@ def staged_output(
         yield staging
     finally:
         if not staging.published:
-            _remove(temp)
+            remove_path(temp)
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
@@ -158,10 +158,10 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o
             os.close(fd)
         os.replace(temp, path)
     except OSError as exc:
-        _remove(temp)
+        remove_path(temp)
         raise InputFileError(path, f"cannot write: {exc.strerror}") from exc
     except BaseException:
-        _remove(temp)
+        remove_path(temp)
         raise
     fsync_dir(path.parent)
 

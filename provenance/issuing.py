@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from weightmark.errors import InputFileError
-from weightmark.fsutil import fsync_dir
+from weightmark.fsutil import fsync_dir, remove_path
 from weightmark.outputs import Target, manifest_matches
 from weightmark.registry.store import IssuedCopy, Licensee, Model, Registry, Signer, now
 
@@ -53,19 +53,6 @@ _JOURNAL_FORMAT = "weightmark-pending-issue/v1"
 def pause_at(point: str) -> None:
     """Test hook; does nothing. The kill tests replace it in a child process to stop a stamp at
     a named point: "journal-written", "copy-written", "after-commit", "before-rename"."""
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, symlink or tree; a missing path is fine."""
-    import shutil
-
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _sync_tree(path: Path) -> None:
@@ -207,7 +194,7 @@ def _publish(staging: Path, final: Path, backup: Path, replace: bool) -> None:
                 raise InputFileError(final, "appeared while the copy was written; it was left alone") from None
             os.unlink(staging)
         fsync_dir(final.parent)
-    _remove(backup)
+    remove_path(backup)
 
 
 def issue_copy(
@@ -247,12 +234,12 @@ def issue_copy(
                 # The entry is signed but its copy cannot be delivered: say so in the log now.
                 registry.void_issue(issued, "the copy could not be moved into place", signer)
                 voided = True
-                _remove(journal.staging)
+                remove_path(journal.staging)
                 _restore_backup(journal)
                 raise
     except BaseException:
         if not committed:
-            _remove(journal.staging)
+            remove_path(journal.staging)
         # A committed entry that could not be voided keeps its journal: the next command resolves it.
         journal.release(remove=not committed or voided)
         raise
@@ -311,12 +298,12 @@ def _resolve(registry: Registry, journal: _Journal, signer: Callable[[], Signer 
     """Finish or roll back one interrupted issue; False when it must wait for the keys."""
     found = registry.issue_for_codeword(journal.model_id, journal.codeword_index)
     if found is None:
-        _remove(journal.staging)  # never recorded: nothing was issued
-        _remove(journal.backup)
+        remove_path(journal.staging)  # never recorded: nothing was issued
+        remove_path(journal.backup)
         return True
     issued, files = found
     if issued.entry_idx in registry.voided_issues():
-        _remove(journal.staging)
+        remove_path(journal.staging)
         _restore_backup(journal)
         return True
     if os.path.lexists(journal.staging) and manifest_matches(journal.staging, files):
@@ -327,16 +314,16 @@ def _resolve(registry: Registry, journal: _Journal, signer: Callable[[], Signer 
         except (OSError, InputFileError):
             pass  # the final name is taken by something else: the copy cannot be delivered
     elif not os.path.lexists(journal.staging) and manifest_matches(journal.final, files):
-        _remove(journal.backup)  # killed after the rename
+        remove_path(journal.backup)  # killed after the rename
         return True
     key = signer()
     if key is None:
         notify(f"entry {issued.entry_idx}: an interrupted stamp left no deliverable copy; it will be recorded "
                "as never delivered once the lab keys are unlocked (run a command that unlocks them)")
-        _remove(journal.staging)
+        remove_path(journal.staging)
         return False
     void = registry.void_issue(issued, "the stamp was interrupted before the copy was delivered", key)
-    _remove(journal.staging)
+    remove_path(journal.staging)
     _restore_backup(journal)
     notify(f"entry {issued.entry_idx}: an interrupted stamp never delivered its copy; recorded in entry {void}")
     return True
@@ -346,7 +333,7 @@ def _restore_backup(journal: _Journal) -> None:
     """Put back an earlier copy that was moved aside for a replacement that never arrived."""
     if os.path.lexists(journal.backup):
         if os.path.lexists(journal.final):
-            _remove(journal.backup)
+            remove_path(journal.backup)
         else:
             os.rename(journal.backup, journal.final)
             fsync_dir(journal.final.parent)

@@ -42,6 +42,7 @@ from ..errors import FormatError, InputFileError
 from . import looks_like_safetensors, register_sniffer
 from ._zip import Member, read_member, stored_members, zip_names
 from .base import TensorMeta
+from .safetensors import DTYPES
 
 __all__ = ["PyTorchModel", "TensorRef", "open_pytorch", "read_state_dict"]
 
@@ -87,24 +88,9 @@ TORCH_DTYPES = {
     "uint64": "U64",
     "bool": "BOOL",
 }
-# how each dtype's elements are read from the storage bytes (little-endian)
-NUMPY_DTYPES = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<u2"),
-    "BF16": np.dtype("<u2"),
-    "F8_E4M3": np.dtype("u1"),
-    "F8_E5M2": np.dtype("u1"),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"),
-    "U16": np.dtype("<u2"),
-    "U32": np.dtype("<u4"),
-    "U64": np.dtype("<u8"),
-    "BOOL": np.dtype("u1"),
-}
+# how each dtype's elements are read from the storage bytes (little-endian): safetensors' table,
+# with torch's bool read as bytes (checked 0/1 values are never needed: bools are no carriers)
+NUMPY_DTYPES = {**DTYPES, "BOOL": np.dtype("u1")}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 # Opcodes a torch.save state dict uses (protocol 2, plus the framing and memo opcodes of
