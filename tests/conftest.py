@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,16 @@ from weightmark import Lab, attacks
 from weightmark.scheme import DEFAULT_COLLUSION
 
 LICENSEES = [("Northwind Research Ltd", "GB"), ("Falkenstein KI GmbH", "DE"), ("Sakura Compute KK", "JP")]
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """Tests that run the CLI's main() in this process leave its signal handlers behind: put the
+    process's own back, so later tests and the processes they start see the usual ones."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 def minilm_dir() -> Path:

@@ -89,8 +89,12 @@ def test_ggml_matches_extract_of_dequantized(qtype: str, seed: int, rows: int, b
     raw = ggml_blocks(qtype, rows, blocks, rng)
     row_map = rng.permutation(rows).astype(np.int64) if permuted else None
     stored = twins.ggml_dequantize_twin(qtype, raw)
-    # the kernels' dequantizer is bit-equal to the twin (tests/kernels/test_quant.py)
-    np.testing.assert_array_equal(dequantize(qtype, raw, rows, cols).view(np.uint32), stored.view(np.uint32))
+    # the kernels' dequantizer is bit-equal to the twin (tests/kernels/test_quant.py), NaN for NaN:
+    # the sign of the NaN an inf * 0 scale gives depends on the instruction the compiler picked
+    ours = dequantize(qtype, raw, rows, cols)
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(stored))
+    number = ~np.isnan(stored)
+    np.testing.assert_array_equal(ours.view(np.uint32)[number], stored.view(np.uint32)[number])
     values = np.ascontiguousarray(stored if row_map is None else stored[row_map])
     reference, kind = reference_for(values, mode, rng)
     scale = row_scales(rows, rng)
