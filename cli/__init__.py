@@ -67,15 +67,13 @@ def _not_text(args: list[str]) -> str | None:
     return None
 
 
-def _late_signal(signum: int, frame: FrameType | None) -> None:
-    """A signal after the command ended: nothing left to interrupt."""
-
-
 def _ignore_late_signals() -> None:
-    """The command is over (done or rolled back): a late signal must not raise during exit. A
-    Python handler rather than SIG_IGN, which processes started later would inherit."""
+    """The command is over (done or rolled back): a late signal must not raise during exit, nor
+    kill the process while the interpreter shuts down (which resets Python handlers), so SIG_IGN.
+    A caller running main() in its own process restores its handlers afterwards (SIG_IGN would
+    pass to the processes it starts)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _late_signal)
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _fail(message: str, exit_code: int, kind: str, json_mode: bool) -> None:
