@@ -2,8 +2,8 @@
 
 Run once, in an environment with MLX (not a dependency of weightmark):
 
-    python -m venv /work/mlxenv && /work/mlxenv/bin/pip install "mlx[cpu]" numpy
-    /work/mlxenv/bin/python -P tests/data/make_mlx_fixtures.py
+    python -m venv /tmp/mlxenv && /tmp/mlxenv/bin/pip install "mlx[cpu]" numpy
+    /tmp/mlxenv/bin/python -P tests/data/make_mlx_fixtures.py
 
 - `affine.npz`: for bits {2, 3, 4, 5, 6, 8} x group {32, 64, 128} (float32 scales) and a few
   float16 / bfloat16 cases: `B_G_DT.q` (uint32 words), `.scales`, `.biases` (bf16 and f16 as

@@ -2,8 +2,8 @@
 
 Run once, in an environment with onnx (not a dependency of weightmark):
 
-    /work/torchenv/bin/pip install onnx==1.23.2
-    /work/torchenv/bin/python -P tests/data/make_onnx_fixtures.py
+    /tmp/torchenv/bin/pip install onnx==1.23.2
+    /tmp/torchenv/bin/python -P tests/data/make_onnx_fixtures.py
 
 `model.onnx` holds initializers in every storage the reader must know: raw_data (F32, F16,
 BF16, F64), float_data, int32_data (float16 bit patterns), an int64 tensor (no carrier), and

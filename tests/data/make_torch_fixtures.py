@@ -3,8 +3,8 @@
 Run once, in an environment with torch (not a dependency of weightmark), and optionally the
 fickling attack tool (its injected checkpoints become fixtures too):
 
-    python -m venv /work/torchenv && /work/torchenv/bin/pip install torch==2.13.0 numpy fickling==0.1.12
-    /work/torchenv/bin/python -P tests/data/make_torch_fixtures.py
+    python -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.13.0 numpy fickling==0.1.12
+    /tmp/torchenv/bin/python -P tests/data/make_torch_fixtures.py
 
 Every `.npz` holds what torch itself says the tensors are: `NAME` the float32 values
 (`tensor.float()`), `NAME.bits` the stored bit patterns (bf16/f16 as uint16) or values.
