@@ -26,6 +26,7 @@ from weightmark.outputs import (
 )
 from weightmark.progress import NO_PROGRESS, Progress
 from weightmark.registry import policy
+from weightmark.registry.backend import LOCATION_FILE, check_url
 from weightmark.registry.log import (
     LogVerificationError,
     Trust,
@@ -96,17 +97,26 @@ class Lab:
         self._unresolved = 0  # interrupted stamps waiting for the keys to be unlocked
 
     @classmethod
-    def init(cls, home: str | os.PathLike[str] | None, passphrase: str | None) -> Lab:
-        """Create a home: keys (encrypted unless passphrase is None) and a log with its genesis."""
+    def init(cls, home: str | os.PathLike[str] | None, passphrase: str | None, registry: str | None = None) -> Lab:
+        """Create a home: keys (encrypted unless passphrase is None) and a log with its genesis.
+
+        `registry`: a postgresql:// URL (no password in it) for a registry shared by several
+        homes; the home records it in registry.location. None: the home's own SQLite file.
+        """
+        if registry is not None:
+            check_url(registry)
         lab = cls(home, passphrase=lambda: passphrase)
         lab.home.mkdir(parents=True, exist_ok=True)
         os.chmod(lab.home, 0o700)
-        if (lab.home / DB_FILE).exists():
-            raise RegistryError(f"{lab.home / DB_FILE}: a registry already exists here")
+        for name in (DB_FILE, LOCATION_FILE):
+            if os.path.lexists(lab.home / name):
+                raise RegistryError(f"{lab.home / name}: a registry already exists here")
         keys = _keys.create(lab.home, passphrase)
         lab._keys = keys
-        lab._registry = Registry.create(lab.home)
+        lab._registry = Registry.create(lab.home, registry)
         lab._registry.init_log(f"weightmark.lab/{keys.key_id}-{secrets.token_hex(4)}", keys.public_pem, keys)
+        if registry is not None:
+            write_bytes_atomic(lab.home / LOCATION_FILE, registry.encode() + b"\n", mode=0o644)
         return lab
 
     @property
