@@ -10,6 +10,7 @@ import typer
 from weightmark.cli.common import HomeOption, info, prompt_passphrase, safe, warn
 from weightmark.errors import KeyProblem, UsageError
 from weightmark.lab import PASSPHRASE_ENV, Lab, passphrase_from_env
+from weightmark.registry.backend import REGISTRY_ENV, check_url
 
 
 def init(
@@ -17,12 +18,18 @@ def init(
     insecure_no_passphrase: Annotated[
         bool, typer.Option("--insecure-no-passphrase", help="Store the lab keys UNENCRYPTED (demos and tests only).")
     ] = False,
+    registry: Annotated[str | None, typer.Option(
+        "--registry", envvar=REGISTRY_ENV, show_envvar=True,
+        help="A PostgreSQL registry shared by several homes: postgresql://[user@]host[:port]/database "
+             "(no password in it: libpq reads it from PGPASSFILE / ~/.pgpass). Default: registry.db in the home.",
+    )] = None,
 ) -> None:
     """Create a lab home: an Ed25519 signing key, a watermark master secret, an empty registry.
 
     The secrets are encrypted with a passphrase from $WEIGHTMARK_PASSPHRASE or a prompt.
 
     Example: WEIGHTMARK_PASSPHRASE=... weightmark init --home ~/lab
+    [--registry postgresql://weightmark@db.lab.example/registry]
     """
     if insecure_no_passphrase:
         passphrase = None
@@ -38,6 +45,8 @@ def init(
                 raise UsageError("the two passphrases differ")
         if len(passphrase) < 8:
             raise UsageError("the passphrase must have at least 8 characters")
-    lab = Lab.init(home, passphrase)
+    if registry is not None:
+        check_url(registry)  # before any key is made
+    lab = Lab.init(home, passphrase, registry)
     info(f"Lab home ready at {lab.home} (key id {lab.keys.key_id}).")
     typer.echo(safe(lab.home))

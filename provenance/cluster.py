@@ -75,18 +75,18 @@ def _numba_threads() -> None:
         numba.set_num_threads(min(_WORKER_THREADS, numba.config.NUMBA_NUM_THREADS))
 
 
-def _registry_at(db_path: str) -> Any:
+def _registry_at(home: str) -> Any:
     from weightmark.registry.store import Registry
 
-    return Registry(Path(db_path))
+    return Registry.open(Path(home))  # the home's SQLite file, or the PostgreSQL URL it records
 
 
-def _scan_task(db_path: str, suspect: str, model_keys: dict[str, bytes], options: Any) -> Any:
+def _scan_task(home: str, suspect: str, model_keys: dict[str, bytes], options: Any) -> Any:
     """One suspect of a sweep, on a worker."""
     from weightmark.sweep import scan_one
 
     _numba_threads()
-    registry = _registry_at(db_path)
+    registry = _registry_at(home)
     try:
         return scan_one(registry, DerivedKeys(model_keys), suspect, options)
     finally:
@@ -206,7 +206,7 @@ class Cluster:
                 pending.append(item_from_error(str(suspect), exc))
                 continue
             derived = {model_id: keys.model_key(model_id) for model_id in ids}
-            pending.append(self.client.submit(_scan_task, str(registry.path), str(suspect), derived, options,
+            pending.append(self.client.submit(_scan_task, str(registry.home), str(suspect), derived, options,
                                               pure=False))
         for entry in pending:
             yield entry if not hasattr(entry, "result") else entry.result()

@@ -187,10 +187,13 @@ POSTGRES_MIGRATIONS: list[tuple[int, str]] = [(v, _pg(sql)) for v, sql in SQLITE
 ]
 
 # The tables an appending role writes (INSERT), and the one UPDATE / DELETE each needs.
+# Everything else is read-only to it; a read-only role gets SELECT on every table and nothing more.
 APPEND_INSERTS = ("entries", "checkpoints", "merkle_nodes", "log_meta", "licensees", "models", "carriers",
-                  "issued_copies", "codeword_reservations", "model_facts", "schema_migrations")
-APPEND_UPDATES = ("models", "log_coordination")  # models: a relocation's base_path; the lock row
+                  "issued_copies", "codeword_reservations", "model_facts")
+APPEND_UPDATES = (("models", "base_path, files"),  # a signed relocation moves a model's base
+                  ("log_coordination", "created_at"))  # SELECT ... FOR UPDATE needs an UPDATE right
 APPEND_DELETES = ("codeword_reservations",)  # a reservation ends when its copy is recorded
+ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 # Foreign keys, checked by anti-joins on PostgreSQL (where the database enforces them, unless a
 # superuser disabled its triggers): (table, key column, column, parent table, parent column).
@@ -484,10 +487,46 @@ class PostgresDatabase(Database):
                 return table, key, row[0], parent
         return None
 
+    def grant(self, appender: str | None, reader: str | None) -> list[str]:
+        database, schema = self.execute("SELECT current_database(), current_schema()").fetchone()
+        statements = _grant_statements(database, schema, sorted(self.table_names()), appender, reader)
+        self.execute("BEGIN")
+        try:
+            for stmt in statements:
+                self.execute(stmt)
+        except BaseException:
+            self.rollback()
+            raise
+        self.commit()
+        return statements
+
     def table_names(self) -> set[str]:
         return {r[0] for r in self.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
             " AND table_type = 'BASE TABLE'")}
+
+
+def _grant_statements(database: str, schema: str, tables: Sequence[str], appender: str | None,
+                      reader: str | None) -> list[str]:
+    """The SQL giving each role what it needs and nothing more (roles are made if missing)."""
+    out: list[str] = []
+    for role in (appender, reader):
+        if role is None:
+            continue
+        if not ROLE_NAME.fullmatch(role):
+            raise UsageError(f"role name {role!r}: use lower-case letters, digits and _ (at most 63)")
+        out.append(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
+                   f"THEN CREATE ROLE {role} LOGIN; END IF; END $$")
+        out.append(f'GRANT CONNECT ON DATABASE "{database}" TO {role}')
+        out.append(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
+        out.append(f"REVOKE ALL ON {', '.join(tables)} FROM {role}")
+        out.append(f"GRANT SELECT ON {', '.join(tables)} TO {role}")
+    if appender is not None:
+        out.append(f"GRANT INSERT ON {', '.join(APPEND_INSERTS)} TO {appender}")
+        for table, columns in APPEND_UPDATES:
+            out.append(f"GRANT UPDATE ({columns}) ON {table} TO {appender}")
+        out.append(f"GRANT DELETE ON {', '.join(APPEND_DELETES)} TO {appender}")
+    return out
 
 
 def _placeholders(sql: str) -> bytes:

@@ -70,6 +70,9 @@ class Signer(Protocol):
     def sign(self, message: bytes) -> bytes: ...
 
 
+# Every table of the registry, parents before the rows that refer to them (for copying).
+COPIED_TABLES = ("entries", "log_meta", "checkpoints", "merkle_nodes", "licensees", "models", "carriers",
+                 "codeword_reservations", "issued_copies", "model_facts")
 MIGRATIONS = SQLITE_MIGRATIONS  # the SQLite schema; backend.py holds both dialects
 
 
@@ -436,6 +439,31 @@ class Registry:
         db.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?)",
                    (idx + 1, tree.root(), note, json.dumps([h.hex() for h in tree.hashes]), now()))
 
+    # -- moving and guarding the database ---------------------------------------------------
+
+    def copy_into(self, target: Registry) -> int:
+        """Copy every row of this registry into an empty `target` (another backend), in one
+        transaction of the target; return the number of entries copied. The caller verifies
+        the copy before using it."""
+        if target.entry_count():
+            raise RegistryError(f"{target.where}: already holds a log; not copying over it")
+        with self.snapshot() as src, target._write() as dst:
+            for table in COPIED_TABLES:
+                cur = src.execute(f"SELECT * FROM {table}")
+                columns = [d[0] for d in cur.description]
+                sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+                while rows := cur.fetchmany(2000):
+                    dst.executemany(sql, [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+                                          for r in rows])
+            return self.entry_count()
+
+    def grant(self, appender: str | None, reader: str | None) -> list[str]:
+        """PostgreSQL only: create (if need be) and grant an appending role and a read-only role
+        exactly what each needs; return the SQL statements run."""
+        if not isinstance(self._db, PostgresDatabase):
+            raise UsageError(f"{self.where}: roles and grants exist only for a PostgreSQL registry")
+        return self._db.grant(appender, reader)
+
     # -- the log -----------------------------------------------------------------------------
 
     @property
@@ -495,18 +523,36 @@ class Registry:
         return node_hash(self.subtree_hash(lo, lo + k), self.subtree_hash(lo + k, hi))
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
-        """RFC 6962 PATH(index, D[0:size]) from the stored nodes (O(log n) reads)."""
-        if not 0 <= index < size <= self.entry_count():
-            raise ValueError(f"leaf index {index} outside a tree of size {size}")
+        """RFC 6962 PATH(index, D[0:size]) from the stored nodes (O(log n) reads), checked
+        against the entry's recomputed leaf and the stored checkpoint of that size."""
         with self.snapshot():
-            return merkle.inclusion_proof_by(self.subtree_hash, index, size)
+            if not 0 <= index < size <= self.entry_count():
+                raise ValueError(f"leaf index {index} outside a tree of size {size}")
+            path = merkle.inclusion_proof_by(self.subtree_hash, index, size)
+            (entry,) = self.log_entries(index, index + 1)
+            root, _ = self.checkpoint(size)
+        try:
+            merkle.verify_inclusion(leaf_hash(entry.data), index, size, path, bytes(root))
+        except merkle.ProofError:
+            raise RegistryError(f"{self.where}: the stored Merkle nodes do not prove entry {index} in checkpoint "
+                                f"{size}; run `weightmark registry verify`") from None
+        return path
 
     def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
-        """RFC 6962 PROOF(size1, D[0:size2]) from the stored nodes (O(log n) reads)."""
-        if not 0 < size1 <= size2 <= self.entry_count():
-            raise ValueError(f"consistency proof needs 0 < size1 <= size2 <= {self.entry_count()}")
+        """RFC 6962 PROOF(size1, D[0:size2]) from the stored nodes (O(log n) reads), checked
+        against the stored checkpoints of both sizes."""
         with self.snapshot():
-            return merkle.consistency_proof_by(self.subtree_hash, size1, size2)
+            if not 0 < size1 <= size2 <= self.entry_count():
+                raise ValueError(f"consistency proof needs 0 < size1 <= size2 <= {self.entry_count()}")
+            path = merkle.consistency_proof_by(self.subtree_hash, size1, size2)
+            root1, _ = self.checkpoint(size1)
+            root2, _ = self.checkpoint(size2)
+        try:
+            merkle.verify_consistency(size1, size2, path, bytes(root1), bytes(root2))
+        except merkle.ProofError:
+            raise RegistryError(f"{self.where}: the stored Merkle nodes do not prove checkpoint {size1} a prefix "
+                                f"of checkpoint {size2}; run `weightmark registry verify`") from None
+        return path
 
     def checkpoints(self) -> list[tuple[int, bytes]]:
         return [(s, n) for s, n in self._db.execute("SELECT size, note FROM checkpoints ORDER BY size")]
