@@ -412,13 +412,17 @@ class Registry:
     def _seal(self, db: Database, idx: int, leaf: bytes, signer: Signer,
               cosigner: Ed25519PrivateKey | None) -> None:
         """Sign the checkpoint of size idx + 1, extending the previous one (never contradicting it)."""
-        prev = db.execute("SELECT size, root, frontier FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+        prev = db.execute("SELECT size, root, frontier, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
         if prev is None:
             tree = CompactRange()
         else:
             tree = CompactRange(prev[0], [bytes.fromhex(h) for h in json.loads(prev[2])])
-            if tree.root() != prev[1]:
-                raise RegistryError(f"checkpoint {prev[0]}: stored frontier does not match its root; "
+            try:
+                signed_root = base64.b64decode(bytes(prev[3]).split(b"\n", 3)[2], validate=True)
+            except (IndexError, ValueError):
+                signed_root = None
+            if tree.root() != prev[1] or signed_root != bytes(prev[1]):
+                raise RegistryError(f"checkpoint {prev[0]}: stored frontier does not match its signed root; "
                                     "run `weightmark registry verify`")
         if tree.size != idx:
             raise RegistryError(f"checkpoint {tree.size}: the latest checkpoint does not end where entry {idx} "
