@@ -55,16 +55,24 @@ lab.close()
 """
 
 
-def start_writer(home: Path, tag: str, count: int) -> subprocess.Popen[str]:
+def spawn_writer(home: Path, tag: str, count: int) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTMARK_")}
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(home), tag, str(count), MODEL], env=env,
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(home), tag, str(count), MODEL], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if line != "ready\n":
-        proc.kill()
-        raise AssertionError(f"writer did not start: {line!r} {proc.communicate()[1]}")
-    return proc
+
+
+def start_writers(specs: list[tuple[Path, str, int]]) -> list[subprocess.Popen[str]]:
+    """Start writers side by side (their start-up is most of the cost); return them once all
+    are ready."""
+    procs = [spawn_writer(*spec) for spec in specs]
+    for proc in procs:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line != "ready\n":
+            for p in procs:
+                p.kill()
+            raise AssertionError(f"writer did not start: {line!r} {proc.communicate()[1]}")
+    return procs
 
 
 def go(proc: subprocess.Popen[str]) -> None:
@@ -99,15 +107,17 @@ def stored(url: str) -> tuple[list[int], set[str], list[int]]:
 
 def test_four_homes_thirty_two_writers_one_log(tmp_path: Path, pg_url: str) -> None:
     homes = lab_homes(tmp_path, pg_url, HOMES)
-    procs = [start_writer(home, f"h{h}p{p}", APPENDS) for h, home in enumerate(homes) for p in range(PER_HOME)]
+    procs = start_writers([(home, f"h{h}p{p}", APPENDS) for h, home in enumerate(homes) for p in range(PER_HOME)])
     for proc in procs:  # every writer is up; release them together
         go(proc)
     # Verify from another home while they append: each run sees one committed prefix, whole.
-    sizes = []
+    r = run_cli("registry", "verify", "--json", home=homes[-1])
+    assert r.returncode == 0, r.stderr
+    sizes = [int(r.stdout.split('"entries": ')[1].split(",")[0])]
     while any(p.poll() is None for p in procs):
-        r = run_cli("registry", "verify", "--json", home=homes[-1])
-        assert r.returncode == 0, r.stderr
-        sizes.append(int(r.stdout.split('"entries": ')[1].split(",")[0]))
+        with Lab(homes[-1], passphrase=None) as lab:  # a fresh reader each time
+            sizes.append(lab.verify_log().size)
+        time.sleep(0.5)
     printed: list[tuple[str, int]] = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)
@@ -132,11 +142,11 @@ def test_sigkilled_writers_lose_nothing_acknowledged(tmp_path: Path, pg_url: str
     acknowledged: set[str] = set()
     kills = 0
     while kills < 30:
-        batch = [start_writer(homes[i % 2], f"k{kills + i}", 0) for i in range(3)]
+        batch = start_writers([(homes[i % 2], f"k{kills + i}", 0) for i in range(6)])
         for proc in batch:
             go(proc)
         for proc in batch:
-            time.sleep(rng.uniform(0.05, 0.4))
+            time.sleep(rng.uniform(0.02, 0.25))
             proc.send_signal(signal.SIGKILL)
             out, _ = proc.communicate(timeout=60)
             assert proc.returncode == -signal.SIGKILL
