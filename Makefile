@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench eval peers llamacpp bench-llamacpp runtimes report-check clean
+.PHONY: demo test lint bench bench-registry eval peers llamacpp bench-llamacpp runtimes report-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_end_to_end.py
 	$(BIN)/python benchmarks/bench_fidelity.py
 	$(BIN)/python benchmarks/bench_dequant_extract.py
+
+# The registry on SQLite and on a throwaway PostgreSQL cluster: appends/s, verify of 100,000
+# entries, proofs at 10^6 entries (several minutes; needs PostgreSQL's server binaries).
+bench-registry: $(STAMP)
+	$(BIN)/python benchmarks/bench_registry_backends.py --json benchmarks/out/registry-backends.json
 
 # llama.cpp's quantizer, built once from the llama-cpp-python source package (minutes) and
 # cached: the independent K-quant peer of the benchmarks, never part of `make test`.

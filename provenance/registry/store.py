@@ -530,11 +530,11 @@ class Registry:
         """RFC 6962 PATH(index, D[0:size]) from the stored nodes (O(log n) reads), checked
         against the entry's recomputed leaf and the stored checkpoint of that size."""
         with self.snapshot():
-            if not 0 <= index < size <= self.entry_count():
+            if not 0 <= index < size:
                 raise ValueError(f"leaf index {index} outside a tree of size {size}")
+            root, _ = self.checkpoint(size)  # NotFound unless a checkpoint of that size was signed
             path = merkle.inclusion_proof_by(self.subtree_hash, index, size)
             (entry,) = self.log_entries(index, index + 1)
-            root, _ = self.checkpoint(size)
         try:
             merkle.verify_inclusion(leaf_hash(entry.data), index, size, path, bytes(root))
         except merkle.ProofError:
@@ -546,11 +546,11 @@ class Registry:
         """RFC 6962 PROOF(size1, D[0:size2]) from the stored nodes (O(log n) reads), checked
         against the stored checkpoints of both sizes."""
         with self.snapshot():
-            if not 0 < size1 <= size2 <= self.entry_count():
-                raise ValueError(f"consistency proof needs 0 < size1 <= size2 <= {self.entry_count()}")
-            path = merkle.consistency_proof_by(self.subtree_hash, size1, size2)
-            root1, _ = self.checkpoint(size1)
+            if not 0 < size1 <= size2:
+                raise ValueError(f"consistency proof needs 0 < size1 <= size2, got {size1}, {size2}")
+            root1, _ = self.checkpoint(size1)  # NotFound unless checkpoints of both sizes were signed
             root2, _ = self.checkpoint(size2)
+            path = merkle.consistency_proof_by(self.subtree_hash, size1, size2)
         try:
             merkle.verify_consistency(size1, size2, path, bytes(root1), bytes(root2))
         except merkle.ProofError:
