@@ -208,3 +208,29 @@ def test_create_refuses_a_database_with_foreign_tables(tmp_path: Path, pg_url: s
     assert pg_cluster.psql(dbname, "CREATE TABLE invoices (id int)").returncode == 0
     with pytest.raises(RegistryError, match="already holds tables"):
         Lab.init(tmp_path / "home", passphrase=None, registry=pg_url)
+
+
+def test_issues_voids_rotation_and_export(tmp_path: Path, registry_location: str | None) -> None:
+    """Issued copies, voids, a key rotation and an offline export behave the same on both."""
+    from weightmark.evidence import verify_export
+
+    home = make_home(tmp_path, registry_location)
+    with Lab(home, passphrase=None) as lab:
+        reg = lab.registry
+        model = reg.model("tiny")
+        alice = reg.licensees("DE")[0]
+        codeword = reg.reserve_codeword(model.model_id)
+        copy = reg.record_issue(model, alice, codeword, "scheme-v1", "safetensors", "F32", "/out/a",
+                                {"model.safetensors": "00" * 32}, lab.keys)
+        assert [c.entry_idx for c, _ in reg.find_issued(licensee_id=alice.id)] == [copy.entry_idx]
+        assert reg.issue_for_codeword(model.model_id, codeword)[0] == copy
+        void = reg.void_issue(copy, "never sent", lab.keys)
+        assert reg.void_issue(copy, "again", lab.keys) == void
+        assert reg.voided_issues() == {copy.entry_idx: void}
+        lab.rotate_keys()
+    with Lab(home, passphrase=None) as lab:
+        lab.add_licensee("after rotation", "FR")
+        result = lab.verify_log()
+        assert len(result.trust.keys) == 2 and result.size == LICENSEES + 6
+        lab.export_log(tmp_path / "export")
+    assert verify_export(tmp_path / "export").root == result.root
