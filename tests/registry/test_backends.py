@@ -234,3 +234,14 @@ def test_issues_voids_rotation_and_export(tmp_path: Path, registry_location: str
         assert len(result.trust.keys) == 2 and result.size == LICENSEES + 6
         lab.export_log(tmp_path / "export")
     assert verify_export(tmp_path / "export").root == result.root
+
+
+def test_location_file_with_a_password_and_grant_on_sqlite(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    Lab.init(home, passphrase=None).close()
+    r = run_cli("registry", "grant", "--reader", "auditor", home=home)
+    assert r.returncode == 2 and "only for a PostgreSQL registry" in r.stderr, r.stderr
+    (home / LOCATION_FILE).write_text("postgresql://alice:s3cret@db.example/reg\n")
+    r = run_cli("registry", "verify", home=home)
+    assert r.returncode == 4 and "holds a password" in r.stderr and "s3cret" not in r.stderr, r.stderr
+    assert str(home / LOCATION_FILE) in r.stderr
