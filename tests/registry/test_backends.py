@@ -245,3 +245,20 @@ def test_location_file_with_a_password_and_grant_on_sqlite(tmp_path: Path) -> No
     r = run_cli("registry", "verify", home=home)
     assert r.returncode == 4 and "holds a password" in r.stderr and "s3cret" not in r.stderr, r.stderr
     assert str(home / LOCATION_FILE) in r.stderr
+
+
+def test_a_registry_from_before_stored_nodes_gets_them_when_opened(tmp_path: Path) -> None:
+    import sqlite3
+
+    home = make_home(tmp_path, None)
+    db = sqlite3.connect(home / DB_FILE)
+    with db:
+        db.execute("DROP TABLE merkle_nodes")
+        db.execute("DELETE FROM schema_migrations WHERE version = 6")
+    db.close()
+    with Lab(home, passphrase=None) as lab:
+        assert lab.registry.schema_version == 6
+        size = lab.verify_log().size  # verify checks every stored node against the tree
+        leaves = lab.registry.leaf_hashes(size)
+        assert all(lab.registry.inclusion_proof(i, size) == merkle.inclusion_proof(leaves, i, size)
+                   for i in range(size))
