@@ -73,7 +73,6 @@ class Signer(Protocol):
 # Every table of the registry, parents before the rows that refer to them (for copying).
 COPIED_TABLES = ("entries", "log_meta", "checkpoints", "merkle_nodes", "licensees", "models", "carriers",
                  "codeword_reservations", "issued_copies", "model_facts")
-MIGRATIONS = SQLITE_MIGRATIONS  # the SQLite schema; backend.py holds both dialects
 
 
 def now() -> str:
