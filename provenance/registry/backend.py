@@ -517,8 +517,8 @@ def _grant_statements(database: str, schema: str, tables: Sequence[str], appende
             raise UsageError(f"role name {role!r}: use lower-case letters, digits and _ (at most 63)")
         out.append(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
                    f"THEN CREATE ROLE {role} LOGIN; END IF; END $$")
-        out.append(f'GRANT CONNECT ON DATABASE "{database}" TO {role}')
-        out.append(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
+        out.append(f"GRANT CONNECT ON DATABASE {_quoted(database)} TO {role}")
+        out.append(f"GRANT USAGE ON SCHEMA {_quoted(schema)} TO {role}")
         out.append(f"REVOKE ALL ON {', '.join(tables)} FROM {role}")
         out.append(f"GRANT SELECT ON {', '.join(tables)} TO {role}")
     if appender is not None:
@@ -527,6 +527,11 @@ def _grant_statements(database: str, schema: str, tables: Sequence[str], appende
             out.append(f"GRANT UPDATE ({columns}) ON {table} TO {appender}")
         out.append(f"GRANT DELETE ON {', '.join(APPEND_DELETES)} TO {appender}")
     return out
+
+
+def _quoted(name: str) -> str:
+    """An SQL identifier, double-quoted (a database may be named anything)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _placeholders(sql: str) -> bytes:
