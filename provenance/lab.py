@@ -177,6 +177,19 @@ class Lab:
         """Check the database file (integrity, foreign keys), recompute the whole log from it, and
         re-derive every table row a command reads from the signed entries; the current key must
         be this home's lab.pub. Raises a RegistryError naming the first thing that does not hold."""
+        result = self._verify_registry()
+        self._finish_rotation()
+        pub_path = self.home / _keys.PUBLIC_KEY_FILE
+        try:
+            pub = read_bounded(pub_path, MAX_PEM_BYTES, "public key").decode("ascii", errors="replace")
+        except InputFileError as exc:
+            raise KeyProblem(str(exc)) from None
+        if pub.strip() != result.trust.current.pem.strip():
+            raise LogVerificationError(f"{pub_path}: is not the log's current signing key")
+        return result
+
+    def _verify_registry(self) -> VerifiedLog:
+        """The database and the log, every check but the anchor (which key the home trusts)."""
         registry = self.registry
         registry.check_integrity()
         with registry.snapshot():
@@ -189,14 +202,6 @@ class Lab:
             from weightmark.facts import check_fact_index
 
             check_fact_index(registry, entries)
-        self._finish_rotation()
-        pub_path = self.home / _keys.PUBLIC_KEY_FILE
-        try:
-            pub = read_bounded(pub_path, MAX_PEM_BYTES, "public key").decode("ascii", errors="replace")
-        except InputFileError as exc:
-            raise KeyProblem(str(exc)) from None
-        if pub.strip() != result.trust.current.pem.strip():
-            raise LogVerificationError(f"{pub_path}: is not the log's current signing key")
         return result
 
     def rotate_keys(self) -> _keys.LabKeys:
@@ -394,8 +399,33 @@ class Lab:
         the family-wise p-value is at most `threshold`."""
         from weightmark.scan import scan
 
-        return scan(self.registry, self.keys, suspect, model_name, reference, blind, threshold,
+        return scan(self.registry, self.scan_keys(), suspect, model_name, reference, blind, threshold,
                     assume_licensees, progress, realign, cluster=cluster)
+
+    # -- roles ---------------------------------------------------------------------------------
+
+    def require(self, action: str, *roles: object) -> None:
+        """Raise a KeyProblem naming the material `action` needs that this home lacks. A lab
+        home holds the signer's and the stamper's material, and so can do what the others do."""
+
+    def scan_keys(self) -> Any:
+        """What a scan derives its chips, positions and codewords from (`model_key(model_id)`):
+        the lab keys here; an investigator's scan keys in its home."""
+        return self.keys
+
+    def export_scan_key(self, model_name: str, out: str | os.PathLike[str], passphrase: str | None,
+                        overwrite: bool = False) -> Path:
+        """Write the sealed scan key of one model (its model key and nothing else) to `out`,
+        encrypted with `passphrase` (None: unencrypted). Replaces only a scan key file of the
+        same model, and only with `overwrite`."""
+        from weightmark.outputs import scan_key_output
+        from weightmark.scankey import ScanKey, seal_scan_key
+
+        model = self.registry.model(model_name)
+        origin = self.trust().origin
+        target = self.output(out, scan_key_output(model.model_id), overwrite)
+        key = ScanKey(model.model_id, model.name, origin, self.keys.model_key(model.model_id))
+        return write_output_bytes(target, seal_scan_key(key, passphrase), mode=0o600)
 
     # -- model facts and export-control classes ------------------------------------------------
 
