@@ -49,17 +49,31 @@ def trust(
 
 
 @app.command("rotate")
-def rotate(home: HomeOption = None) -> None:
+def rotate(
+    pkcs11: Annotated[str | None, typer.Option(
+        "--pkcs11", metavar="MODULE:TOKEN:LABEL",
+        help="Rotate to the Ed25519 key pair LABEL in the PKCS#11 token TOKEN of library MODULE (generated "
+             "there, not extractable, if absent); the PIN comes from $WEIGHTMARK_PKCS11_PIN.")] = None,
+    home: HomeOption = None,
+) -> None:
     """Replace the signing key; the watermark secret stays. Old entries keep verifying.
 
     The rotation is a log entry signed by the old key, and its checkpoint is signed by both.
+    With --pkcs11 the new key lives in a hardware or software token (signer.json in the home
+    says which); the watermark master secret stays in lab-keys.json.
 
     Example: weightmark keys rotate && weightmark keys export-public --out LAB.pub
+    Example: WEIGHTMARK_PKCS11_PIN=... weightmark keys rotate --pkcs11 /usr/lib/softhsm/libsofthsm2.so:lab:signer
     """
+    from weightmark.pkcs11 import TokenSpec
+
+    spec = TokenSpec.parse(pkcs11) if pkcs11 is not None else None
     with open_lab(home) as lab:
+        lab.require("rotating the signing key", Role.SIGNER)
         old = lab.keys.key_id
-        new = lab.rotate_keys().key_id
-    info(f"Signing key rotated: {old} -> {new}. Hand out the new public key and trust file.")
+        new = (lab.rotate_keys() if spec is None else lab.rotate_to_token(spec)).key_id
+    where = f" (in the PKCS#11 token {spec.token!r}, key {spec.label!r})" if spec is not None else ""
+    info(f"Signing key rotated: {old} -> {new}{where}. Hand out the new public key and trust file.")
     typer.echo(new)
 
 
