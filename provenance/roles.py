@@ -112,6 +112,17 @@ def check_chain(pinned: Trust, chain: Trust, source: str) -> None:
                                        f"(key {i + 1}: {theirs.key_id} in the log, {mine.key_id} trusted)")
 
 
+class PinnedTrust:
+    """The anchor of a role home's registry: the log's key chain must be (or extend) the trust
+    file's keys. Plain data (the trust file's JSON), so it travels to cluster workers."""
+
+    def __init__(self, trust: Trust, source: str) -> None:
+        self.doc, self.source = trust.to_json(), source
+
+    def __call__(self, chain: Trust) -> None:
+        check_chain(Trust.from_json(self.doc, self.source), chain, self.source)
+
+
 def read_trust(path: Path) -> Trust:
     """A trust file, checked."""
     try:
@@ -176,7 +187,7 @@ class RoleHome(Lab):
         db = registry_location(registry)
         trust = read_trust(Path(trust_file))
         source = str(trust_file)
-        reg = Registry.open_read_only(db, lambda chain: check_chain(trust, chain, source))
+        reg = Registry.open_read_only(db, PinnedTrust(trust, source))
         try:
             reg.signed_index()  # the log checks out against the trust file
             infos = [read_scan_key(Path(p)) for p in scan_keys]
@@ -219,9 +230,8 @@ class RoleHome(Lab):
     def registry(self) -> Registry:
         """The registry this home points at, read-only, its key chain checked against trust.json."""
         if self._registry is None:
-            pinned, source = self.pinned_trust(), str(self.home / HOME_TRUST_FILE)
-            self._registry = Registry.open_read_only(self.registry_path,
-                                                     lambda chain: check_chain(pinned, chain, source))
+            anchor = PinnedTrust(self.pinned_trust(), str(self.home / HOME_TRUST_FILE))
+            self._registry = Registry.open_read_only(self.registry_path, anchor)
         return self._registry
 
     @property

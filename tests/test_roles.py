@@ -308,3 +308,26 @@ def test_role_home_init_errors_are_one_line(world: World, tmp_path: Path) -> Non
         *base, "--role", "investigator", "--trust", str(world.trust), "--registry", str(world.lab),
         "--scan-key", str(world.trust)), 4)
     assert not (tmp_path / "h").exists()
+
+
+def test_investigator_on_a_bare_registry_copy_scans_in_process_and_on_cluster_workers(world: World,
+                                                                                   tmp_path: Path) -> None:
+    """A registry database copied alone (no lab.pub beside it) is read anchored on the home's
+    trust file, by the scan and by cluster workers (which open it read-only as the home does)."""
+    pytest.importorskip("distributed")
+    replica = tmp_path / "replica" / "registry.db"
+    replica.parent.mkdir()
+    src, dst = sqlite3.connect(world.lab / "registry.db"), sqlite3.connect(replica)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    home = tmp_path / "investigator"
+    ok(run_cli("init", "--home", str(home), "--role", "investigator", "--scan-key", str(world.scan_key),
+               "--trust", str(world.trust), "--registry", str(replica)))
+    single = json.loads(ok(as_investigator("scan", str(world.copy), "--json", home=home)).stdout)
+    assert [a["licensee_id"] for a in single["accused"]] == [world.licensee]
+    r = ok(as_investigator("scan", str(world.copy), "--out", str(tmp_path / "sweep.jsonl"), "--workers", "1",
+                           "--json", home=home))
+    (item,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [a["licensee_id"] for a in item["accused"]] == [world.licensee], item
+    assert not (replica.parent / "lab.pub").exists()

@@ -356,7 +356,7 @@ class Registry:
         self.path = Path(path)
         # Checks the log's key chain against what the opener trusts (default: lab.pub beside
         # the database); a read-only registry (`open_read_only`) has one from its home.
-        self._anchor: Anchor = anchor if anchor is not None else self._lab_pub_anchor
+        self.anchor: Anchor = anchor if anchor is not None else self._lab_pub_anchor
         self.read_only = read_only
         # The jurisdiction policy (version, date, sha256) recorded in every entry; None when no
         # policy is installed. The lab sets it when it opens the registry.
@@ -629,7 +629,7 @@ class Registry:
             raise LogVerificationError(f"checkpoint {size}: root does not match entries 0..{size - 1}")
         if origin != trust.origin:
             raise TableMismatch(f"log_meta row origin: is {origin} but the signed entry 0 says {trust.origin}")
-        self._anchor(trust)
+        self.anchor(trust)
         self._tree, self._chain = tree, chain
         return index, trust
 
