@@ -96,3 +96,35 @@ def test_token_errors_are_one_line(token: dict[str, str], tmp_path: Path) -> Non
     r = run_cli("keys", "rotate", "--pkcs11", "just-a-path", home=home)
     assert r.returncode == 2 and "MODULE:TOKEN:LABEL" in r.stderr
     assert not (home / "signer.json").exists()
+
+
+def test_a_move_killed_after_the_log_recorded_it_is_finished_and_rotating_back_leaves_the_token(
+        token: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state a crash leaves between the rotation entry and signer.json (signer.next.json
+    written, rotation in the log, lab.pub still the old key) is completed by the next command;
+    `keys rotate` without --pkcs11 then moves signing back to a file key."""
+    from weightmark.keys import key_id, public_key_pem
+    from weightmark.pkcs11 import NEXT_SIGNER_FILE, TokenSigningKey, TokenSpec, signer_document
+
+    monkeypatch.setenv("SOFTHSM2_CONF", token["SOFTHSM2_CONF"])
+    monkeypatch.setenv("WEIGHTMARK_PKCS11_PIN", PIN)
+    home = tmp_path / "lab"
+    spec = TokenSpec(str(MODULE), "lab", "crash")
+    with Lab.init(home, passphrase=None) as lab:
+        old = lab.keys
+        token_key = TokenSigningKey(spec, PIN, create=True)
+        new_id = key_id(token_key.public_key())
+        (home / NEXT_SIGNER_FILE).write_bytes(signer_document(spec, new_id))
+        lab.registry.rotate_key(old, new_id, public_key_pem(token_key.public_key()).decode(), token_key)
+    assert not (home / "signer.json").exists()
+    env = {**token, "WEIGHTMARK_PKCS11_PIN": PIN}
+    ok(run_cli("licensee", "add", "Northwind Research Ltd", "--jurisdiction", "GB", home=home, env=env))
+    assert json.loads((home / "signer.json").read_text())["key_id"] == new_id
+    assert not (home / NEXT_SIGNER_FILE).exists()
+    with Lab(home, passphrase=None) as lab:
+        assert lab.registry.log_entries()[-1].key_id == new_id
+    back = ok(run_cli("keys", "rotate", home=home, env=env)).stdout.strip()
+    assert back != new_id and not (home / "signer.json").exists()
+    ok(run_cli("licensee", "add", "Falkenstein KI GmbH", "--jurisdiction", "DE", home=home, env=token))  # no PIN
+    doc = json.loads(ok(run_cli("registry", "verify", "--json", home=home, env=token)).stdout)
+    assert doc["keys"] == [old.key_id, new_id, back]
