@@ -86,7 +86,7 @@ def ask_passphrase() -> str | None:
     """$WEIGHTMARK_PASSPHRASE, else a prompt on the terminal, else None (the caller says why)."""
     phrase = passphrase_from_env()
     if phrase is None and sys.stdin.isatty():
-        phrase = prompt_passphrase(f"Passphrase for the lab keys (or set {PASSPHRASE_ENV}): ")
+        phrase = prompt_passphrase(f"Passphrase for the keys of this home (or set {PASSPHRASE_ENV}): ")
     return phrase
 
 

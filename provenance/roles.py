@@ -24,17 +24,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from weightmark.bounded import loads_json, read_bounded, read_json
 from weightmark.errors import InputFileError, KeyProblem, RegistryError, UsageError
 from weightmark.fsutil import write_bytes_atomic
 from weightmark.lab import Lab, PassphraseSource, passphrase_from_env
 from weightmark.outputs import OutputKind, Protected, Target, prepare_output
-from weightmark.progress import NO_PROGRESS, Progress
 from weightmark.registry.log import (
     LogVerificationError,
     Trust,
@@ -43,9 +42,6 @@ from weightmark.registry.log import (
 )
 from weightmark.registry.store import DB_FILE, Registry
 from weightmark.scankey import ScanKeys, read_scan_key, unseal_scan_key
-
-if TYPE_CHECKING:
-    from weightmark.scan import ScanReport
 
 ROLE_FILE = "role.json"
 ROLE_FORMAT = "weightmark-role-home"
@@ -167,7 +163,7 @@ class RoleHome(Lab):
 
     @classmethod
     def init_role(cls, home: str | os.PathLike[str], role: Role | str, registry: str | os.PathLike[str],
-                  trust_file: str | os.PathLike[str], scan_keys: list[str | os.PathLike[str]] | tuple = (),
+                  trust_file: str | os.PathLike[str], scan_keys: Sequence[str | os.PathLike[str]] = (),
                   passphrase: str | PassphraseSource | None = passphrase_from_env) -> RoleHome:
         """Create an investigator or auditor home: the trust file, the scan keys (investigator
         only; copied sealed as they are) and a pointer to the registry, checked before anything
@@ -284,10 +280,8 @@ class RoleHome(Lab):
     def rotate_keys(self) -> Any:
         raise lacks(self.home, self.role, "rotating the signing key", Role.SIGNER)
 
-    def scan(self, suspect: str | os.PathLike[str], *args: Any, progress: Progress = NO_PROGRESS,
-             **kwargs: Any) -> ScanReport:
-        self.require("scanning", Role.INVESTIGATOR)
-        return super().scan(suspect, *args, progress=progress, **kwargs)
+    def rotate_to_token(self, *args: Any, **kwargs: Any) -> Any:
+        raise lacks(self.home, self.role, "rotating the signing key", Role.SIGNER)
 
 
 def open_home(home: str | os.PathLike[str] | None,

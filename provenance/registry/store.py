@@ -411,7 +411,10 @@ class Registry:
                                        isolation_level=None)
             version = self.schema_version
         except sqlite3.DatabaseError as exc:
-            raise RegistryError(f"{self.path}: cannot open the registry database read-only ({exc})") from None
+            hint = ""
+            if "readonly" in str(exc):  # WAL: a reader needs the -shm index, made in the folder
+                hint = "; a WAL database is read with its -wal and -shm files, which need write access to its folder"
+            raise RegistryError(f"{self.path}: cannot open the registry database read-only ({exc}{hint})") from None
         if version != MIGRATIONS[-1][0]:
             raise RegistryError(f"{self.path}: registry schema version {version} is older than this weightmark's "
                                 f"({MIGRATIONS[-1][0]}); open it once from the lab home to bring it up to date")
