@@ -55,6 +55,11 @@ def init(
         return
     if registry is not None or trust is not None or scan_key:
         raise UsageError("--registry, --trust and --scan-key go with --role")
+    from weightmark.roles import ROLE_FILE
+
+    target = home if home is not None else default_home()
+    if (target / ROLE_FILE).exists():
+        raise UsageError(f"{target}: is an investigator's or auditor's home; a lab home goes in another folder")
     if insecure_no_passphrase:
         passphrase = None
         warn("lab keys will be stored UNENCRYPTED (--insecure-no-passphrase). "

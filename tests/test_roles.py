@@ -310,6 +310,13 @@ def test_role_home_init_errors_are_one_line(world: World, tmp_path: Path) -> Non
     assert not (tmp_path / "h").exists()
 
 
+def test_a_role_home_does_not_become_a_lab_home(auditor: Path) -> None:
+    before = sorted(p.name for p in auditor.iterdir())
+    assert "investigator's or auditor's home" in one_line_error(
+        run_cli("init", "--home", str(auditor), "--insecure-no-passphrase"), 2)
+    assert sorted(p.name for p in auditor.iterdir()) == before
+
+
 def test_investigator_on_a_bare_registry_copy_scans_in_process_and_on_cluster_workers(world: World,
                                                                                    tmp_path: Path) -> None:
     """A registry database copied alone (no lab.pub beside it) is read anchored on the home's
