@@ -246,7 +246,8 @@ class Lab:
         """Move the signing key into a PKCS#11 token: the key pair labelled `spec.label` there
         (generated in the token, never extractable, if there is none) becomes the signing key
         by a rotation signed by the old key (the handover checkpoint by both). The watermark
-        master secret stays in lab-keys.json. Run again after a crash, it completes the move."""
+        master secret stays in lab-keys.json. A crash mid-way is finished or rolled back when the
+        home is next opened (signer.next.json, as lab-keys.next.json for a file key)."""
         from weightmark.pkcs11 import TokenSigningKey, signer_document, token_pin
 
         old = self.keys

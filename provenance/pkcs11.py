@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -167,7 +168,7 @@ def signer_document(spec: TokenSpec, key_id: str) -> bytes:
     return (json.dumps(doc, indent=2) + "\n").encode()
 
 
-def read_signer(path: Any) -> tuple[TokenSpec, str]:
+def read_signer(path: Path) -> tuple[TokenSpec, str]:
     """The token key a signer file names, and the key id it must have."""
     from weightmark.bounded import loads_json, read_bounded
     from weightmark.errors import InputFileError
