@@ -16,7 +16,7 @@ import json
 import re
 import secrets
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,6 +55,10 @@ DB_FILE = "registry.db"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _ROW_KEYS = {"licensees": "id", "models": "model_id", "carriers": "name", "issued_copies": "entry_idx",
              "codeword_reservations": "codeword_index"}  # how an error names a row of each table
+
+
+# Raises unless the log's key chain (a Trust built from the log) is one the opener trusts.
+Anchor = Callable[[Trust], None]
 
 
 class Signer(Protocol):
@@ -347,8 +351,13 @@ class Registry:
     lab's public key (`lab.pub`) beside the database: the log's key chain must end in it.
     """
 
-    def __init__(self, path: Path, create: bool = False) -> None:
+    def __init__(self, path: Path, create: bool = False, anchor: Anchor | None = None,
+                 read_only: bool = False) -> None:
         self.path = Path(path)
+        # Checks the log's key chain against what the opener trusts (default: lab.pub beside
+        # the database); a read-only registry (`open_read_only`) has one from its home.
+        self.anchor: Anchor = anchor if anchor is not None else self._lab_pub_anchor
+        self.read_only = read_only
         # The jurisdiction policy (version, date, sha256) recorded in every entry; None when no
         # policy is installed. The lab sets it when it opens the registry.
         self.policy_in_force: dict[str, Any] | None = None
@@ -363,6 +372,9 @@ class Registry:
                 raise RegistryError(f"{self.path}: a file is already there; not creating a registry over it")
         else:
             inspect_database(self.path)
+        if read_only:
+            self._connect_read_only()
+            return
         try:
             self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -382,6 +394,30 @@ class Registry:
         if not path.is_file():
             raise RegistryError(f"{path}: no registry here; run `weightmark init` first")
         return cls(path)
+
+    @classmethod
+    def open_read_only(cls, path: Path, anchor: Anchor) -> Registry:
+        """The registry at `path` on a read-only connection (SQLite `mode=ro`): every write is
+        refused by SQLite itself, and no migration is run (an older schema is refused). The
+        log's key chain is checked by `anchor` instead of a lab.pub beside the database."""
+        path = Path(path)
+        if not path.is_file():
+            raise RegistryError(f"{path}: no registry database here")
+        return cls(path, anchor=anchor, read_only=True)
+
+    def _connect_read_only(self) -> None:
+        try:
+            self._db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=60.0,
+                                       isolation_level=None)
+            version = self.schema_version
+        except sqlite3.DatabaseError as exc:
+            hint = ""
+            if "readonly" in str(exc):  # WAL: a reader needs the -shm index, made in the folder
+                hint = "; a WAL database is read with its -wal and -shm files, which need write access to its folder"
+            raise RegistryError(f"{self.path}: cannot open the registry database read-only ({exc}{hint})") from None
+        if version != MIGRATIONS[-1][0]:
+            raise RegistryError(f"{self.path}: registry schema version {version} is older than this weightmark's "
+                                f"({MIGRATIONS[-1][0]}); open it once from the lab home to bring it up to date")
 
     def close(self) -> None:
         self._db.close()
@@ -596,6 +632,12 @@ class Registry:
             raise LogVerificationError(f"checkpoint {size}: root does not match entries 0..{size - 1}")
         if origin != trust.origin:
             raise TableMismatch(f"log_meta row origin: is {origin} but the signed entry 0 says {trust.origin}")
+        self.anchor(trust)
+        self._tree, self._chain = tree, chain
+        return index, trust
+
+    def _lab_pub_anchor(self, trust: Trust) -> None:
+        """The default anchor: the chain's current key must be the lab.pub beside the database."""
         pub_path = self.path.parent / PUBLIC_KEY_FILE
         try:
             pub = pub_path.read_bytes().decode("ascii", errors="replace")
@@ -603,8 +645,6 @@ class Registry:
             raise KeyProblem(f"{pub_path}: cannot read the lab's public key ({exc.strerror})") from None
         if pub.strip() != trust.current.pem.strip():
             raise LogVerificationError(f"{pub_path}: is not the log's current signing key")
-        self._tree, self._chain = tree, chain
-        return index, trust
 
     def signed_statements(self, idxs: Iterable[int]) -> dict[int, dict[str, Any]]:
         """The statements of these entries, each checked once per Registry: its leaf recomputed
