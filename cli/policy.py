@@ -17,6 +17,7 @@ from weightmark.cli.common import (
     safe_lines,
 )
 from weightmark.registry import policy as policy_module
+from weightmark.roles import Role
 
 app = typer.Typer(help="The jurisdiction policy stamping obeys.", no_args_is_help=True)
 
@@ -51,6 +52,7 @@ def set_policy(
     Example: weightmark policy set ./policy-v4.toml
     """
     with open_lab(home) as lab:
+        lab.require("installing a jurisdiction policy", Role.SIGNER, Role.STAMPER)
         installed = policy_module.install(lab.home, file)
     info(f"Installed {installed.label}.")
 

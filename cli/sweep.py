@@ -32,7 +32,7 @@ def run_sweep(lab: Lab, suspects: list[Path], options: ScanOptions, out: Path | 
         typer.echo(line if json_out else f"{safe(item.suspect)}: {safe(item.summary)}")
         counts["failed" if item.failed else "accused" if item.accused else "clean"] += 1
 
-    registry, keys = lab.registry, lab.keys
+    registry, keys = lab.registry, lab.scan_keys()
     # Checked before any scan: nothing is replaced without --force, and --force replaces only an
     # earlier sweep's results, never the lab's files or a registered base.
     target = lab.output(out, SWEEP_RESULTS, force) if out is not None else None

@@ -41,14 +41,16 @@ class DerivedKeys:
     """What a worker holds instead of the lab keys: the derived keys of the models it may scan
     or stamp. Asking for another model's key is a KeyProblem."""
 
-    def __init__(self, model_keys: dict[str, bytes]) -> None:
+    def __init__(self, model_keys: dict[str, bytes], refusals: dict[str, str] | None = None) -> None:
         self._keys = dict(model_keys)
+        self._refusals = dict(refusals or {})  # why the coordinator could not ship a model's key
 
     def model_key(self, model_id: str) -> bytes:
         try:
             return self._keys[model_id]
         except KeyError:
-            raise KeyProblem(f"this worker holds no key for model {model_id[:16]}") from None
+            reason = self._refusals.get(model_id, f"this worker holds no key for model {model_id[:16]}")
+            raise KeyProblem(reason) from None
 
 
 def _set_worker_threads(per_host: dict[str, int]) -> int:
@@ -75,20 +77,26 @@ def _numba_threads() -> None:
         numba.set_num_threads(min(_WORKER_THREADS, numba.config.NUMBA_NUM_THREADS))
 
 
-def _registry_at(home: str) -> Any:
+def _registry_at(where: str, anchor: Any = None) -> Any:
+    """The coordinator's registry, on a worker: read-only with the coordinator's anchor when the
+    coordinator's is (an investigator's home; `where` is its database file), else as a lab home
+    opens it (`where` is the home: its SQLite file, or the PostgreSQL URL it records)."""
     from weightmark.registry.store import Registry
 
-    return Registry.open(Path(home))  # the home's SQLite file, or the PostgreSQL URL it records
+    if anchor is not None:
+        return Registry.open_read_only(Path(where), anchor)
+    return Registry.open(Path(where))
 
 
-def _scan_task(home: str, suspect: str, model_keys: dict[str, bytes], options: Any) -> Any:
+def _scan_task(where: str, suspect: str, model_keys: dict[str, bytes], options: Any, anchor: Any = None,
+               refusals: dict[str, str] | None = None) -> Any:
     """One suspect of a sweep, on a worker."""
     from weightmark.sweep import scan_one
 
     _numba_threads()
-    registry = _registry_at(home)
+    registry = _registry_at(where, anchor)
     try:
-        return scan_one(registry, DerivedKeys(model_keys), suspect, options)
+        return scan_one(registry, DerivedKeys(model_keys, refusals), suspect, options)
     finally:
         registry.close()
 
@@ -205,9 +213,18 @@ class Cluster:
             except (InputFileError, OSError) as exc:
                 pending.append(item_from_error(str(suspect), exc))
                 continue
-            derived = {model_id: keys.model_key(model_id) for model_id in ids}
-            pending.append(self.client.submit(_scan_task, str(registry.home), str(suspect), derived, options,
-                                              pure=False))
+            # A home that holds only some models' keys (an investigator's) ships those; a worker
+            # that needs another says why, as the in-process scan would.
+            derived, refusals = {}, {}
+            for model_id in ids:
+                try:
+                    derived[model_id] = keys.model_key(model_id)
+                except KeyProblem as exc:
+                    refusals[model_id] = str(exc)
+            anchor = registry.anchor if registry.read_only else None
+            where = registry.path if registry.read_only else registry.home
+            pending.append(self.client.submit(_scan_task, str(where), str(suspect), derived, options,
+                                              anchor, refusals, pure=False))
         for entry in pending:
             yield entry if not hasattr(entry, "result") else entry.result()
 

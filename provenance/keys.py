@@ -104,24 +104,24 @@ def _scrypt_key(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase_bytes(passphrase))
 
 
+def seal_secret(secret: bytes, passphrase: str | None, aad: bytes) -> dict[str, object]:
+    """The fields that keep `secret` on disk: AES-256-GCM under a scrypt key bound to `aad`, or
+    plain (marked UNENCRYPTED) when passphrase is None. Every sealed weightmark file uses them."""
+    if passphrase is None:
+        return {"kdf": "none", "warning": "UNENCRYPTED: created with --insecure-no-passphrase", "secret": _b64(secret)}
+    salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
+    key = _scrypt_key(passphrase, salt, **_SCRYPT)
+    return {"kdf": "scrypt", "scrypt": dict(_SCRYPT, salt=_b64(salt)), "cipher": "aes-256-gcm",
+            "nonce": _b64(nonce), "ciphertext": _b64(AESGCM(key).encrypt(nonce, secret, aad))}
+
+
 def seal(keys: LabKeys, passphrase: str | None) -> bytes:
     """Serialise keys for disk: AES-256-GCM under a scrypt key, or plain when passphrase is None."""
     secret = keys.signing_key.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     ) + keys.master_secret
     doc: dict[str, object] = {"format": "weightmark-lab-keys", "version": 1, "key_id": keys.key_id}
-    if passphrase is None:
-        doc.update(kdf="none", warning="UNENCRYPTED: created with --insecure-no-passphrase", secret=_b64(secret))
-    else:
-        salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
-        key = _scrypt_key(passphrase, salt, **_SCRYPT)
-        doc.update(
-            kdf="scrypt",
-            scrypt=dict(_SCRYPT, salt=_b64(salt)),
-            cipher="aes-256-gcm",
-            nonce=_b64(nonce),
-            ciphertext=_b64(AESGCM(key).encrypt(nonce, secret, _AAD)),
-        )
+    doc.update(seal_secret(secret, passphrase, _AAD))
     return (json.dumps(doc, indent=2) + "\n").encode()
 
 
@@ -135,15 +135,22 @@ def _field(doc: dict, name: str, kind: type, source: str) -> object:
 
 def _key_document(data: bytes, source: str) -> dict:
     """The parsed key file with every field it needs checked for presence and type."""
+    doc = sealed_document(data, source, "weightmark-lab-keys")
+    _field(doc, "key_id", str, source)
+    return doc
+
+
+def sealed_document(data: bytes, source: str, fmt: str) -> dict:
+    """A sealed key file of format `fmt` (version 1), parsed, with its sealing fields checked for
+    presence, type and sane scrypt parameters before anything is derived."""
     try:
         doc = loads_json(data, source, "weightmark key file")
     except InputFileError as exc:
         raise KeyProblem(str(exc)) from None
     if not isinstance(doc, dict):
         raise KeyProblem(f"{source}: not a weightmark key file (a JSON {type(doc).__name__}, not an object)")
-    if doc.get("format") != "weightmark-lab-keys" or _field(doc, "version", int, source) != 1:
-        raise KeyProblem(f"{source}: not a weightmark key file (format or version)")
-    _field(doc, "key_id", str, source)
+    if doc.get("format") != fmt or _field(doc, "version", int, source) != 1:
+        raise KeyProblem(f"{source}: not a weightmark key file of format {fmt!r} (format or version)")
     kdf = _field(doc, "kdf", str, source)
     if kdf == "none":
         _field(doc, "secret", str, source)
@@ -166,26 +173,31 @@ def _key_document(data: bytes, source: str) -> dict:
     return doc
 
 
-def unseal(data: bytes, passphrase: str | None, source: str = KEY_FILE) -> LabKeys:
-    """Inverse of seal(). Raises KeyProblem on a wrong passphrase or a damaged file."""
-    doc = _key_document(data, source)
+def open_secret(doc: dict, passphrase: str | None, aad: bytes, source: str, what: str = "lab keys") -> bytes:
+    """The secret of a document checked by sealed_document(). Raises KeyProblem on a wrong
+    passphrase, an altered file, or a missing passphrase (naming the environment variable)."""
     try:
         if doc["kdf"] == "none":
-            secret = base64.b64decode(doc["secret"], validate=True)
-        else:
-            if passphrase is None:
-                raise KeyProblem(
-                    "the lab keys are passphrase-protected: set WEIGHTMARK_PASSPHRASE "
-                    "or run the command on a terminal"
-                )
-            sc = doc["scrypt"]
-            key = _scrypt_key(passphrase, base64.b64decode(sc["salt"], validate=True), sc["n"], sc["r"], sc["p"])
-            nonce = base64.b64decode(doc["nonce"], validate=True)
-            secret = AESGCM(key).decrypt(nonce, base64.b64decode(doc["ciphertext"], validate=True), _AAD)
+            return base64.b64decode(doc["secret"], validate=True)
+        if passphrase is None:
+            raise KeyProblem(
+                f"{source}: the {what} are passphrase-protected: set WEIGHTMARK_PASSPHRASE "
+                "or run the command on a terminal"
+            )
+        sc = doc["scrypt"]
+        key = _scrypt_key(passphrase, base64.b64decode(sc["salt"], validate=True), sc["n"], sc["r"], sc["p"])
+        nonce = base64.b64decode(doc["nonce"], validate=True)
+        return AESGCM(key).decrypt(nonce, base64.b64decode(doc["ciphertext"], validate=True), aad)
     except InvalidTag:
         raise KeyProblem(f"{source}: wrong passphrase (or the key file was altered)") from None
     except (ValueError, TypeError) as exc:
         raise KeyProblem(f"{source}: damaged key file ({exc})") from None
+
+
+def unseal(data: bytes, passphrase: str | None, source: str = KEY_FILE) -> LabKeys:
+    """Inverse of seal(). Raises KeyProblem on a wrong passphrase or a damaged file."""
+    doc = _key_document(data, source)
+    secret = open_secret(doc, passphrase, _AAD, source)
     if len(secret) != 64:
         raise KeyProblem(f"{source}: damaged key file (secret has {len(secret)} bytes, expected 64)")
     keys = LabKeys(Ed25519PrivateKey.from_private_bytes(secret[:32]), secret[32:])
@@ -194,7 +206,7 @@ def unseal(data: bytes, passphrase: str | None, source: str = KEY_FILE) -> LabKe
     return keys
 
 
-def _read_key_file(path: Path) -> bytes:
+def read_key_file(path: Path) -> bytes:
     try:
         return read_bounded(path, MAX_KEY_FILE_BYTES, "weightmark key file")
     except InputFileError as exc:
@@ -216,7 +228,7 @@ def load(home: Path, passphrase: str | None, name: str = KEY_FILE) -> LabKeys:
     path = home / name
     if not os.path.lexists(path):
         raise KeyProblem(f"{path}: no lab keys here; run `weightmark init` first")
-    data = _read_key_file(path)
+    data = read_key_file(path)
     mode = os.stat(path).st_mode & 0o777
     if mode & 0o077:
         raise KeyProblem(f"{path}: lab key file is readable by others (mode {mode:o}); chmod 600 it")
@@ -225,11 +237,11 @@ def load(home: Path, passphrase: str | None, name: str = KEY_FILE) -> LabKeys:
 
 def sealed_key_id(path: Path) -> str:
     """The key id a sealed key file declares (readable without the passphrase)."""
-    return str(_key_document(_read_key_file(path), str(path))["key_id"])
+    return str(_key_document(read_key_file(path), str(path))["key_id"])
 
 
 def is_encrypted(home: Path) -> bool:
     try:
-        return _key_document(_read_key_file(home / KEY_FILE), KEY_FILE)["kdf"] != "none"
+        return _key_document(read_key_file(home / KEY_FILE), KEY_FILE)["kdf"] != "none"
     except KeyProblem:
         return True  # load() then names the problem

@@ -24,6 +24,7 @@ from weightmark.outputs import (
     prepare_output,
     write_output_bytes,
 )
+from weightmark.pkcs11 import NEXT_SIGNER_FILE, SIGNER_FILE, TokenSpec
 from weightmark.progress import NO_PROGRESS, Progress
 from weightmark.registry import policy
 from weightmark.registry.backend import LOCATION_FILE, check_url
@@ -135,7 +136,7 @@ class Lab:
             self._registry.policy_in_force = None if installed is None else {
                 "version": installed.version, "date": installed.date.isoformat(), "sha256": installed.sha256}
             # Checked reads anchor on lab.pub: finish a rotation the log recorded first.
-            if (self.home / _keys.NEXT_KEY_FILE).exists():
+            if (self.home / _keys.NEXT_KEY_FILE).exists() or (self.home / NEXT_SIGNER_FILE).exists():
                 self._finish_rotation()
             self._recover()
         return self._registry
@@ -161,28 +162,54 @@ class Lab:
                 raise KeyProblem(f"{self.home}: no lab keys here; run `weightmark init` first")
             self._finish_rotation()
             phrase = self._passphrase() if _keys.is_encrypted(self.home) else None
-            self._keys = _keys.load(self.home, phrase)
+            keys = _keys.load(self.home, phrase)
+            if (self.home / SIGNER_FILE).exists():  # the signing key is in a PKCS#11 token
+                keys = _keys.LabKeys(self._token_key(self.home / SIGNER_FILE), keys.master_secret)
+            self._keys = keys
             if self._unresolved:
                 self._recover()  # interrupted stamps that waited for the keys
         return self._keys
 
+    def _token_key(self, path: Path) -> Any:
+        """The signing key in the PKCS#11 token that `path` (signer.json) names, checked against
+        the key id recorded there."""
+        from weightmark.pkcs11 import TokenSigningKey, read_signer, token_pin
+
+        spec, expected = read_signer(path)
+        token_key = TokenSigningKey(spec, token_pin())
+        found = _keys.key_id(token_key.public_key())
+        if found != expected:
+            raise KeyProblem(f"{path}: the token key {spec.label!r} has key id {found}, not {expected}")
+        return token_key
+
     def _finish_rotation(self) -> None:
         """Complete a rotation the log recorded but the key files did not (a crash in between),
-        or drop one the log never recorded. Needs no passphrase: only the key id is read."""
-        pending_path = self.home / _keys.NEXT_KEY_FILE
-        if not pending_path.exists():
+        or drop one the log never recorded. Needs no passphrase or PIN: only key ids are read."""
+        file_path, token_path = self.home / _keys.NEXT_KEY_FILE, self.home / NEXT_SIGNER_FILE
+        if not file_path.exists() and not token_path.exists():
             return
         _ = self.registry  # opening the registry may itself finish the rotation
-        if not pending_path.exists():
-            return
-        pending_id = _keys.sealed_key_id(pending_path)
-        current = self.trust().current
-        if current.key_id == pending_id:
-            os.replace(pending_path, self.home / _keys.KEY_FILE)
-            write_bytes_atomic(self.home / _keys.PUBLIC_KEY_FILE, current.pem.encode("ascii"), mode=0o644)
-            self._keys = None
-        else:
-            pending_path.unlink()
+        for pending_path in (file_path, token_path):
+            if not pending_path.exists():
+                continue
+            if pending_path == file_path:
+                pending_id = _keys.sealed_key_id(pending_path)
+            else:
+                from weightmark.pkcs11 import read_signer
+
+                pending_id = read_signer(pending_path)[1]
+            current = self.trust().current
+            if current.key_id == pending_id:
+                if pending_path == file_path:  # back to a key in a file: no token signer any more
+                    os.replace(pending_path, self.home / _keys.KEY_FILE)
+                    if (self.home / SIGNER_FILE).exists():
+                        os.unlink(self.home / SIGNER_FILE)
+                else:
+                    os.replace(pending_path, self.home / SIGNER_FILE)
+                write_bytes_atomic(self.home / _keys.PUBLIC_KEY_FILE, current.pem.encode("ascii"), mode=0o644)
+                self._keys = None
+            else:
+                pending_path.unlink()
 
     def migrate_registry(self, url: str) -> VerifiedLog:
         """Copy this home's SQLite registry into the empty PostgreSQL database at `url`, verify the
@@ -221,6 +248,19 @@ class Lab:
         """Check the database file (integrity, foreign keys), recompute the whole log from it, and
         re-derive every table row a command reads from the signed entries; the current key must
         be this home's lab.pub. Raises a RegistryError naming the first thing that does not hold."""
+        result = self._verify_registry()
+        self._finish_rotation()
+        pub_path = self.home / _keys.PUBLIC_KEY_FILE
+        try:
+            pub = read_bounded(pub_path, MAX_PEM_BYTES, "public key").decode("ascii", errors="replace")
+        except InputFileError as exc:
+            raise KeyProblem(str(exc)) from None
+        if pub.strip() != result.trust.current.pem.strip():
+            raise LogVerificationError(f"{pub_path}: is not the log's current signing key")
+        return result
+
+    def _verify_registry(self) -> VerifiedLog:
+        """The database and the log, every check but the anchor (which key the home trusts)."""
         registry = self.registry
         registry.check_integrity()
         with registry.snapshot():
@@ -233,14 +273,6 @@ class Lab:
             from weightmark.facts import check_fact_index
 
             check_fact_index(registry, entries)
-        self._finish_rotation()
-        pub_path = self.home / _keys.PUBLIC_KEY_FILE
-        try:
-            pub = read_bounded(pub_path, MAX_PEM_BYTES, "public key").decode("ascii", errors="replace")
-        except InputFileError as exc:
-            raise KeyProblem(str(exc)) from None
-        if pub.strip() != result.trust.current.pem.strip():
-            raise LogVerificationError(f"{pub_path}: is not the log's current signing key")
         return result
 
     def rotate_keys(self) -> _keys.LabKeys:
@@ -251,6 +283,27 @@ class Lab:
         new = old.rotated()
         write_bytes_atomic(self.home / _keys.NEXT_KEY_FILE, _keys.seal(new, phrase), mode=0o600)
         registry.rotate_key(old, new.key_id, new.public_pem, new.signing_key)
+        self._finish_rotation()
+        return self.keys
+
+    def rotate_to_token(self, spec: TokenSpec) -> _keys.LabKeys:
+        """Move the signing key into a PKCS#11 token: the key pair labelled `spec.label` there
+        (generated in the token, never extractable, if there is none) becomes the signing key
+        by a rotation signed by the old key (the handover checkpoint by both). The watermark
+        master secret stays in lab-keys.json. A crash mid-way is finished or rolled back when the
+        home is next opened (signer.next.json, as lab-keys.next.json for a file key)."""
+        from weightmark.pkcs11 import TokenSigningKey, signer_document, token_pin
+
+        old = self.keys
+        registry = self.registry
+        token_key = TokenSigningKey(spec, token_pin(), create=True)
+        new_id = _keys.key_id(token_key.public_key())
+        current = self.trust().current.key_id
+        if new_id == old.key_id and current == new_id:
+            raise UsageError(f"the token key {spec.label!r} is already the lab's signing key")
+        write_bytes_atomic(self.home / NEXT_SIGNER_FILE, signer_document(spec, new_id), mode=0o600)
+        if current != new_id:
+            registry.rotate_key(old, new_id, _keys.public_key_pem(token_key.public_key()).decode("ascii"), token_key)
         self._finish_rotation()
         return self.keys
 
@@ -438,8 +491,33 @@ class Lab:
         the family-wise p-value is at most `threshold`."""
         from weightmark.scan import scan
 
-        return scan(self.registry, self.keys, suspect, model_name, reference, blind, threshold,
+        return scan(self.registry, self.scan_keys(), suspect, model_name, reference, blind, threshold,
                     assume_licensees, progress, realign, cluster=cluster)
+
+    # -- roles ---------------------------------------------------------------------------------
+
+    def require(self, action: str, *roles: object) -> None:
+        """Raise a KeyProblem naming the material `action` needs that this home lacks. A lab
+        home holds the signer's and the stamper's material, and so can do what the others do."""
+
+    def scan_keys(self) -> Any:
+        """What a scan derives its chips, positions and codewords from (`model_key(model_id)`):
+        the lab keys here; an investigator's scan keys in its home."""
+        return self.keys
+
+    def export_scan_key(self, model_name: str, out: str | os.PathLike[str], passphrase: str | None,
+                        overwrite: bool = False) -> Path:
+        """Write the sealed scan key of one model (its model key and nothing else) to `out`,
+        encrypted with `passphrase` (None: unencrypted). Replaces only a scan key file of the
+        same model, and only with `overwrite`."""
+        from weightmark.outputs import scan_key_output
+        from weightmark.scankey import ScanKey, seal_scan_key
+
+        model = self.registry.model(model_name)
+        origin = self.trust().origin
+        target = self.output(out, scan_key_output(model.model_id), overwrite)
+        key = ScanKey(model.model_id, model.name, origin, self.keys.model_key(model.model_id))
+        return write_output_bytes(target, seal_scan_key(key, passphrase), mode=0o600)
 
     # -- model facts and export-control classes ------------------------------------------------
 

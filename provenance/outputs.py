@@ -12,6 +12,8 @@ What each kind recognises positively before --force may replace it:
 - an evidence bundle: a signed JSON bundle whose `format` is the evidence format;
 - a public key: a PEM file holding one Ed25519 public key and nothing secret;
 - a trust file: JSON that parses as a trust file;
+- a scan key: a sealed scan key file of the same model (replacing it re-issues that model's key,
+  never a key of another model or a lab key file);
 - an exported log: a folder holding exactly the export's three files.
 Never replaced, with or without --force: the lab home or anything inside it (its registry
 database, its key files), a registered base, or a folder that contains any of them.
@@ -37,6 +39,7 @@ __all__ = [
     "EVIDENCE",
     "LOG_EXPORT",
     "PUBLIC_KEY",
+    "scan_key_output",
     "STAMPED_COPY",
     "TRUST_FILE",
     "OutputKind",
@@ -103,6 +106,24 @@ def _is_trust_file(path: Path, _: Registry | None) -> bool:
     except (ValueError, LogVerificationError):
         return False
     return True
+
+
+def _is_scan_key(model_id: str) -> Callable[[Path, Registry | None], bool]:
+    def recognise(path: Path, _: Registry | None) -> bool:
+        from weightmark.errors import KeyProblem
+        from weightmark.scankey import read_scan_key
+
+        try:
+            return path.is_file() and not path.is_symlink() and read_scan_key(path).model_id == model_id
+        except KeyProblem:
+            return False
+
+    return recognise
+
+
+def scan_key_output(model_id: str) -> OutputKind:
+    """The output kind of a scan key file for `model_id`: --force replaces only one of that model."""
+    return OutputKind(f"scan key file of model {model_id[:16]}", False, _is_scan_key(model_id))
 
 
 def _is_log_export(path: Path, registry: Registry | None) -> bool:

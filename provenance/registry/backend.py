@@ -355,8 +355,12 @@ class SQLiteDatabase(Database):
     dialect = "sqlite"
     migrations = SQLITE_MIGRATIONS
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
         super().__init__(str(path))
+        if read_only:  # SQLite refuses every write; errors are left to the caller to explain
+            self._db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=60.0,
+                                       isolation_level=None)
+            return
         try:
             self._db = sqlite3.connect(path, timeout=60.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -15,7 +15,7 @@ import hashlib
 import json
 import secrets
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +33,7 @@ from weightmark.registry.backend import (
     SQLITE_MIGRATIONS,
     Database,
     PostgresDatabase,
+    SQLiteDatabase,
     check_schema,
     connect,
     is_url,
@@ -62,6 +63,10 @@ from weightmark.registry.tables import (
 )
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# Raises unless the log's key chain (a Trust built from the log) is one the opener trusts.
+Anchor = Callable[[Trust], None]
+
 
 class Signer(Protocol):
     key_id: str
@@ -243,13 +248,20 @@ class Registry:
     lab's public key (`lab.pub`) in the home: the log's key chain must end in it.
     """
 
-    def __init__(self, location: Path | str, create: bool = False, home: Path | None = None) -> None:
+    def __init__(self, location: Path | str, create: bool = False, home: Path | None = None,
+                 anchor: Anchor | None = None, read_only: bool = False) -> None:
         postgres = is_url(location)
         if postgres and home is None:
             raise ValueError("a PostgreSQL registry needs the lab home it belongs to")
+        if postgres and read_only:
+            raise ValueError("a read-only open is for a registry file; a PostgreSQL reader gets a read-only role")
         self.home = Path(home) if home is not None else Path(location).parent
         # A file in the home: the SQLite database, or the file recording the PostgreSQL URL.
         self.path = self.home / LOCATION_FILE if postgres else Path(location)
+        # Checks the log's key chain against what the opener trusts (default: lab.pub in the
+        # home); a read-only registry (`open_read_only`) has one from its home.
+        self.anchor: Anchor = anchor if anchor is not None else self._lab_pub_anchor
+        self.read_only = read_only
         # The jurisdiction policy (version, date, sha256) recorded in every entry; None when no
         # policy is installed. The lab sets it when it opens the registry.
         self.policy_in_force: dict[str, Any] | None = None
@@ -265,6 +277,10 @@ class Registry:
                     raise RegistryError(f"{self.path}: a file is already there; not creating a registry over it")
             else:
                 inspect_database(self.path)
+        if read_only:
+            self.where = str(self.path)
+            self._connect_read_only()
+            return
         self._db: Database = connect(location)
         self.where = self._db.where  # how messages name this registry
         try:
@@ -299,6 +315,29 @@ class Registry:
     def backend(self) -> str:
         """"sqlite" or "postgresql"."""
         return self._db.dialect
+
+    @classmethod
+    def open_read_only(cls, path: Path, anchor: Anchor) -> Registry:
+        """The registry at `path` on a read-only connection (SQLite `mode=ro`): every write is
+        refused by SQLite itself, and no migration is run (an older schema is refused). The
+        log's key chain is checked by `anchor` instead of a lab.pub beside the database."""
+        path = Path(path)
+        if not path.is_file():
+            raise RegistryError(f"{path}: no registry database here")
+        return cls(path, anchor=anchor, read_only=True)
+
+    def _connect_read_only(self) -> None:
+        try:
+            self._db = SQLiteDatabase(self.path, read_only=True)
+            version = self.schema_version
+        except sqlite3.DatabaseError as exc:
+            hint = ""
+            if "readonly" in str(exc):  # WAL: a reader needs the -shm index, made in the folder
+                hint = "; a WAL database is read with its -wal and -shm files, which need write access to its folder"
+            raise RegistryError(f"{self.path}: cannot open the registry database read-only ({exc}{hint})") from None
+        if version != SQLITE_MIGRATIONS[-1][0]:
+            raise RegistryError(f"{self.path}: registry schema version {version} is older than this weightmark's "
+                                f"({SQLITE_MIGRATIONS[-1][0]}); open it once from the lab home to bring it up to date")
 
     def close(self) -> None:
         self._db.close()
@@ -639,6 +678,12 @@ class Registry:
             raise LogVerificationError(f"checkpoint {size}: root does not match entries 0..{size - 1}")
         if origin != trust.origin:
             raise TableMismatch(f"log_meta row origin: is {origin} but the signed entry 0 says {trust.origin}")
+        self.anchor(trust)
+        self._tree, self._chain = tree, chain
+        return index, trust
+
+    def _lab_pub_anchor(self, trust: Trust) -> None:
+        """The default anchor: the chain's current key must be the lab.pub in the home."""
         pub_path = self.home / PUBLIC_KEY_FILE
         try:
             pub = pub_path.read_bytes().decode("ascii", errors="replace")
@@ -646,8 +691,6 @@ class Registry:
             raise KeyProblem(f"{pub_path}: cannot read the lab's public key ({exc.strerror})") from None
         if pub.strip() != trust.current.pem.strip():
             raise LogVerificationError(f"{pub_path}: is not the log's current signing key")
-        self._tree, self._chain = tree, chain
-        return index, trust
 
     def signed_statements(self, idxs: Iterable[int]) -> dict[int, dict[str, Any]]:
         """The statements of these entries, each checked once per Registry: its leaf recomputed
