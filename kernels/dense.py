@@ -82,9 +82,9 @@ def _embed_f16(w, out, row_scale, codeword, seed, alpha):
 
 
 @numba.njit(**PARALLEL)
-def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, row_scale, seed, sums):
+def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, row_scale, seed, num, den):
     rows, cols = suspect.shape
-    threads, code_length = sums.shape[0], sums.shape[1]
+    threads, code_length = num.shape
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         # Per row: decode, then hash and weigh every element (vectorisable maps), then
@@ -114,20 +114,13 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
                 weighted[c] = chip_of(h) * e
                 squared[c] = e * e
             for c in range(cols):
-                # num and den of a position side by side: one cache line per random access.
                 p = position[c]
-                sums[t, p, 0] += weighted[c]
-                sums[t, p, 1] += squared[c]
+                num[t, p] += weighted[c]
+                den[t, p] += squared[c]
 
 
-# Row blocks of extract's partial sums (per-block buffers are L (num, den) float64 pairs each).
+# Row blocks of extract's partial sums (per-block buffers are L float64s each).
 EXTRACT_PARTS = 64
-
-
-def add_part_sums(part_sums: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
-    """num += the blocks' num sums, den += their den sums, block after block (a fixed order)."""
-    num += part_sums[:, :, 0].sum(axis=0)
-    den += part_sums[:, :, 1].sum(axis=0)
 _GRID_DTYPE = np.dtype(np.uint16)
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -216,7 +209,8 @@ def extract(
     # A fixed number of row blocks whatever the thread count: the sums are then bit-identical
     # on 1 thread or 64 (a scan on cluster workers with fewer threads agrees with a serial one).
     parts = max(1, min(EXTRACT_PARTS, suspect.shape[0]))
-    part_sums = np.zeros((parts, num.shape[0], 2))
+    part_num = np.zeros((parts, num.shape[0]))
+    part_den = np.zeros((parts, num.shape[0]))
     has_reference = reference is not None
     _extract(
         suspect,
@@ -226,6 +220,8 @@ def extract(
         has_reference,
         row_scale,
         np.uint64(seed),
-        part_sums,
+        part_num,
+        part_den,
     )
-    add_part_sums(part_sums, num, den)
+    num += part_num.sum(axis=0)
+    den += part_den.sum(axis=0)

@@ -18,7 +18,7 @@ import numpy as np
 
 from weightmark.kernels.bits import BF16, F16, FLOAT, decode_row
 from weightmark.kernels.config import INLINE, PARALLEL
-from weightmark.kernels.dense import EXTRACT_PARTS, add_part_sums
+from weightmark.kernels.dense import EXTRACT_PARTS
 from weightmark.kernels.prng import chip_of, element_hash, position_of
 from weightmark.kernels.quant import (
     BLOCK_LAYOUTS,
@@ -58,11 +58,11 @@ def _row_scale_inverse(row_scale, r):
 
 @numba.njit(**INLINE)
 def _accumulate_row(
-    d, r, inv, reference, reference_kind, has_reference, ref, seed, t, sums, position, weighted, squared
+    d, r, inv, reference, reference_kind, has_reference, ref, seed, t, num, den, position, weighted, squared
 ):
-    """sums[t] += row r's (num, den) terms, d holding the suspect's decoded row (as `extract`)."""
+    """num[t] and den[t] += row r's terms, d holding the suspect's decoded row (as `extract`)."""
     cols = d.shape[0]
-    code_length = sums.shape[1]
+    code_length = num.shape[1]
     base = r * cols
     if has_reference:
         decode_row(reference, r, reference_kind, ref)
@@ -77,14 +77,14 @@ def _accumulate_row(
         squared[c] = e * e
     for c in range(cols):
         p = position[c]
-        sums[t, p, 0] += weighted[c]
-        sums[t, p, 1] += squared[c]
+        num[t, p] += weighted[c]
+        den[t, p] += squared[c]
 
 
 @numba.njit(**PARALLEL)
-def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_reference, row_scale, seed, sums):
+def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_reference, row_scale, seed, num, den):
     rows = row_map.shape[0]
-    threads = sums.shape[0]
+    threads = num.shape[0]
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         d = np.empty(cols)
@@ -113,18 +113,18 @@ def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_refe
                 _q5_k_row(raw, stored, d)
             else:
                 _q6_k_row(raw, stored, d)
-            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, t, sums,
+            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, t, num, den,
                             position, weighted, squared)  # fmt: skip
 
 
 @numba.njit(**PARALLEL)
 def _extract_gptq(qweight, bits, zeros, scales, g_idx, reference, reference_kind, has_reference, row_scale,
-                  seed, sums):  # fmt: skip
+                  seed, num, den):  # fmt: skip
     rows, groups = scales.shape
     cols = g_idx.shape[0]
     per = 32 // bits
     mask = np.uint32((1 << bits) - 1)
-    threads = sums.shape[0]
+    threads = num.shape[0]
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         d = np.empty(cols)
@@ -144,14 +144,14 @@ def _extract_gptq(qweight, bits, zeros, scales, g_idx, reference, reference_kind
                     g = g_idx[i]
                     q = np.float32((word >> np.uint32(k * bits)) & mask)
                     d[i] = (q - zeros[r, g]) * scales[r, g]
-            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, t, sums,
+            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, t, num, den,
                             position, weighted, squared)  # fmt: skip
 
 
 @numba.njit(**PARALLEL)
 def _extract_bnb4(data, code, absmax, blocksize, rows, cols, reference, reference_kind, has_reference,
-                  row_scale, seed, sums):  # fmt: skip
-    threads = sums.shape[0]
+                  row_scale, seed, num, den):  # fmt: skip
+    threads = num.shape[0]
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         d = np.empty(cols)
@@ -176,7 +176,7 @@ def _extract_bnb4(data, code, absmax, blocksize, rows, cols, reference, referenc
                     q = (byte >> 4) if (jj & 1) == 0 else (byte & 15)
                     d[cc] = code[q] * scale
                 c = stop
-            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, t, sums,
+            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, t, num, den,
                             position, weighted, squared)  # fmt: skip
 
 
@@ -223,13 +223,15 @@ def _run(kernel, args: tuple, rows: int, cols: int, reference: np.ndarray | None
     if rows == 0 or cols == 0:
         return
     parts = max(1, min(EXTRACT_PARTS, rows))
-    part_sums = np.zeros((parts, num.shape[0], 2))
+    part_num = np.zeros((parts, num.shape[0]))
+    part_den = np.zeros((parts, num.shape[0]))
     has_reference = reference is not None
     # Without a reference the kernel is given a dummy of the right type (it is never read).
     ref = reference if has_reference else np.empty((1, 1), dtype=np.float32)
     kernel(*args, ref, reference_kind if has_reference else FLOAT, has_reference, row_scale,
-           np.uint64(seed), part_sums)  # fmt: skip
-    add_part_sums(part_sums, num, den)
+           np.uint64(seed), part_num, part_den)  # fmt: skip
+    num += part_num.sum(axis=0)
+    den += part_den.sum(axis=0)
 
 
 def extract_ggml(
