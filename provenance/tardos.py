@@ -30,6 +30,7 @@ import numpy as np
 
 from weightmark.errors import UsageError
 from weightmark.kernels import score_codewords
+from weightmark.kernels.chernoff import chernoff_solve, cumulants
 from weightmark.kernels.config import PARALLEL
 from weightmark.kernels.prng import element_hash
 from weightmark.scheme import scheme_fields
@@ -46,6 +47,9 @@ CUTOFF_DIVISORS = (4, 10, 30, 100, 300)
 # Slack added to every natural-log bound: covers float rounding in sum_i log(...) over L terms.
 _LOG_SLACK_ABS = 1e-6
 _LOG_SLACK_REL = 1e-9
+# An exact Chernoff optimum within this many nats of the true one needs no tangent to check it
+# (1e-8 nats: 4e-9 in log10 p, far below the slack and the 4 decimals reported).
+_CERTIFIED_GAP = 1e-8
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,10 @@ class InnocentBound:
     (1 - p_i) e^{lambda B_i}) exactly and P(S >= s) <= exp(K(lambda) - lambda s) for every
     lambda >= 0. Hoeffding's and Bernstein's bounds are also kept; the minimum of valid bounds is
     valid. Every method returns log10 of a bound, never below what the mathematics gives.
+
+    The tangent grid (K at `grid_points` fixed lambdas, for scoring many codewords at once) is
+    built on first use: a scan of a few issued copies solves for the optimum of each score and
+    needs the grid only where that optimum cannot be certified.
     """
 
     def __init__(self, z: np.ndarray, biases: np.ndarray, grid_points: int = 160) -> None:
@@ -266,21 +274,12 @@ class InnocentBound:
         self._hoeffding_denominator = _dot(span, span)
         self._variance = float(np.sum(np.exp(self.log_p) * self.A**2 + np.exp(self.log_q) * self.B**2))
         self._upside = float(top.max()) if top.size else 0.0
-        self._grid_lambdas, self._grid_values = self._tangent_grid(grid_points)
+        self._grid_points = grid_points
+        self._grid: tuple[np.ndarray, np.ndarray] | None = None
 
-    # K and its derivatives at several lambdas at once: rows of shape [n, positions].
-    def _cumulants(self, lambdas: np.ndarray, order: int) -> tuple[np.ndarray, ...]:
-        lam = lambdas[:, None]
-        u = self.log_p + lam * self.A
-        v = self.log_q + lam * self.B
-        log_sum = np.logaddexp(u, v)
-        K = log_sum.sum(axis=1)
-        if order == 0:
-            return (K,)
-        w = np.exp(u - log_sum)
-        d1 = (self.B + w * (self.A - self.B)).sum(axis=1)
-        d2 = (w * (1.0 - w) * (self.A - self.B) ** 2).sum(axis=1)
-        return K, d1, d2
+    def _cumulants(self, lambdas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(K, K', K'') at each lambda."""
+        return cumulants(self.A, self.B, self.log_p, self.log_q, lambdas)
 
     def _safe(self, log_bound: np.ndarray) -> np.ndarray:
         """Natural-log bound -> log10, with slack for rounding, capped at 0."""
@@ -297,41 +296,27 @@ class InnocentBound:
             out = np.minimum(out, -s * s / denom)
         return out
 
-    def _chernoff_exact(self, s: np.ndarray) -> np.ndarray:
-        """min over lambda of K(lambda) - lambda s; every lambda tried gives a valid bound and the
-        smallest value seen is returned, so an imprecise optimum only loosens the bound."""
-        return self._solve(s)[1]
+    def _chernoff_exact(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(min over lambda of K(lambda) - lambda s, gap): every lambda tried gives a valid bound
+        and the smallest value seen is returned, so an imprecise optimum only loosens the bound;
+        no lambda does better by more than the gap (inf where the optimum was not pinned down)."""
+        _, best, gap = self._solve(s)
+        # For s <= max_score, K(lambda) - lambda s >= log_p_max at every lambda (each term's
+        # log-sum is at least the log-probability of its maximum plus lambda times it), so a
+        # value near log_p_max is near the optimum: how Newton's stall at the largest
+        # reachable score (a pristine copy, non-blind) is certified.
+        return best, np.minimum(gap, best - self.log_p_max)
 
-    def _solve(self, s: np.ndarray, iterations: int = 60) -> tuple[np.ndarray, np.ndarray]:
-        """Safeguarded Newton on K'(lambda) = s: (lambda, smallest K(lambda) - lambda s seen)."""
-        best = np.zeros_like(s)
-        lo = np.zeros_like(s)
-        hi = np.maximum(1.0, 2.0 * s / max(self._variance, 1e-300))
-        # Bracket: double hi until K'(hi) >= s (K' rises to max_score as lambda grows; past
-        # lambda = 1e12 the bound has long stopped changing, so stop there).
-        for _ in range(64):
-            K, d1, _ = self._cumulants(hi, 2)
-            best = np.minimum(best, K - hi * s)
-            short = (d1 < s) & (hi < 1e12)
-            if not short.any():
-                break
-            lo = np.where(short, hi, lo)
-            hi = np.where(short, hi * 2.0, hi)
-        lam = np.minimum(s / max(self._variance, 1e-300), 0.5 * (lo + hi))
-        lam = np.where(lam > lo, lam, 0.5 * (lo + hi))
-        for _ in range(iterations):
-            K, d1, d2 = self._cumulants(lam, 2)
-            best = np.minimum(best, K - lam * s)
-            if np.all(np.abs(d1 - s) <= 1e-13 * np.maximum(1.0, s)):
-                break
-            above = d1 > s
-            hi = np.where(above, lam, hi)
-            lo = np.where(above, lo, lam)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                newton = lam - (d1 - s) / d2
-            inside = np.isfinite(newton) & (newton > lo) & (newton < hi)
-            lam = np.where(inside, newton, 0.5 * (lo + hi))
-        return lam, best
+    def _solve(self, s: np.ndarray, iterations: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Safeguarded Newton on K'(lambda) = s: (lambda, smallest K(lambda) - lambda s seen, gap)."""
+        return chernoff_solve(self.A, self.B, self.log_p, self.log_q, s, self._variance, iterations)
+
+    @property
+    def _tangents(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lambda_j, K(lambda_j)) of the tangent grid, built on first use."""
+        if self._grid is None:
+            self._grid = self._tangent_grid(self._grid_points)
+        return self._grid
 
     def _tangent_grid(self, points: int) -> tuple[np.ndarray, np.ndarray]:
         """K(lambda_j) at lambdas whose tangent points spread over the range of scores."""
@@ -345,7 +330,7 @@ class InnocentBound:
         ])
         targets = targets[targets < self.max_score]
         lambdas = self._solve(targets, iterations=12)[0]
-        (K,) = self._cumulants(lambdas, 0)
+        K = self._cumulants(lambdas)[0]
         return lambdas, K
 
     def log10_p_exact(self, score: np.ndarray | float) -> np.ndarray:
@@ -359,13 +344,20 @@ class InnocentBound:
         beyond = sp >= self.max_score
         log_bound = self._classical(sp)
         inner = ~beyond
+        uncertain = beyond.copy()
         if inner.any():
-            log_bound[inner] = np.minimum(log_bound[inner], self._chernoff_exact(sp[inner]))
+            best, gap = self._chernoff_exact(sp[inner])
+            log_bound[inner] = np.minimum(log_bound[inner], best)
+            uncertain[inner] = ~(gap <= _CERTIFIED_GAP)
         # At or past the largest reachable score: P(S >= s) <= P(every term at its maximum).
         log_bound[beyond] = np.minimum(log_bound[beyond], self.log_p_max)
         out[positive] = self._safe(log_bound)
         # Newton may stall for s near the largest reachable score; the tangents are bounds too.
-        return np.minimum(out, self.log10_p_grid(s))
+        # Where the optimum is certified, no tangent (a Chernoff bound at some lambda) beats it.
+        if uncertain.any():
+            where = np.flatnonzero(positive)[uncertain]
+            out[where] = np.minimum(out[where], self.log10_p_grid(s[where]))
+        return out
 
     def log10_p_grid(self, score: np.ndarray, chunk: int = 4096) -> np.ndarray:
         """log10 bounds from the precomputed tangents: min_j K(lambda_j) - lambda_j s.
@@ -376,7 +368,7 @@ class InnocentBound:
         s = np.asarray(score, dtype=np.float64).ravel()
         out = np.zeros_like(s)
         positive = np.flatnonzero(s > 0)
-        lams, vals = self._grid_lambdas, self._grid_values
+        lams, vals = self._tangents if positive.size else (np.zeros(0), np.zeros(0))
         for start in range(0, positive.size, chunk):
             idx = positive[start : start + chunk]
             sp = s[idx]
@@ -391,10 +383,14 @@ class InnocentBound:
     def log10_p(self, scores: np.ndarray, exact_top: int = 64) -> np.ndarray:
         """log10 bound per score: exact optimum for the `exact_top` highest, tangents for the rest."""
         s = np.asarray(scores, dtype=np.float64).ravel()
-        out = self.log10_p_grid(s)
-        if s.size and exact_top > 0:
-            top = np.argsort(-s, kind="stable")[:exact_top]
-            out[top] = np.minimum(out[top], self.log10_p_exact(s[top]))
+        top = np.argsort(-s, kind="stable")[:max(0, exact_top)]
+        rest = np.ones(s.shape, dtype=bool)
+        rest[top] = False
+        out = np.zeros_like(s)
+        if rest.any():
+            out[rest] = self.log10_p_grid(s[rest])
+        if top.size:
+            out[top] = self.log10_p_exact(s[top])
         return out
 
 

@@ -375,3 +375,23 @@ def test_scheme_string_round_trip() -> None:
     for kwargs in ({"code_length": 100}, {"collusion": 0}, {"cutoff": 0.5}, {"alpha": 0.0}):
         with pytest.raises(UsageError):
             TardosParams(**{"code_length": 1024, **kwargs})
+
+
+def test_grid_built_only_when_needed_and_its_tangents_converged() -> None:
+    """A few scores below the largest reachable one are certified without the tangent grid, and
+    agree with the minimum over the grid; the grid's lambdas sit where K'(lambda) = target."""
+    rng = np.random.default_rng(12)
+    L = 4096
+    p = arcsine_biases(rng.random(L), 1 / 240)
+    z = rng.standard_normal(L) * np.where(rng.random(L) < 0.02, 8.0, 1.0)
+    bound = InnocentBound(z, p)
+    s = np.array([0.5, 3.0, 7.5, 20.0, 0.9 * bound.max_score])
+    exact = bound.log10_p(s)
+    assert bound._grid is None
+    np.testing.assert_array_less(exact, bound.log10_p_grid(s) + 1e-8)
+    lambdas, values = bound._grid
+    K, d1, _ = bound._cumulants(lambdas)
+    np.testing.assert_array_equal(K, values)
+    sigma = math.sqrt(bound._variance)
+    below = np.linspace(0.05, 12.0, 80) * sigma  # the grid's first 80 targets
+    np.testing.assert_allclose(d1[:80], below, rtol=1e-12)

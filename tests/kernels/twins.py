@@ -295,3 +295,76 @@ def bnb4_dequantize_twin(
     nibble = np.where(j % 2 == 0, byte >> 4, byte & 15)
     with np.errstate(invalid="ignore", over="ignore"):
         return (code[nibble] * absmax[j // blocksize]).astype(np.float32).reshape(rows, cols)
+
+
+# ------------------------------------------------------------------------------ Chernoff bound
+
+
+def cumulants_twin(A: np.ndarray, B: np.ndarray, log_p: np.ndarray, log_q: np.ndarray,
+                   lambdas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """K(lambda) = sum_i log(p_i e^{lambda A_i} + q_i e^{lambda B_i}), K' and K'' at every lambda,
+    as [lambdas, positions] arrays reduced along the positions."""
+    lam = np.asarray(lambdas, dtype=np.float64)[:, None]
+    u = log_p + lam * A
+    v = log_q + lam * B
+    log_sum = np.logaddexp(u, v)
+    w = np.exp(u - log_sum)  # the tilted probability of +1
+    K = log_sum.sum(axis=1)
+    d1 = (B + w * (A - B)).sum(axis=1)
+    d2 = (w * (1.0 - w) * (A - B) ** 2).sum(axis=1)
+    return K, d1, d2
+
+
+def chernoff_solve_twin(A: np.ndarray, B: np.ndarray, log_p: np.ndarray, log_q: np.ndarray,
+                        s: np.ndarray, variance: float, iterations: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every target at once: double lambda until K'(lambda) >= s (not past 1e12), then
+    safeguarded Newton on K'(lambda) = s; (lambda, smallest K(lambda) - lambda s seen, gap).
+
+    Where Newton converged with residual r, probes at lambda -+ 2 (|r| + e) / K'' (e: the rounding
+    allowance of a computed K') that land on either side of s by more than e put lambda* between
+    them, and convexity bounds the gap to the optimum by (|r| + e) times that distance."""
+    s = np.asarray(s, dtype=np.float64)
+    best = np.zeros_like(s)
+    lo = np.zeros_like(s)
+    hi = np.maximum(1.0, 2.0 * s / max(variance, 1e-300))
+    for _ in range(64):
+        K, d1, _ = cumulants_twin(A, B, log_p, log_q, hi)
+        best = np.minimum(best, K - hi * s)
+        short = (d1 < s) & (hi < 1e12)
+        if not short.any():
+            break
+        lo = np.where(short, hi, lo)
+        hi = np.where(short, hi * 2.0, hi)
+    lam = np.minimum(s / max(variance, 1e-300), 0.5 * (lo + hi))
+    lam = np.where(lam > lo, lam, 0.5 * (lo + hi))
+    done = np.zeros(s.shape, dtype=bool)
+    residual = np.zeros_like(s)
+    curvature = np.zeros_like(s)
+    for _ in range(iterations):
+        K, d1, d2 = cumulants_twin(A, B, log_p, log_q, lam)
+        best = np.where(done, best, np.minimum(best, K - lam * s))
+        now = ~done & (np.abs(d1 - s) <= 1e-13 * np.maximum(1.0, s))
+        residual = np.where(now, d1 - s, residual)
+        curvature = np.where(now, d2, curvature)
+        done |= now
+        if done.all():
+            break
+        above = d1 > s
+        hi = np.where(done, hi, np.where(above, lam, hi))
+        lo = np.where(done, lo, np.where(above, lo, lam))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            newton = lam - (d1 - s) / d2
+        inside = np.isfinite(newton) & (newton > lo) & (newton < hi)
+        lam = np.where(done, lam, np.where(inside, newton, 0.5 * (lo + hi)))
+    e = (256 + A.shape[0] // 256 + 8) * 2.0**-52 * float(np.maximum(np.abs(A), np.abs(B)).sum())
+    gap = np.full_like(s, np.inf)
+    for t in np.flatnonzero(done & (curvature > 0)):
+        r = abs(residual[t]) + e
+        delta = 2.0 * r / curvature[t]
+        probes = np.array([max(0.0, lam[t] - delta), lam[t] + delta])
+        K, d1, _ = cumulants_twin(A, B, log_p, log_q, probes)
+        best[t] = min(best[t], float((K - probes * s[t]).min()))
+        if d1[0] < s[t] - e and d1[1] > s[t] + e:
+            gap[t] = r * delta
+    return lam, best, gap
