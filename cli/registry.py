@@ -19,9 +19,10 @@ from weightmark.cli.common import (
 )
 from weightmark.errors import UsageError
 from weightmark.registry import policy
+from weightmark.registry.backend import check_url, redact
 from weightmark.registry.envelope import envelope
 from weightmark.registry.log import b64
-from weightmark.registry.merkle import consistency_proof, inclusion_proof, leaf_hash
+from weightmark.registry.merkle import leaf_hash
 from weightmark.registry.store import validate_jurisdiction
 
 app = typer.Typer(help="Look up the signed registry.", no_args_is_help=True)
@@ -169,7 +170,7 @@ def proof(
         if not found:
             raise UsageError(f"no registry entry {entry_id}")
         entry = found[0]
-        path = inclusion_proof(lab.registry.leaf_hashes(size), entry_id, size)
+        path = lab.registry.inclusion_proof(entry_id, size)
     doc = {"entry_id": entry_id, "tree_size": size, "root": b64(root), "leaf_hash": b64(leaf_hash(entry.data)),
            "proof": [b64(h) for h in path], "checkpoint": note.decode()}
     if json_out:
@@ -199,7 +200,7 @@ def consistency(
             raise UsageError(f"need 0 < OLD_SIZE <= NEW_SIZE <= {latest}")
         root1, _ = lab.registry.checkpoint(old_size)
         root2, note2 = lab.registry.checkpoint(new)
-        path = consistency_proof(lab.registry.leaf_hashes(new), old_size, new)
+        path = lab.registry.consistency_proof(old_size, new)
     doc = {"old_size": old_size, "new_size": new, "old_root": b64(root1), "new_root": b64(root2),
            "proof": [b64(h) for h in path], "new_checkpoint": note2.decode()}
     if json_out:
@@ -225,3 +226,49 @@ def export(
         count = lab.export_log(out, overwrite=force)
     info(f"Exported {count} entries to {out}")
     typer.echo(safe(out))
+
+
+@app.command("migrate")
+def migrate(
+    to: Annotated[str, typer.Option("--to", help="An empty PostgreSQL database: postgresql://[user@]host[:port]/db "
+                                    "(no password in it: libpq reads PGPASSFILE / ~/.pgpass).")],
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Copy the home's SQLite registry into PostgreSQL, verify the copy in full, then switch the
+    home to it (registry.location). The SQLite file is left as it was.
+
+    Example: weightmark registry migrate --to postgresql://weightmark@db.lab.example/registry
+    """
+    check_url(to)
+    with open_lab(home) as lab:
+        result = lab.migrate_registry(to)
+    doc = {"ok": True, "entries": result.size, "root": b64(result.root), "registry": redact(to)}
+    if json_out:
+        print_json(doc)
+        return
+    info(f"Copied and verified {result.size} entries; the home now uses {redact(to)}")
+    typer.echo(safe(redact(to)))
+
+
+@app.command("grant")
+def grant(
+    appender: Annotated[str | None, typer.Option("--appender", help="Role that may append (made if missing).")] = None,
+    reader: Annotated[str | None, typer.Option("--reader", help="Role that may only read (made if missing).")] = None,
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """PostgreSQL registry: create an appending role and a read-only role and grant each only what
+    it needs (run as the registry's owner). Neither may UPDATE or DELETE an entry or checkpoint.
+
+    Example: weightmark registry grant --appender wm_signer --reader wm_auditor
+    """
+    if appender is None and reader is None:
+        raise UsageError("give --appender ROLE, --reader ROLE or both")
+    with open_lab(home) as lab:
+        statements = lab.registry.grant(appender, reader)
+    if json_out:
+        print_json({"ok": True, "appender": appender, "reader": reader, "statements": statements})
+        return
+    for stmt in statements:
+        typer.echo(safe(stmt))

@@ -77,23 +77,24 @@ def _numba_threads() -> None:
         numba.set_num_threads(min(_WORKER_THREADS, numba.config.NUMBA_NUM_THREADS))
 
 
-def _registry_at(db_path: str, anchor: Any = None) -> Any:
+def _registry_at(where: str, anchor: Any = None) -> Any:
     """The coordinator's registry, on a worker: read-only with the coordinator's anchor when the
-    coordinator's is (an investigator's home), else as a lab home opens it."""
+    coordinator's is (an investigator's home; `where` is its database file), else as a lab home
+    opens it (`where` is the home: its SQLite file, or the PostgreSQL URL it records)."""
     from weightmark.registry.store import Registry
 
     if anchor is not None:
-        return Registry.open_read_only(Path(db_path), anchor)
-    return Registry(Path(db_path))
+        return Registry.open_read_only(Path(where), anchor)
+    return Registry.open(Path(where))
 
 
-def _scan_task(db_path: str, suspect: str, model_keys: dict[str, bytes], options: Any, anchor: Any = None,
+def _scan_task(where: str, suspect: str, model_keys: dict[str, bytes], options: Any, anchor: Any = None,
                refusals: dict[str, str] | None = None) -> Any:
     """One suspect of a sweep, on a worker."""
     from weightmark.sweep import scan_one
 
     _numba_threads()
-    registry = _registry_at(db_path, anchor)
+    registry = _registry_at(where, anchor)
     try:
         return scan_one(registry, DerivedKeys(model_keys, refusals), suspect, options)
     finally:
@@ -221,7 +222,8 @@ class Cluster:
                 except KeyProblem as exc:
                     refusals[model_id] = str(exc)
             anchor = registry.anchor if registry.read_only else None
-            pending.append(self.client.submit(_scan_task, str(registry.path), str(suspect), derived, options,
+            where = registry.path if registry.read_only else registry.home
+            pending.append(self.client.submit(_scan_task, str(where), str(suspect), derived, options,
                                               anchor, refusals, pure=False))
         for entry in pending:
             yield entry if not hasattr(entry, "result") else entry.result()

@@ -288,7 +288,7 @@ def stamp_quantized_base(
     params = stamp_scheme(registry, model, alpha, collusion)
     carriers = {c.name: c for c in registry.carriers(model.model_id)}
     target = prepare_output(out, STAMPED_COPY, force=overwrite, registry=registry,
-                            protected=Protected.of_lab(registry.path.parent, registry))
+                            protected=Protected.of_lab(registry.home, registry))
     is_gguf = model.format == GGUF_FORMAT
     opened = open_registered_base(model)
     with opened as base:

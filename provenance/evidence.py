@@ -35,7 +35,7 @@ from weightmark.registry.log import (
     trust_from_entries,
     verify_log,
 )
-from weightmark.registry.merkle import ProofError, inclusion_proof, leaf_hash, verify_inclusion
+from weightmark.registry.merkle import ProofError, leaf_hash, verify_inclusion
 from weightmark.registry.note import NoteError, verify_note
 from weightmark.registry.store import Registry
 
@@ -123,7 +123,6 @@ def build_bundle(registry: Registry, keys: LabKeys, report: ScanReport, created_
     every accused entry with its inclusion proof, or the statement that nobody was accused.
     Innocent licensees appear only as counts and score statistics."""
     size, _root, note = registry.latest_checkpoint()
-    leaves = registry.leaf_hashes(size)
     trust = trust_from_entries(registry.log_entries())
     scan = report.evidence_json()
     accusations = []
@@ -133,7 +132,7 @@ def build_bundle(registry: Registry, keys: LabKeys, report: ScanReport, created_
         accusations.append({
             "entry_index": index,
             "envelope": envelope(entry.payload, entry.key_id, entry.signature),
-            "inclusion_proof": [b64(h) for h in inclusion_proof(leaves, index, size)],
+            "inclusion_proof": [b64(h) for h in registry.inclusion_proof(index, size)],
         })
     examined = examined_files(suspect)
     examined["format"] = report.format

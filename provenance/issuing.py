@@ -210,7 +210,7 @@ def issue_copy(
 ) -> IssuedCopy:
     """Make one copy crash-safely: `write(staging)` fills the staging path and returns (files
     manifest, output format); `record(files, output_format)` appends the signed entry."""
-    home = registry.path.parent
+    home = registry.home
     journal = _begin(home, target, is_dir, model.model_id, codeword_index, licensee.id)
     committed = voided = False
     try:
@@ -266,7 +266,7 @@ def recover_pending(registry: Registry, signer: Callable[[], Signer | None],
     `signer()` gives the unlocked signing key, or None while the keys are locked (a copy that
     must be voided then waits, and `notify` says so).
     """
-    pending = registry.path.parent / PENDING_DIR
+    pending = registry.home / PENDING_DIR
     try:
         paths = sorted(pending.iterdir())
     except FileNotFoundError:

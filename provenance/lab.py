@@ -27,6 +27,7 @@ from weightmark.outputs import (
 from weightmark.pkcs11 import NEXT_SIGNER_FILE, SIGNER_FILE, TokenSpec
 from weightmark.progress import NO_PROGRESS, Progress
 from weightmark.registry import policy
+from weightmark.registry.backend import LOCATION_FILE, check_url
 from weightmark.registry.log import (
     LogVerificationError,
     Trust,
@@ -97,17 +98,33 @@ class Lab:
         self._unresolved = 0  # interrupted stamps waiting for the keys to be unlocked
 
     @classmethod
-    def init(cls, home: str | os.PathLike[str] | None, passphrase: str | None) -> Lab:
-        """Create a home: keys (encrypted unless passphrase is None) and a log with its genesis."""
+    def init(cls, home: str | os.PathLike[str] | None, passphrase: str | None, registry: str | None = None) -> Lab:
+        """Create a home: keys (encrypted unless passphrase is None) and a log with its genesis.
+
+        `registry`: a postgresql:// URL (no password in it) for a registry shared by several
+        homes; the home records it in registry.location. None: the home's own SQLite file.
+        """
+        if registry is not None:
+            check_url(registry)
         lab = cls(home, passphrase=lambda: passphrase)
         lab.home.mkdir(parents=True, exist_ok=True)
         os.chmod(lab.home, 0o700)
-        if (lab.home / DB_FILE).exists():
-            raise RegistryError(f"{lab.home / DB_FILE}: a registry already exists here")
-        keys = _keys.create(lab.home, passphrase)
+        for name in (DB_FILE, LOCATION_FILE):
+            if os.path.lexists(lab.home / name):
+                raise RegistryError(f"{lab.home / name}: a registry already exists here")
+        # A shared database is reached (and found empty) before any key is made.
+        created = Registry.create(lab.home, registry) if registry is not None else None
+        try:
+            keys = _keys.create(lab.home, passphrase)
+        except BaseException:
+            if created is not None:
+                created.close()
+            raise
         lab._keys = keys
-        lab._registry = Registry.create(lab.home)
+        lab._registry = created if created is not None else Registry.create(lab.home)
         lab._registry.init_log(f"weightmark.lab/{keys.key_id}-{secrets.token_hex(4)}", keys.public_pem, keys)
+        if registry is not None:
+            write_bytes_atomic(lab.home / LOCATION_FILE, registry.encode() + b"\n", mode=0o644)
         return lab
 
     @property
@@ -193,6 +210,33 @@ class Lab:
                 self._keys = None
             else:
                 pending_path.unlink()
+
+    def migrate_registry(self, url: str) -> VerifiedLog:
+        """Copy this home's SQLite registry into the empty PostgreSQL database at `url`, verify the
+        copy in full (the same checks as `registry verify`, and the same size and root as the
+        original), and only then record the URL in the home. The SQLite file is not changed."""
+        check_url(url)
+        if os.path.lexists(self.home / LOCATION_FILE):
+            raise RegistryError(f"{self.home / LOCATION_FILE}: this home's registry is already in PostgreSQL")
+        source = self.verify_log()
+        target = Registry.create(self.home, url)
+        try:
+            target.policy_in_force = self.registry.policy_in_force
+            self.registry.copy_into(target)
+            copy = Lab(self.home, passphrase=None, notify=self._notify)
+            copy._registry = target
+            result = copy.verify_log()
+        except BaseException:
+            target.close()
+            raise
+        if (result.size, result.root) != (source.size, source.root):
+            target.close()
+            raise RegistryError(f"{target.where}: the copy holds {result.size} entries, the original {source.size}; "
+                                "the home still uses its SQLite registry")
+        write_bytes_atomic(self.home / LOCATION_FILE, url.encode() + b"\n", mode=0o644)
+        self.registry.close()
+        self._registry = target
+        return result
 
     # -- the transparency log ---------------------------------------------------------------
 

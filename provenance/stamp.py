@@ -124,7 +124,7 @@ def stamp(
     params = stamp_scheme(registry, model, alpha, collusion)
     carriers = {c.name: c for c in registry.carriers(model.model_id)}
     target = prepare_output(out, STAMPED_COPY, force=overwrite, registry=registry,
-                            protected=Protected.of_lab(registry.path.parent, registry))
+                            protected=Protected.of_lab(registry.home, registry))
     with open_registered_base(model) as base:
         variant = variant_of(base, set(carriers)) if file_type is None else quantized_variant(file_type)
         policy_record = policy_gate(policy, licensee.jurisdiction, variant, override_reason,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
@@ -144,15 +144,21 @@ def inclusion_proof(leaf_hashes: Sequence[bytes], index: int, size: int) -> list
     if not 0 <= index < size:
         raise ValueError(f"leaf index {index} outside 0..{size - 1}")
     _check_leaf_hashes(leaf_hashes, size)
+    return inclusion_proof_by(lambda lo, hi: _mth(leaf_hashes, lo, hi), index, size)
+
+
+def inclusion_proof_by(subtree: Callable[[int, int], bytes], index: int, size: int) -> list[bytes]:
+    """PATH(index, D[0:size]) with `subtree(lo, hi)` giving MTH(D[lo:hi]): from the leaves, or
+    from stored interior nodes (every range asked for is an RFC 6962 split of the tree)."""
     path: list[bytes] = []
     lo, hi = 0, size
     while hi - lo > 1:
         k = _split(hi - lo)
         if index < lo + k:
-            path.append(_mth(leaf_hashes, lo + k, hi))
+            path.append(subtree(lo + k, hi))
             hi = lo + k
         else:
-            path.append(_mth(leaf_hashes, lo, lo + k))
+            path.append(subtree(lo, lo + k))
             lo += k
     path.reverse()
     return path
@@ -169,20 +175,25 @@ def consistency_proof(leaf_hashes: Sequence[bytes], size1: int, size2: int) -> l
     if not 0 < size1 <= size2:
         raise ValueError(f"consistency proof needs 0 < size1 <= size2, got {size1}, {size2}")
     _check_leaf_hashes(leaf_hashes, size2)
+    return consistency_proof_by(lambda lo, hi: _mth(leaf_hashes, lo, hi), size1, size2)
+
+
+def consistency_proof_by(subtree: Callable[[int, int], bytes], size1: int, size2: int) -> list[bytes]:
+    """PROOF(size1, D[0:size2]) with `subtree(lo, hi)` giving MTH(D[lo:hi])."""
     nodes: list[bytes] = []
     m, lo, hi, complete = size1, 0, size2, True
     while True:  # SUBPROOF(m, D[lo:hi], complete), unrolled
         n = hi - lo
         if m == n:
             if not complete:
-                nodes.append(_mth(leaf_hashes, lo, hi))
+                nodes.append(subtree(lo, hi))
             break
         k = _split(n)
         if m <= k:
-            nodes.append(_mth(leaf_hashes, lo + k, hi))
+            nodes.append(subtree(lo + k, hi))
             hi = lo + k
         else:
-            nodes.append(_mth(leaf_hashes, lo, lo + k))
+            nodes.append(subtree(lo, lo + k))
             lo += k
             m -= k
             complete = False

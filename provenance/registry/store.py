@@ -13,7 +13,6 @@ import base64
 import datetime as _dt
 import hashlib
 import json
-import re
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,7 +26,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from weightmark.errors import KeyProblem, NotFound, RegistryError, UsageError
 from weightmark.keys import PUBLIC_KEY_FILE
-from weightmark.registry import tables
+from weightmark.registry import merkle, tables
+from weightmark.registry.backend import (
+    DB_FILE,
+    LOCATION_FILE,
+    SQLITE_MIGRATIONS,
+    Database,
+    PostgresDatabase,
+    SQLiteDatabase,
+    check_schema,
+    connect,
+    is_url,
+    recorded_location,
+)
 from weightmark.registry.envelope import PAYLOAD_TYPE, canonical_json, pae, statement
 from weightmark.registry.log import (
     LogEntry,
@@ -37,7 +48,7 @@ from weightmark.registry.log import (
     trust_from_entries,
     verify_entry,
 )
-from weightmark.registry.merkle import CompactRange, leaf_hash
+from weightmark.registry.merkle import CompactRange, leaf_hash, node_hash
 from weightmark.registry.note import Checkpoint as NoteCheckpoint
 from weightmark.registry.note import NoteError, sign_note, verify_note
 from weightmark.registry.tables import (
@@ -51,11 +62,7 @@ from weightmark.registry.tables import (
     row_dict,
 )
 
-DB_FILE = "registry.db"
 SQLITE_MAGIC = b"SQLite format 3\x00"
-_ROW_KEYS = {"licensees": "id", "models": "model_id", "carriers": "name", "issued_copies": "entry_idx",
-             "codeword_reservations": "codeword_index"}  # how an error names a row of each table
-
 
 # Raises unless the log's key chain (a Trust built from the log) is one the opener trusts.
 Anchor = Callable[[Trust], None]
@@ -68,97 +75,9 @@ class Signer(Protocol):
     def sign(self, message: bytes) -> bytes: ...
 
 
-# Numbered migrations: each runs once, in order, inside a transaction; never edit a released one.
-MIGRATIONS: list[tuple[int, str]] = [
-    (
-        1,
-        """
-        CREATE TABLE entries (
-            idx INTEGER PRIMARY KEY,
-            kind TEXT NOT NULL,
-            payload_type TEXT NOT NULL,
-            payload BLOB NOT NULL,
-            key_id TEXT NOT NULL,
-            signature BLOB NOT NULL,
-            created_at TEXT NOT NULL
-        );
-        CREATE TABLE licensees (
-            id TEXT PRIMARY KEY,
-            name TEXT NOT NULL,
-            jurisdiction TEXT NOT NULL,
-            email TEXT,
-            created_at TEXT NOT NULL,
-            entry_idx INTEGER NOT NULL REFERENCES entries(idx)
-        );
-        CREATE INDEX licensees_jurisdiction ON licensees(jurisdiction);
-        CREATE TABLE models (
-            model_id TEXT PRIMARY KEY,
-            name TEXT NOT NULL UNIQUE,
-            base_path TEXT NOT NULL,
-            format TEXT NOT NULL,
-            files TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            entry_idx INTEGER NOT NULL REFERENCES entries(idx)
-        );
-        CREATE TABLE carriers (
-            model_id TEXT NOT NULL REFERENCES models(model_id),
-            ordinal INTEGER NOT NULL,
-            name TEXT NOT NULL,
-            dtype TEXT NOT NULL,
-            shape TEXT NOT NULL,
-            row_scale BLOB NOT NULL,
-            PRIMARY KEY (model_id, name)
-        );
-        CREATE TABLE codeword_reservations (
-            model_id TEXT NOT NULL REFERENCES models(model_id),
-            codeword_index INTEGER NOT NULL,
-            reserved_at TEXT NOT NULL,
-            PRIMARY KEY (model_id, codeword_index)
-        );
-        CREATE TABLE issued_copies (
-            entry_idx INTEGER PRIMARY KEY REFERENCES entries(idx),
-            model_id TEXT NOT NULL REFERENCES models(model_id),
-            licensee_id TEXT NOT NULL REFERENCES licensees(id),
-            codeword_index INTEGER NOT NULL,
-            scheme TEXT NOT NULL,
-            output_format TEXT NOT NULL,
-            variant TEXT NOT NULL,
-            out_path TEXT NOT NULL,
-            digest TEXT NOT NULL,
-            issued_at TEXT NOT NULL,
-            UNIQUE (model_id, codeword_index)
-        );
-        CREATE INDEX issued_by_licensee ON issued_copies(licensee_id);
-        """,
-    ),
-    (
-        2,
-        """
-        ALTER TABLE entries ADD COLUMN leaf_hash BLOB;
-        CREATE TABLE log_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        CREATE TABLE checkpoints (
-            size INTEGER PRIMARY KEY,
-            root BLOB NOT NULL,
-            note BLOB NOT NULL,
-            frontier TEXT NOT NULL,
-            created_at TEXT NOT NULL
-        );
-        ALTER TABLE issued_copies ADD COLUMN jurisdiction TEXT;
-        ALTER TABLE issued_copies ADD COLUMN policy TEXT;
-        CREATE INDEX entries_created ON entries(created_at);
-        """,
-    ),
-    (
-        5,
-        """
-        CREATE TABLE model_facts (
-            entry_idx INTEGER PRIMARY KEY REFERENCES entries(idx),
-            model_id TEXT NOT NULL REFERENCES models(model_id)
-        );
-        CREATE INDEX model_facts_by_model ON model_facts(model_id);
-        """,
-    ),
-]
+# Every table of the registry, parents before the rows that refer to them (for copying).
+COPIED_TABLES = ("entries", "log_meta", "checkpoints", "merkle_nodes", "licensees", "models", "carriers",
+                 "codeword_reservations", "issued_copies", "model_facts")
 
 
 def now() -> str:
@@ -277,16 +196,6 @@ def country_name(code: str) -> str:
     return country.name if country is not None else code
 
 
-def _tables_of(versions: Iterable[int]) -> set[str]:
-    """The tables a weightmark registry holds once these migrations have run."""
-    names = {"schema_migrations"}
-    done = set(versions)
-    for version, sql in MIGRATIONS:
-        if version in done:
-            names.update(re.findall(r"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", sql, flags=re.IGNORECASE))
-    return names
-
-
 def inspect_database(path: Path) -> None:
     """Refuse, before anything is written to it, a file that is not a healthy weightmark registry.
 
@@ -323,20 +232,7 @@ def inspect_database(path: Path) -> None:
             raise RegistryError(f"{path}: an SQLite database without weightmark's schema_migrations table: "
                                 "not a weightmark registry")
         versions = {r[0] for r in db.execute("SELECT version FROM schema_migrations")}
-        known = [v for v, _ in MIGRATIONS]
-        if any(type(v) is not int for v in versions) or not versions:
-            raise RegistryError(f"{path}: schema_migrations holds no weightmark schema version")
-        if max(versions) > known[-1]:
-            raise RegistryError(f"{path}: registry schema version {max(versions)} is newer than this weightmark "
-                                f"knows ({known[-1]}); use a newer weightmark")
-        if unknown := sorted(versions - set(known)):
-            raise RegistryError(f"{path}: schema version {unknown[0]} is not one of weightmark's migrations "
-                                f"{known}")
-        expected = _tables_of(versions)
-        if foreign := sorted(found - expected):
-            raise RegistryError(f"{path}: holds table {foreign[0]!r}, which is not part of a weightmark registry")
-        if missing := sorted(expected - found):
-            raise RegistryError(f"{path}: lacks the registry table {missing[0]!r}")
+        check_schema(str(path), SQLITE_MIGRATIONS, found, versions)
     except sqlite3.DatabaseError as exc:
         raise RegistryError(f"{path}: not a usable registry database ({exc})") from None
     finally:
@@ -344,18 +240,26 @@ def inspect_database(path: Path) -> None:
 
 
 class Registry:
-    """SQLite store (WAL, synchronous=FULL, appends under BEGIN IMMEDIATE).
+    """The registry, in SQLite (WAL, synchronous=FULL, appends under BEGIN IMMEDIATE) or in
+    PostgreSQL (appends under the lock of one coordination row); see registry/backend.py.
 
-    `Registry(path)` opens an existing registry (and brings an older schema up to date);
-    only `Registry.create` writes a new schema. The trust anchor for checked reads is the
-    lab's public key (`lab.pub`) beside the database: the log's key chain must end in it.
+    `Registry(location, home=...)` opens an existing registry (and brings an older schema up to
+    date); only `Registry.create` writes a new schema. The trust anchor for checked reads is the
+    lab's public key (`lab.pub`) in the home: the log's key chain must end in it.
     """
 
-    def __init__(self, path: Path, create: bool = False, anchor: Anchor | None = None,
-                 read_only: bool = False) -> None:
-        self.path = Path(path)
-        # Checks the log's key chain against what the opener trusts (default: lab.pub beside
-        # the database); a read-only registry (`open_read_only`) has one from its home.
+    def __init__(self, location: Path | str, create: bool = False, home: Path | None = None,
+                 anchor: Anchor | None = None, read_only: bool = False) -> None:
+        postgres = is_url(location)
+        if postgres and home is None:
+            raise ValueError("a PostgreSQL registry needs the lab home it belongs to")
+        if postgres and read_only:
+            raise ValueError("a read-only open is for a registry file; a PostgreSQL reader gets a read-only role")
+        self.home = Path(home) if home is not None else Path(location).parent
+        # A file in the home: the SQLite database, or the file recording the PostgreSQL URL.
+        self.path = self.home / LOCATION_FILE if postgres else Path(location)
+        # Checks the log's key chain against what the opener trusts (default: lab.pub in the
+        # home); a read-only registry (`open_read_only`) has one from its home.
         self.anchor: Anchor = anchor if anchor is not None else self._lab_pub_anchor
         self.read_only = read_only
         # The jurisdiction policy (version, date, sha256) recorded in every entry; None when no
@@ -367,33 +271,50 @@ class Registry:
         self._chain: list[LogEntry] = []  # genesis and rotation entries in _index
         self._statements: dict[int, dict[str, Any]] = {}  # entries whose signature was checked
         self._carriers: dict[str, list[Carrier]] = {}
-        if create:
-            if self.path.exists():
-                raise RegistryError(f"{self.path}: a file is already there; not creating a registry over it")
-        else:
-            inspect_database(self.path)
+        if not postgres:
+            if create:
+                if self.path.exists():
+                    raise RegistryError(f"{self.path}: a file is already there; not creating a registry over it")
+            else:
+                inspect_database(self.path)
         if read_only:
+            self.where = str(self.path)
             self._connect_read_only()
             return
+        self._db: Database = connect(location)
+        self.where = self._db.where  # how messages name this registry
         try:
-            self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
+            if postgres:
+                self._inspect_postgres(create)
             self._migrate()
         except sqlite3.DatabaseError as exc:
-            raise RegistryError(f"{self.path}: not a usable registry database ({exc})") from None
+            self._db.close()
+            raise RegistryError(f"{self.where}: not a usable registry database ({exc})") from None
+        except BaseException:
+            self._db.close()
+            raise
 
     @classmethod
-    def create(cls, home: Path) -> Registry:
-        return cls(home / DB_FILE, create=True)
+    def create(cls, home: Path, url: str | None = None) -> Registry:
+        """A new, empty registry for a home: its SQLite file, or the PostgreSQL database at url."""
+        if url is None:
+            return cls(home / DB_FILE, create=True)
+        return cls(url, create=True, home=home)
 
     @classmethod
     def open(cls, home: Path) -> Registry:
+        url = recorded_location(home)
+        if url is not None:
+            return cls(url, home=home)
         path = home / DB_FILE
         if not path.is_file():
             raise RegistryError(f"{path}: no registry here; run `weightmark init` first")
         return cls(path)
+
+    @property
+    def backend(self) -> str:
+        """"sqlite" or "postgresql"."""
+        return self._db.dialect
 
     @classmethod
     def open_read_only(cls, path: Path, anchor: Anchor) -> Registry:
@@ -407,65 +328,104 @@ class Registry:
 
     def _connect_read_only(self) -> None:
         try:
-            self._db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=60.0,
-                                       isolation_level=None)
+            self._db = SQLiteDatabase(self.path, read_only=True)
             version = self.schema_version
         except sqlite3.DatabaseError as exc:
             hint = ""
             if "readonly" in str(exc):  # WAL: a reader needs the -shm index, made in the folder
                 hint = "; a WAL database is read with its -wal and -shm files, which need write access to its folder"
             raise RegistryError(f"{self.path}: cannot open the registry database read-only ({exc}{hint})") from None
-        if version != MIGRATIONS[-1][0]:
+        if version != SQLITE_MIGRATIONS[-1][0]:
             raise RegistryError(f"{self.path}: registry schema version {version} is older than this weightmark's "
-                                f"({MIGRATIONS[-1][0]}); open it once from the lab home to bring it up to date")
+                                f"({SQLITE_MIGRATIONS[-1][0]}); open it once from the lab home to bring it up to date")
 
     def close(self) -> None:
         self._db.close()
 
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- plumbing ---------------------------------------------------------------------------
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken before reading the state it depends on."""
-        self._db.execute("BEGIN IMMEDIATE")
+    def _write(self) -> Iterator[Database]:
+        """One write transaction, holding the log's lock before reading the state it depends on."""
+        self._db.begin_write()
         try:
             yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.rollback()
             raise
-        self._db.execute("COMMIT")
+        self._db.commit()
 
     @contextmanager
-    def snapshot(self) -> Iterator[sqlite3.Connection]:
+    def snapshot(self) -> Iterator[Database]:
         """A read transaction: every query inside sees the same state of the database."""
         if self._db.in_transaction:
             yield self._db
             return
-        self._db.execute("BEGIN")
+        self._db.begin_read()
         try:
             yield self._db
         finally:
-            self._db.execute("COMMIT")
+            self._db.commit()
+
+    def _inspect_postgres(self, create: bool) -> None:
+        """Refuse a database that is not a weightmark registry (or, to create one, not empty)."""
+        found = self._db.table_names()
+        if create:
+            if found:
+                raise RegistryError(f"{self.where}: the database already holds tables ({sorted(found)[0]!r}, ...); "
+                                    "not creating a registry over them")
+            return
+        if not found:
+            raise RegistryError(f"{self.where}: an empty database, no registry here; "
+                                "run `weightmark init --registry URL` or `weightmark registry migrate --to URL`")
+        if "schema_migrations" not in found:
+            raise RegistryError(f"{self.where}: a database without weightmark's schema_migrations table: "
+                                "not a weightmark registry")
+        versions = {r[0] for r in self._db.execute("SELECT version FROM schema_migrations")}
+        check_schema(self.where, self._db.migrations, found, versions)
 
     def _migrate(self) -> None:
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
-        )
-        with self._write() as db:
+        migrations = self._db.migrations
+        if isinstance(self._db, PostgresDatabase):
+            # Read first: a read-only role opens an up-to-date registry without any DDL.
+            if "schema_migrations" in self._db.table_names():
+                done = {row[0] for row in self._db.execute("SELECT version FROM schema_migrations")}
+                if all(v in done for v, _ in migrations):
+                    return
+            self._db.execute("BEGIN")
+            self._db.execute("SELECT pg_advisory_xact_lock(7406033119)")  # one migrating process at a time
+            self._db.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                             "(version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)")
+        else:
+            self._db.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                             "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+            self._db.begin_write()
+        try:
+            db = self._db
             done = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-            for version, sql in MIGRATIONS:
+            for version, sql in migrations:
                 if version in done:
                     continue
-                for stmt in sql.split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
+                db.run_script(sql)
+                if version == 6:
+                    _store_all_nodes(db)
                 db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, now()))
+        except BaseException:
+            self._db.rollback()
+            raise
+        self._db.commit()
 
     @property
     def schema_version(self) -> int:
         return self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]
 
-    def _append(self, db: sqlite3.Connection, kind: str, stmt: dict[str, Any], signer: Signer,
+    def _append(self, db: Database, kind: str, stmt: dict[str, Any], signer: Signer,
                 cosigner: Ed25519PrivateKey | None = None) -> int:
         """Append a signed entry and the signed checkpoint over it, in the caller's transaction.
 
@@ -473,7 +433,7 @@ class Registry:
         """
         idx = db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM entries").fetchone()[0]
         if idx > 0 and self.origin is None:
-            raise RegistryError(f"{self.path}: this registry has no log genesis entry")
+            raise RegistryError(f"{self.where}: this registry has no log genesis entry")
         stmt["predicate"]["log_index"] = idx
         stmt["predicate"]["policy_in_force"] = self.policy_in_force
         payload = canonical_json(stmt)
@@ -487,26 +447,64 @@ class Registry:
         self._seal(db, idx, leaf, signer, cosigner)
         return idx
 
-    def _seal(self, db: sqlite3.Connection, idx: int, leaf: bytes, signer: Signer,
+    def _seal(self, db: Database, idx: int, leaf: bytes, signer: Signer,
               cosigner: Ed25519PrivateKey | None) -> None:
         """Sign the checkpoint of size idx + 1, extending the previous one (never contradicting it)."""
-        prev = db.execute("SELECT size, root, frontier FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
+        prev = db.execute("SELECT size, root, frontier, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
         if prev is None:
             tree = CompactRange()
         else:
             tree = CompactRange(prev[0], [bytes.fromhex(h) for h in json.loads(prev[2])])
-            if tree.root() != prev[1]:
-                raise RegistryError(f"checkpoint {prev[0]}: stored frontier does not match its root; "
+            try:
+                signed_root = base64.b64decode(bytes(prev[3]).split(b"\n", 3)[2], validate=True)
+            except (IndexError, ValueError):
+                signed_root = None
+            if tree.root() != prev[1] or signed_root != bytes(prev[1]):
+                raise RegistryError(f"checkpoint {prev[0]}: stored frontier does not match its signed root; "
                                     "run `weightmark registry verify`")
         if tree.size != idx:
             raise RegistryError(f"checkpoint {tree.size}: the latest checkpoint does not end where entry {idx} "
                                 "begins; run `weightmark registry verify`")
+        # The perfect subtrees this leaf completes, stored for O(log n) proofs.
+        stack, h, n, level, nodes = tree.hashes, leaf, idx, 0, []
+        while n & 1:
+            h = node_hash(stack.pop(), h)
+            n >>= 1
+            level += 1
+            nodes.append((level, idx >> level, h))
+        if nodes:
+            db.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?)", nodes)
         tree.append(leaf)
         origin = self.origin or ""
         signers = [(origin, signer.signing_key)] + ([(origin, cosigner)] if cosigner is not None else [])
         note = sign_note(NoteCheckpoint(origin, idx + 1, tree.root()).body(), signers)
         db.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?)",
                    (idx + 1, tree.root(), note, json.dumps([h.hex() for h in tree.hashes]), now()))
+
+    # -- moving and guarding the database ---------------------------------------------------
+
+    def copy_into(self, target: Registry) -> int:
+        """Copy every row of this registry into an empty `target` (another backend), in one
+        transaction of the target; return the number of entries copied. The caller verifies
+        the copy before using it."""
+        if target.entry_count():
+            raise RegistryError(f"{target.where}: already holds a log; not copying over it")
+        with self.snapshot() as src, target._write() as dst:
+            for table in COPIED_TABLES:
+                cur = src.execute(f"SELECT * FROM {table}")
+                columns = [d[0] for d in cur.description]
+                sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+                while rows := cur.fetchmany(2000):
+                    dst.executemany(sql, [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+                                          for r in rows])
+            return self.entry_count()
+
+    def grant(self, appender: str | None, reader: str | None) -> list[str]:
+        """PostgreSQL only: create (if need be) and grant an appending role and a read-only role
+        exactly what each needs; return the SQL statements run."""
+        if not isinstance(self._db, PostgresDatabase):
+            raise UsageError(f"{self.where}: roles and grants exist only for a PostgreSQL registry")
+        return self._db.grant(appender, reader)
 
     # -- the log -----------------------------------------------------------------------------
 
@@ -519,7 +517,7 @@ class Registry:
         """Append the genesis entry: the log's origin and its first signing key."""
         with self._write() as db:
             if db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]:
-                raise RegistryError(f"{self.path}: the log already has entries")
+                raise RegistryError(f"{self.where}: the log already has entries")
             db.execute("INSERT INTO log_meta VALUES ('origin', ?)", (origin,))
             predicate = {"origin": origin, "key_id": signer.key_id, "public_key": public_key_pem,
                          "created_at": now()}
@@ -550,13 +548,61 @@ class Registry:
             raise RegistryError("the log's entries are not contiguous; run `weightmark registry verify`")
         return [r[1] for r in rows]
 
+    def subtree_hash(self, lo: int, hi: int) -> bytes:
+        """MTH of leaves lo..hi-1 from the stored nodes: one read for a perfect aligned
+        subtree, O(log n) reads for any range an RFC 6962 proof asks for."""
+        n = hi - lo
+        if n & (n - 1) == 0 and lo % n == 0:
+            level = n.bit_length() - 1
+            row = (self._db.execute("SELECT leaf_hash FROM entries WHERE idx = ?", (lo,)).fetchone() if level == 0
+                   else self._db.execute("SELECT hash FROM merkle_nodes WHERE level = ? AND idx = ?",
+                                         (level, lo >> level)).fetchone())
+            if row is None or row[0] is None:
+                raise RegistryError(f"{self.where}: no stored Merkle node for entries {lo}..{hi - 1}; "
+                                    "run `weightmark registry verify`")
+            return bytes(row[0])
+        k = 1 << ((n - 1).bit_length() - 1)
+        return node_hash(self.subtree_hash(lo, lo + k), self.subtree_hash(lo + k, hi))
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """RFC 6962 PATH(index, D[0:size]) from the stored nodes (O(log n) reads), checked
+        against the entry's recomputed leaf and the stored checkpoint of that size."""
+        with self.snapshot():
+            if not 0 <= index < size:
+                raise ValueError(f"leaf index {index} outside a tree of size {size}")
+            root, _ = self.checkpoint(size)  # NotFound unless a checkpoint of that size was signed
+            path = merkle.inclusion_proof_by(self.subtree_hash, index, size)
+            (entry,) = self.log_entries(index, index + 1)
+        try:
+            merkle.verify_inclusion(leaf_hash(entry.data), index, size, path, bytes(root))
+        except merkle.ProofError:
+            raise RegistryError(f"{self.where}: the stored Merkle nodes do not prove entry {index} in checkpoint "
+                                f"{size}; run `weightmark registry verify`") from None
+        return path
+
+    def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
+        """RFC 6962 PROOF(size1, D[0:size2]) from the stored nodes (O(log n) reads), checked
+        against the stored checkpoints of both sizes."""
+        with self.snapshot():
+            if not 0 < size1 <= size2:
+                raise ValueError(f"consistency proof needs 0 < size1 <= size2, got {size1}, {size2}")
+            root1, _ = self.checkpoint(size1)  # NotFound unless checkpoints of both sizes were signed
+            root2, _ = self.checkpoint(size2)
+            path = merkle.consistency_proof_by(self.subtree_hash, size1, size2)
+        try:
+            merkle.verify_consistency(size1, size2, path, bytes(root1), bytes(root2))
+        except merkle.ProofError:
+            raise RegistryError(f"{self.where}: the stored Merkle nodes do not prove checkpoint {size1} a prefix "
+                                f"of checkpoint {size2}; run `weightmark registry verify`") from None
+        return path
+
     def checkpoints(self) -> list[tuple[int, bytes]]:
         return [(s, n) for s, n in self._db.execute("SELECT size, note FROM checkpoints ORDER BY size")]
 
     def latest_checkpoint(self) -> tuple[int, bytes, bytes]:
         row = self._db.execute("SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
         if row is None:
-            raise RegistryError(f"{self.path}: no signed checkpoint yet")
+            raise RegistryError(f"{self.where}: no signed checkpoint yet")
         return row[0], row[1], row[2]
 
     def checkpoint(self, size: int) -> tuple[bytes, bytes]:
@@ -592,7 +638,7 @@ class Registry:
         with self.snapshot() as db:
             latest = db.execute("SELECT size, root, note FROM checkpoints ORDER BY size DESC LIMIT 1").fetchone()
             if latest is None:
-                raise RegistryError(f"{self.path}: no signed checkpoint yet")
+                raise RegistryError(f"{self.where}: no signed checkpoint yet")
             size, _, note = latest
             if known is None:
                 index, tree, chain = SignedIndex(size), CompactRange(), []
@@ -637,8 +683,8 @@ class Registry:
         return index, trust
 
     def _lab_pub_anchor(self, trust: Trust) -> None:
-        """The default anchor: the chain's current key must be the lab.pub beside the database."""
-        pub_path = self.path.parent / PUBLIC_KEY_FILE
+        """The default anchor: the chain's current key must be the lab.pub in the home."""
+        pub_path = self.home / PUBLIC_KEY_FILE
         try:
             pub = pub_path.read_bytes().decode("ascii", errors="replace")
         except OSError as exc:
@@ -703,20 +749,16 @@ class Registry:
         return self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
 
     def check_integrity(self) -> None:
-        """PRAGMA integrity_check: raise RegistryError naming the first problem SQLite finds."""
-        problems = [r[0] for r in self._db.execute("PRAGMA integrity_check(1)")]
-        if problems != ["ok"]:
-            raise RegistryError(f"{self.path}: the database is corrupted ({' '.join(str(problems[0]).split())})")
+        """The database's own health check (SQLite: PRAGMA integrity_check; PostgreSQL: none,
+        see backend.py): raise RegistryError naming the first problem found."""
+        self._db.check_integrity()
 
     def check_foreign_keys(self) -> None:
-        """PRAGMA foreign_key_check: raise TableMismatch naming the first row that refers to nothing."""
-        bad = self._db.execute("PRAGMA foreign_key_check").fetchone()
+        """Raise TableMismatch naming the first row that refers to a row that does not exist."""
+        bad = self._db.foreign_key_violation()
         if bad is not None:
-            table, rowid, parent, _ = bad
-            key = _ROW_KEYS.get(table, "rowid")
-            value = self._db.execute(f"SELECT {key} FROM {table} WHERE rowid = ?", (rowid,)).fetchone()
-            raise TableMismatch(f"{table} row {key}={tables.show(value[0] if value else rowid)}: refers to a "
-                                f"{parent} row that does not exist")
+            table, key, value, parent = bad
+            raise TableMismatch(f"{table} row {key}={tables.show(value)}: refers to a {parent} row that does not exist")
 
     def verify_tables(self, entries: Sequence[LogEntry]) -> None:
         """Every row of every table a command reads, re-derived from these (verified) entries."""
@@ -726,6 +768,7 @@ class Registry:
             meta = db.execute("SELECT key, value FROM log_meta ORDER BY key").fetchall()
             if meta != [("origin", origin)]:
                 raise TableMismatch(f"log_meta rows are {meta} but the signed entry 0 says origin {origin}")
+            _check_nodes(db, entries)
             # Every checkpoint's note was verified with the log; its root column must be the
             # note's (the third line of the body). Only the latest frontier is ever resumed.
             latest = db.execute("SELECT MAX(size) FROM checkpoints").fetchone()[0]
@@ -936,7 +979,7 @@ class Registry:
         with self._write() as db:
             idx = db.execute(
                 "SELECT MAX(i) FROM (SELECT MAX(codeword_index) AS i FROM codeword_reservations WHERE model_id = ?"
-                " UNION ALL SELECT MAX(codeword_index) FROM issued_copies WHERE model_id = ?)",
+                " UNION ALL SELECT MAX(codeword_index) FROM issued_copies WHERE model_id = ?) AS taken",
                 (model_id, model_id),
             ).fetchone()[0]
             index = 0 if idx is None else idx + 1
@@ -1062,7 +1105,7 @@ class Registry:
                 sql += f" AND {clause}"
                 args.append(value)
         if jurisdictions is not None:
-            sql += f" AND l.jurisdiction IN ({','.join('?' * len(jurisdictions))})" if jurisdictions else " AND 0"
+            sql += f" AND l.jurisdiction IN ({','.join('?' * len(jurisdictions))})" if jurisdictions else " AND 1 = 0"
             args.extend(sorted(jurisdictions))
         n = len(ISSUED_COLUMNS)
         rows = self._db.execute(sql + " ORDER BY i.entry_idx", args).fetchall()
@@ -1189,7 +1232,7 @@ def _expected(derive: Any, *args: Any) -> Any:
                             "run `weightmark registry verify`") from None
 
 
-def _check_row_keys(db: sqlite3.Connection, index: SignedIndex) -> None:
+def _check_row_keys(db: Database, index: SignedIndex) -> None:
     """Every licensee, model and issued-copy row has its signed entry, and every such entry its
     row, by key and entry index alone (no signature: cheap enough for every opening). A row
     added or deleted anywhere is refused by every command, not only by those that read it."""
@@ -1215,3 +1258,40 @@ def _check_row_keys(db: sqlite3.Connection, index: SignedIndex) -> None:
                             "an issued copy (an added row)")
     for idx in sorted(index.issued.keys() - issued):
         raise TableMismatch(f"issued_copies: no row for the issued copy of signed entry {idx} (a deleted row)")
+
+
+def _nodes_of(leaves: Iterable[bytes]) -> Iterator[tuple[int, int, bytes]]:
+    """Every interior node (level, index, hash) of the perfect subtrees over these leaves."""
+    stack: list[bytes] = []
+    for idx, leaf in enumerate(leaves):
+        h, n, level = leaf, idx, 0
+        while n & 1:
+            h = node_hash(stack.pop(), h)
+            n >>= 1
+            level += 1
+            yield level, idx >> level, h
+        stack.append(h)
+
+
+def _store_all_nodes(db: Database) -> None:
+    """Fill merkle_nodes from the entries' leaf hashes (a registry made before the table)."""
+    leaves = [bytes(r[0]) for r in db.execute("SELECT leaf_hash FROM entries ORDER BY idx").fetchall()]
+    db.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?)", list(_nodes_of(leaves)))
+
+
+def _check_nodes(db: Database, entries: Sequence[LogEntry]) -> None:
+    """The stored interior nodes are exactly those of the (verified) entries' tree."""
+    expected = {(level, idx): h for level, idx, h in _nodes_of(leaf_hash(e.data) for e in entries)}
+    seen = 0
+    for level, idx, h in db.execute("SELECT level, idx, hash FROM merkle_nodes"):
+        want = expected.get((level, idx))
+        if want is None:
+            raise TableMismatch(f"merkle_nodes row level={tables.show(level)} idx={tables.show(idx)}: "
+                                "no such node in the log's tree (an added row)")
+        if bytes(h) != want:
+            raise TableMismatch(f"merkle_nodes row level={level} idx={idx}: hash is not the hash of entries "
+                                f"{idx << level}..{((idx + 1) << level) - 1}")
+        seen += 1
+    if seen != len(expected):
+        raise TableMismatch(f"merkle_nodes: {len(expected) - seen} of the log's {len(expected)} interior nodes "
+                            "are missing (deleted rows)")

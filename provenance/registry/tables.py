@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from weightmark.errors import RegistryError
+from weightmark.registry.backend import Database
 from weightmark.registry.envelope import canonical_json
 from weightmark.registry.log import LogEntry, statement_kind
 
@@ -246,7 +246,7 @@ class SignedIndex:
 # -- verify: every row of every table against the whole log ---------------------------------------
 
 
-def verify_tables(db: sqlite3.Connection, entries: Sequence[LogEntry]) -> None:
+def verify_tables(db: Database, entries: Sequence[LogEntry]) -> None:
     """Re-derive every licensees, models, carriers and issued_copies row from the signed entries
     (already verified by verify_log) and raise TableMismatch at the first row that differs,
     is missing or has no entry. Tables are checked in that order, rows in entry order."""
@@ -273,7 +273,7 @@ def _by_entry(rows: Iterable[Sequence[Any]], columns: Sequence[str], key: str) -
     return {r[columns.index(key)]: row_dict(columns, r) for r in rows}
 
 
-def _verify_licensees(db: sqlite3.Connection, index: SignedIndex, statements: dict[int, dict[str, Any]]) -> None:
+def _verify_licensees(db: Database, index: SignedIndex, statements: dict[int, dict[str, Any]]) -> None:
     rows = db.execute(f"SELECT {', '.join(LICENSEE_COLUMNS)} FROM licensees ORDER BY entry_idx, id").fetchall()
     stored = _by_entry(rows, LICENSEE_COLUMNS, "id")
     for row in stored.values():
@@ -287,7 +287,7 @@ def _verify_licensees(db: sqlite3.Connection, index: SignedIndex, statements: di
             raise TableMismatch(f"licensees: no row for licensee {lid} of signed entry {idx} (a deleted row)")
 
 
-def _verify_models(db: sqlite3.Connection, index: SignedIndex, statements: dict[int, dict[str, Any]]) -> None:
+def _verify_models(db: Database, index: SignedIndex, statements: dict[int, dict[str, Any]]) -> None:
     rows = db.execute(f"SELECT {', '.join(MODEL_COLUMNS)} FROM models ORDER BY entry_idx, model_id").fetchall()
     stored = _by_entry(rows, MODEL_COLUMNS, "model_id")
     for row in stored.values():
@@ -313,7 +313,7 @@ def _verify_models(db: sqlite3.Connection, index: SignedIndex, statements: dict[
         check_carriers(model_id, stmt["predicate"]["name"], stmt, idx, carrier_rows.get(model_id, []))
 
 
-def _verify_issued(db: sqlite3.Connection, index: SignedIndex, statements: dict[int, dict[str, Any]]) -> None:
+def _verify_issued(db: Database, index: SignedIndex, statements: dict[int, dict[str, Any]]) -> None:
     rows = db.execute(f"SELECT {', '.join(ISSUED_COLUMNS)} FROM issued_copies ORDER BY entry_idx").fetchall()
     for r in rows:
         row = row_dict(ISSUED_COLUMNS, r)

@@ -376,7 +376,8 @@ def test_truncated_prefix_verifies_but_an_earlier_export_exposes_it(small_home: 
     k = 4
     edit_db(home, lambda db: (db.execute("DELETE FROM entries WHERE idx >= ?", (SIZE - k,)),
                               db.execute("DELETE FROM checkpoints WHERE size > ?", (SIZE - k,)),
-                              db.execute("DELETE FROM licensees WHERE entry_idx >= ?", (SIZE - k,))))
+                              db.execute("DELETE FROM licensees WHERE entry_idx >= ?", (SIZE - k,)),
+                              db.execute("DELETE FROM merkle_nodes WHERE ((idx + 1) << level) > ?", (SIZE - k,))))
     with Lab(home) as lab:
         assert lab.verify_log().size == SIZE - k  # undetectable from the database alone
     published = verify_export(tmp_path / "published")
