@@ -186,6 +186,7 @@ def gguf_manifest_id(model: GGUFModel, progress: Progress | None = None) -> str:
     infos = sorted((model.info(name) for name in model.tensors()), key=lambda i: i.source_name)
     for info in infos:
         digest = hashlib.sha256(model.raw(info.name).data).hexdigest()
+        model.release(info.name)
         lines.append([info.source_name, info.ggml_type, list(info.ne), digest])
         if progress:
             progress(info.nbytes)
@@ -200,6 +201,7 @@ def gguf_carriers(model: GGUFModel, progress: Progress | None = None) -> list[Ca
         if not is_gguf_carrier(meta.source_dtype, meta.shape):
             continue
         out.append(Carrier(name, meta.source_dtype, tuple(meta.shape), row_rms(model.load(name))))
+        model.release(name)
         if progress:
             progress(model.info(name).nbytes)
     return out

@@ -472,7 +472,9 @@ class GGUFModel:
         of it (a container such as a llamafile): offsets in it are relative to `offset`."""
         self.path = Path(path)
         self.offset = offset
-        self._data: np.memmap | None = None
+        self._data: np.ndarray | None = None
+        self._map: mmap.mmap | None = None
+        self._map_start = 0
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -575,13 +577,31 @@ class GGUFModel:
     def _open_data(self) -> None:
         """Map the file for tensor reads; offsets were validated against its size by the
         header parser, so views into the map cannot run past the end."""
+        start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
         try:
-            self._data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.offset, shape=(self.size,))
-        except (OSError, ValueError) as exc:
+            with open(self.path, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), self.offset - start + self.size, offset=start, access=mmap.ACCESS_READ)
+        except ValueError:  # the map would run past the end of the file
+            raise FormatError(self.path, "file changed size while being opened") from None
+        except OSError as exc:
             raise InputFileError(self.path, f"cannot map: {exc}") from None
-        if self._data.shape[0] != self.size:
-            self.close()
-            raise FormatError(self.path, "file changed size while being opened")
+        self._map, self._map_start = mm, start
+        self._data = np.frombuffer(mm, dtype=np.uint8, count=self.size, offset=self.offset - start)
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from memory once read (views stay valid and re-fault from the
+        file): a scan or a registration then holds one tensor's pages, not the whole file's."""
+        info = self.info(name)
+        if self._map is None or info.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        first = self.offset - self._map_start + info.begin
+        page = mmap.PAGESIZE
+        begin = first - first % page
+        end = min(-(-(first + info.nbytes) // page) * page, len(self._map))
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+        except (OSError, ValueError):
+            pass  # advisory only
 
     # ---------------------------------------------------------------------- QuantizedModel
 
@@ -678,8 +698,9 @@ class GGUFModel:
         return np.asarray(values, dtype=np.float32)
 
     def close(self) -> None:
-        # The np.memmap owns the mapping: it goes away with the last view of it.
+        # The mapping goes away with the last view of it (arrays handed out keep it alive).
         self._data = None
+        self._map = None
 
     def __enter__(self) -> GGUFModel:
         return self
