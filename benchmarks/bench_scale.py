@@ -140,11 +140,12 @@ def dense(r: Runner, args: argparse.Namespace) -> dict[str, Any]:
     r.cli("register", "model", "register", str(base), "--name", "llama8b", nbytes=size)
     lic = [r.cli(f"licensee {i}", "licensee", "add", f"Licensee {i}", "--jurisdiction", cc).stdout.strip()
            for i, cc in enumerate(("US", "DE"))]
-    r.cli("stamp serial", "stamp", "llama8b", "--licensee", lic[0], "--out", str(r.work / "copy-serial"),
-          "--collusion", "1", nbytes=size)
+    # The cluster's copy first, deleted once timed: at most base + one copy + the leak on disk.
     r.cli(f"stamp --workers {args.workers}", "stamp", "llama8b", "--licensee", lic[1], "--out",
           str(r.work / "copy-cluster"), "--workers", str(args.workers), nbytes=size)
-    shutil.rmtree(r.work / "copy-cluster")  # only its time was wanted: the disk is needed for the leak
+    shutil.rmtree(r.work / "copy-cluster")
+    r.cli("stamp serial", "stamp", "llama8b", "--licensee", lic[0], "--out", str(r.work / "copy-serial"),
+          "--collusion", "1", nbytes=size)
     scan = r.cli("scan serial", "scan", str(r.work / "copy-serial"), "--json", nbytes=size)
     out["scan_serial_accused"] = _accused(scan) == [lic[0]]
     scan = r.cli(f"scan --workers {args.workers}", "scan", str(r.work / "copy-serial"), "--json", "--workers",
