@@ -834,7 +834,8 @@ class _Aligner:
         if group is None or not any(n in self.far for n in group.names()):
             return
         for e in range(group.count):
-            parts = {_EXPERT_ROLE[p]: n for p, n in group.experts[e].items() if n in self.carriers}
+            # fused slices (gate_up_proj [hidden, 2 * inter]) hold units as columns: not matched here
+            parts = {_EXPERT_ROLE[p]: n for p, n in group.experts[e].items() if n in self.carriers and p in _EXPERT_ROLE}
             key = parts.get("gate") or parts.get("up")
             plan = self.plans.get(key) if key else None
             if plan is None or plan.transposed or len(parts) != 3 or key not in self.ref_metas:

@@ -99,10 +99,8 @@ def _stamp_shard_task(shard_path: str, target: str, carriers: dict[str, Any], co
     its carriers, write `target` through a temporary name (fsynced, then renamed)."""
     import numpy as np
 
-    from weightmark.canonical import as_2d, kind_of
     from weightmark.formats.safetensors import SafetensorsFile, _ScratchBuffers, _write_shard
-    from weightmark.kernels import embed
-    from weightmark.scheme import carrier_seed
+    from weightmark.stamp import embed_tensor
 
     _numba_threads()
     final = Path(target)
@@ -110,15 +108,7 @@ def _stamp_shard_task(shard_path: str, target: str, carriers: dict[str, Any], co
     with SafetensorsFile(shard_path) as shard:
 
         def transform(name: str, info: Any, raw: np.ndarray, out: np.ndarray) -> np.ndarray:
-            carrier = carriers.get(name)
-            if carrier is None:
-                return raw
-            if (info.dtype, tuple(info.shape)) != (carrier.dtype, carrier.shape):
-                raise InputFileError(shard.path, f"tensor {name!r} is not the registered {carrier.dtype} "
-                                                 f"{list(carrier.shape)}")
-            embed(as_2d(raw), kind_of(info.dtype), carrier.row_scale, code, carrier_seed(model_key, name), alpha,
-                  out=as_2d(out))
-            return out
+            return embed_tensor(name, info, raw, out, carriers, code, model_key, alpha, shard.path)
 
         try:
             digest = _write_shard(shard, shard, part, transform, None, None, _ScratchBuffers())
