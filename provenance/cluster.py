@@ -217,7 +217,7 @@ class Cluster:
                 results[i] = ("missing", {})
                 continue
             plan = alignment.plans.get(carrier.name) if alignment is not None else None
-            shard = checkpoint.tensors[own][0].path.name
+            shard = checkpoint.shard_of(own).path.name
             groups.setdefault(shard, []).append((i, carrier, own, plan))
         reference_path = None if reference is None else str(reference.path)
         futures = {shard: self.client.submit(_carrier_sums_task, str(suspect.path), reference_path,
@@ -239,7 +239,8 @@ class Cluster:
         def write_shards(pairs: list[tuple[Any, Path]]) -> list[str]:
             futures = []
             for shard, target in pairs:
-                mine = {name: carriers[name] for name in shard.tensors if name in carriers}
+                # a fused expert tensor's units `<name>[e]` go with the shard holding the tensor
+                mine = {name: c for name, c in carriers.items() if _stored_name(name) in shard.tensors}
                 futures.append(self.client.submit(_stamp_shard_task, str(shard.path), str(target), mine, code,
                                                   model_key, alpha, pure=False))
             digests = []
@@ -259,6 +260,14 @@ class Cluster:
             return digests
 
         return write_shards
+
+
+def _stored_name(name: str) -> str:
+    """The stored tensor a carrier lives in: itself, or the fused tensor of an expert unit."""
+    from weightmark.moe import split_unit
+
+    unit = split_unit(name)
+    return name if unit is None else unit[0]
 
 
 def _candidate_ids(registry: Any, suspect: Path, model_name: str | None) -> list[str]:

@@ -4,6 +4,7 @@ together with the router's rows is re-aligned and traced."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,10 @@ def _bf16(values: np.ndarray) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def write_fused(folder: Path, seed: int = 0) -> Path:
+def write_fused(folder: Path, seed: int = 0, shards: int = 1) -> Path:
     """A Llama-4-style MoE in BF16: `feed_forward.experts.gate_up_proj` [E, hidden, 2 * inter]
-    (gate then up along the last axis), `down_proj` [E, inter, hidden], `router` [E, hidden]."""
+    (gate then up along the last axis), `down_proj` [E, inter, hidden], `router` [E, hidden];
+    with `shards` > 1, layers split over that many files with a Hugging Face index."""
     rng = np.random.default_rng(seed)
 
     def w(*shape: int) -> np.ndarray:
@@ -40,7 +42,16 @@ def write_fused(folder: Path, seed: int = 0) -> Path:
                   (p + "feed_forward.experts.down_proj", "BF16", w(EXPERTS, INTER, HIDDEN)),
                   (p + "input_layernorm.weight", "BF16", _bf16(np.ones(HIDDEN)))]
     folder.mkdir()
-    save_file(folder / "model.safetensors", items)
+    if shards == 1:
+        save_file(folder / "model.safetensors", items)
+        return folder
+    parts = np.array_split(np.arange(len(items)), shards)
+    weight_map = {}
+    for i, part in enumerate(parts):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(folder / name, [items[j] for j in part])
+        weight_map.update({items[j][0]: name for j in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return folder
 
 

@@ -754,6 +754,10 @@ class Checkpoint:
         unit = self._unit(name)
         return shard.raw(name) if unit is None else shard.raw(unit[0])[unit[1]]
 
+    def shard_of(self, name: str) -> SafetensorsFile:
+        """The shard file holding a tensor (or the fused tensor of an expert unit)."""
+        return self._entry(name)[0]
+
     def release(self, name: str) -> None:
         shard, _info = self._entry(name)
         unit = self._unit(name)
