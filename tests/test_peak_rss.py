@@ -36,7 +36,7 @@ BOUNDS = {
     "stamp gguf:Q4_0": 4.0,
     "scan non-blind": 2.0,
     "scan blind": 2.0,
-    "scan Q4_0 GGUF": 3.0,
+    "scan Q4_0 GGUF": 1.6,
 }
 
 _LAUNCHER = (
