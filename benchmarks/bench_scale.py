@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    GIB,
     MIB,
     OUT_DIR,
     VENV_BIN,
@@ -45,7 +45,7 @@ from benchmarks.common import (  # noqa: E402
     warn_if_busy,
     write_json,
 )
-from benchmarks.synth import write_checkpoint  # noqa: E402
+from benchmarks.synth import PRESETS, STORAGE, scaled, tensor_specs, write_checkpoint  # noqa: E402
 
 CLI = str(VENV_BIN / "weightmark")
 PY = str(VENV_BIN / "python")
@@ -88,23 +88,32 @@ def _folder_bytes(path: Path) -> int:
 
 
 def _to_gguf_q4_0(src: Path, out: Path, arch: str, fuse: bool) -> None:
-    """The stamped copy as a Q4_0 GGUF, the way a leaker would convert it (in memory: small models)."""
+    """The stamped copy as a Q4_0 GGUF, the way a leaker would convert it: tensor by tensor
+    (streamed, any size) or, with fused experts, stacked in memory (small MoE slices only)."""
     import numpy as np
 
     from weightmark.canonical import to_float32
-    from weightmark.formats.gguf import write_gguf
+    from weightmark.formats.gguf import LazyTensor, write_gguf
     from weightmark.formats.safetensors import Checkpoint
     from weightmark.moe import fuse_experts
 
     config = json.loads((src / "config.json").read_text())
-    with Checkpoint.open(src) as ckpt:
-        tensors = [(n, to_float32(i.dtype, np.array(ckpt.raw(n)))) for n, (_, i) in ckpt.tensors.items()]
-    if fuse:
-        tensors = fuse_experts(tensors)
     meta = {"attention.head_count": config["num_attention_heads"]}
     if "num_local_experts" in config:
         meta.update(expert_count=config["num_local_experts"], expert_used_count=config["num_experts_per_tok"])
-    write_gguf(out, arch, tensors, "Q4_0", meta, drop_unmapped=True)
+    with Checkpoint.open(src) as ckpt:
+        def reader(name: str, dtype: str) -> Any:
+            def load() -> np.ndarray:
+                values = to_float32(dtype, np.asarray(ckpt.raw(name)))
+                ckpt.release(name)
+                return values
+            return load
+
+        tensors: list[tuple[str, Any]] = [(n, LazyTensor(tuple(i.shape), reader(n, i.dtype)))
+                                          for n, (_, i) in ckpt.tensors.items()]
+        if fuse:
+            tensors = fuse_experts([(n, t.load()) for n, t in tensors])
+        write_gguf(out, arch, tensors, "Q4_0", meta, drop_unmapped=True)
 
 
 def _accused(run: ProcessRun) -> list[str]:
@@ -114,10 +123,12 @@ def _accused(run: ProcessRun) -> list[str]:
 def dense(r: Runner, args: argparse.Namespace) -> dict[str, Any]:
     """Steps 1 and 2: the 8B-shaped checkpoint."""
     print("8B-shaped checkpoint", file=sys.stderr)
-    probe = write_checkpoint(r.work / "probe", "llama-3-8b", scale=args.scale, shard_bytes=1 << 62)
-    shutil.rmtree(probe.path)
-    shard_bytes = math.ceil(probe.tensor_bytes / args.shards) + 1
-    base = write_checkpoint(r.work / "base", "llama-3-8b", scale=args.scale, shard_bytes=shard_bytes).path
+    specs = tensor_specs(scaled(PRESETS["llama-3-8b"], args.scale))
+    shard_bytes = math.ceil(sum(math.prod(shape) for _, shape in specs) * STORAGE["BF16"] / args.shards) + 1
+    started = time.perf_counter()
+    probe = write_checkpoint(r.work / "base", "llama-3-8b", scale=args.scale, shard_bytes=shard_bytes)
+    base = probe.path
+    print(f"  synthetic checkpoint written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     size = _folder_bytes(base)
     shards = sorted(str(p) for p in base.glob("*.safetensors"))
     out: dict[str, Any] = {"bytes": size, "shards": len(shards), "parameters": probe.parameters,
@@ -129,23 +140,25 @@ def dense(r: Runner, args: argparse.Namespace) -> dict[str, Any]:
     r.cli("register", "model", "register", str(base), "--name", "llama8b", nbytes=size)
     lic = [r.cli(f"licensee {i}", "licensee", "add", f"Licensee {i}", "--jurisdiction", cc).stdout.strip()
            for i, cc in enumerate(("US", "DE"))]
-    r.cli("stamp serial", "stamp", "llama8b", "--licensee", lic[0], "--out", str(r.work / "copy-serial"),
-          "--collusion", "1", nbytes=size)
+    # The cluster's copy first, deleted once timed: at most base + one copy + the leak on disk.
     r.cli(f"stamp --workers {args.workers}", "stamp", "llama8b", "--licensee", lic[1], "--out",
           str(r.work / "copy-cluster"), "--workers", str(args.workers), nbytes=size)
+    shutil.rmtree(r.work / "copy-cluster")
+    r.cli("stamp serial", "stamp", "llama8b", "--licensee", lic[0], "--out", str(r.work / "copy-serial"),
+          "--collusion", "1", nbytes=size)
     scan = r.cli("scan serial", "scan", str(r.work / "copy-serial"), "--json", nbytes=size)
     out["scan_serial_accused"] = _accused(scan) == [lic[0]]
     scan = r.cli(f"scan --workers {args.workers}", "scan", str(r.work / "copy-serial"), "--json", "--workers",
                  str(args.workers), nbytes=size)
     out["scan_cluster_accused"] = _accused(scan) == [lic[0]]
-    float32_bytes = probe.parameters * 4
-    if float32_bytes * 2.5 < args.ram_gb * GIB:
-        _to_gguf_q4_0(r.work / "copy-serial", r.work / "leak-q4_0.gguf", "llama", fuse=False)
-        leak = r.cli("scan Q4_0 GGUF leak", "scan", str(r.work / "leak-q4_0.gguf"), "--json")
-        out["q4_0_leak_accused"] = _accused(leak) == [lic[0]]
-        out["q4_0_leak_score"] = json.loads(leak.stdout)["candidates"][0]["score"]
-    else:
-        out["q4_0_leak_accused"] = "skipped: the in-memory GGUF conversion needs ~2.5x the float32 model in RAM"
+    started = time.perf_counter()
+    _to_gguf_q4_0(r.work / "copy-serial", r.work / "leak-q4_0.gguf", "llama", fuse=False)
+    out["q4_0_conversion_seconds"] = round(time.perf_counter() - started, 1)
+    out["q4_0_leak_bytes"] = (r.work / "leak-q4_0.gguf").stat().st_size
+    leak = r.cli("scan Q4_0 GGUF leak", "scan", str(r.work / "leak-q4_0.gguf"), "--json")
+    out["q4_0_leak_accused"] = _accused(leak) == [lic[0]]
+    out["q4_0_leak_score"] = json.loads(leak.stdout)["candidates"][0]["score"]
+    (r.work / "leak-q4_0.gguf").unlink()
     for folder in ("copy-serial", "copy-cluster", "base"):
         shutil.rmtree(r.work / folder, ignore_errors=True)
     return out
@@ -202,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--moe-layers", type=int, default=2, help="layers of the Mixtral slice")
     parser.add_argument("--sweep", type=int, default=200, help="suspects in the sweep")
-    parser.add_argument("--ram-gb", type=float, default=24.0, help="RAM available for the GGUF conversion")
     parser.add_argument("--only", choices=("dense", "mixtral", "sweep"), action="append",
                         help="run only these parts (repeatable; default all)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")

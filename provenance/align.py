@@ -185,19 +185,28 @@ def _rows(model: OpenModel, name: str, rows: np.ndarray) -> np.ndarray:
             return picked
         except (KeyError, ValueError):
             pass
-    return _as_2d(model.load(name))[rows]
+    picked = _as_2d(model.load(name))[rows]
+    _release(model, name)
+    return picked
+
+
+def _release(model: OpenModel, name: str) -> None:
+    """Give back the mapped pages of a tensor just read (safetensors and GGUF readers can):
+    otherwise every tensor re-alignment looks at stays resident, the whole file by the end."""
+    owner = getattr(model, "checkpoint", None) or model
+    release = getattr(owner, "release", None)
+    if release is not None:
+        try:
+            release(name)
+        except (KeyError, ValueError):
+            pass
 
 
 def _column_norms(model: OpenModel, name: str) -> np.ndarray:
     """Per input column, the norm over a tensor's rows (float64)."""
     w = _as_2d(model.load(name))
-    checkpoint = getattr(model, "checkpoint", None)
     norms = np.sqrt(np.einsum("ij,ij->j", w, w, dtype=np.float64))
-    if checkpoint is not None:
-        try:
-            checkpoint.release(name)
-        except (KeyError, ValueError):
-            pass
+    _release(model, name)
     return norms
 
 
@@ -495,14 +504,18 @@ class _Aligner:
         return aliases
 
     def ref(self, name: str) -> np.ndarray:
-        return _as_2d(self.reference.load(name))
+        values = _as_2d(self.reference.load(name))
+        _release(self.reference, name)
+        return values
 
     def sus(self, name: str, scales: bool = False) -> np.ndarray | None:
         """The suspect's tensor for reference name `name` with the plan so far (no scales)."""
         plan = self.plans.get(name)
         if plan is None:
             return None
-        return plan.moved(_as_2d(self.suspect.load(plan.source)), scales=scales)
+        values = _as_2d(self.suspect.load(plan.source))
+        _release(self.suspect, plan.source)
+        return plan.moved(values, scales=scales)
 
     # -- 1 and 2: names and detection -----------------------------------------------------------
 
@@ -559,6 +572,7 @@ class _Aligner:
                 if own not in loaded:
                     loaded.clear()  # one suspect tensor in memory at a time
                     loaded[own] = _as_2d(self.suspect.load(own))
+                    _release(self.suspect, own)
                 w = loaded[own]
                 idx = _sample_index(rows)
                 samples[key] = np.ascontiguousarray(w[:, idx].T if transposed else w[idx])
@@ -834,7 +848,8 @@ class _Aligner:
         if group is None or not any(n in self.far for n in group.names()):
             return
         for e in range(group.count):
-            parts = {_EXPERT_ROLE[p]: n for p, n in group.experts[e].items() if n in self.carriers}
+            # fused slices (gate_up_proj [hidden, 2 * inter]) hold units as columns: not matched here
+            parts = {_EXPERT_ROLE[p]: n for p, n in group.experts[e].items() if n in self.carriers and p in _EXPERT_ROLE}
             key = parts.get("gate") or parts.get("up")
             plan = self.plans.get(key) if key else None
             if plan is None or plan.transposed or len(parts) != 3 or key not in self.ref_metas:

@@ -107,10 +107,8 @@ def _stamp_shard_task(shard_path: str, target: str, carriers: dict[str, Any], co
     its carriers, write `target` through a temporary name (fsynced, then renamed)."""
     import numpy as np
 
-    from weightmark.canonical import as_2d, kind_of
     from weightmark.formats.safetensors import SafetensorsFile, _ScratchBuffers, _write_shard
-    from weightmark.kernels import embed
-    from weightmark.scheme import carrier_seed
+    from weightmark.stamp import embed_tensor
 
     _numba_threads()
     final = Path(target)
@@ -118,15 +116,7 @@ def _stamp_shard_task(shard_path: str, target: str, carriers: dict[str, Any], co
     with SafetensorsFile(shard_path) as shard:
 
         def transform(name: str, info: Any, raw: np.ndarray, out: np.ndarray) -> np.ndarray:
-            carrier = carriers.get(name)
-            if carrier is None:
-                return raw
-            if (info.dtype, tuple(info.shape)) != (carrier.dtype, carrier.shape):
-                raise InputFileError(shard.path, f"tensor {name!r} is not the registered {carrier.dtype} "
-                                                 f"{list(carrier.shape)}")
-            embed(as_2d(raw), kind_of(info.dtype), carrier.row_scale, code, carrier_seed(model_key, name), alpha,
-                  out=as_2d(out))
-            return out
+            return embed_tensor(name, info, raw, out, carriers, code, model_key, alpha, shard.path)
 
         try:
             digest = _write_shard(shard, shard, part, transform, None, None, _ScratchBuffers())
@@ -244,7 +234,7 @@ class Cluster:
                 results[i] = ("missing", {})
                 continue
             plan = alignment.plans.get(carrier.name) if alignment is not None else None
-            shard = checkpoint.tensors[own][0].path.name
+            shard = checkpoint.shard_of(own).path.name
             groups.setdefault(shard, []).append((i, carrier, own, plan))
         reference_path = None if reference is None else str(reference.path)
         futures = {shard: self.client.submit(_carrier_sums_task, str(suspect.path), reference_path,
@@ -266,7 +256,8 @@ class Cluster:
         def write_shards(pairs: list[tuple[Any, Path]]) -> list[str]:
             futures = []
             for shard, target in pairs:
-                mine = {name: carriers[name] for name in shard.tensors if name in carriers}
+                # a fused expert tensor's units `<name>[e]` go with the shard holding the tensor
+                mine = {name: c for name, c in carriers.items() if _stored_name(name) in shard.tensors}
                 futures.append(self.client.submit(_stamp_shard_task, str(shard.path), str(target), mine, code,
                                                   model_key, alpha, pure=False))
             digests = []
@@ -286,6 +277,14 @@ class Cluster:
             return digests
 
         return write_shards
+
+
+def _stored_name(name: str) -> str:
+    """The stored tensor a carrier lives in: itself, or the fused tensor of an expert unit."""
+    from weightmark.moe import split_unit
+
+    unit = split_unit(name)
+    return name if unit is None else unit[0]
 
 
 def _candidate_ids(registry: Any, suspect: Path, model_name: str | None) -> list[str]:

@@ -166,6 +166,7 @@ def write_code_stamped(
             else:
                 for offset, data in _nudged_tensor(base, info, carrier, code, seed, alpha):
                     os.pwrite(fd, data, info.begin + offset)
+            base.release(name)
             progress.advance(info.nbytes)
         os.fsync(fd)
 

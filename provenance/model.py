@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from weightmark.canonical import as_2d, to_float32
 from weightmark.errors import InputFileError
 from weightmark.formats.safetensors import Checkpoint
+from weightmark.moe import fused_expert_units, is_fused_hf_experts
 from weightmark.registry.store import Carrier, Model
 from weightmark.scheme import MIN_CARRIER_ELEMENTS, is_carrier, row_rms
 
@@ -57,8 +58,13 @@ def carriers_of(ckpt: Checkpoint, progress: Progress | None = None) -> list[Carr
     for name, (_, info) in ckpt.tensors.items():
         if not is_carrier(info.dtype, info.shape):
             continue
-        rms = row_rms(as_2d(ckpt.raw(name)), lambda block, dtype=info.dtype: to_float32(dtype, block))
-        out.append(Carrier(name, info.dtype, tuple(info.shape), rms))
+        # A fused expert tensor is one carrier per expert (weightmark.moe), like GGUF's.
+        units = fused_expert_units(name, info.shape) if is_fused_hf_experts(name, info.shape) else [(name, info.shape)]
+        for unit, shape in units:
+            if not is_carrier(info.dtype, shape):
+                continue
+            rms = row_rms(as_2d(ckpt.raw(unit)), lambda block, dtype=info.dtype: to_float32(dtype, block))
+            out.append(Carrier(unit, info.dtype, tuple(shape), rms))
         ckpt.release(name)
         if progress:
             progress(info.nbytes)
@@ -186,6 +192,7 @@ def gguf_manifest_id(model: GGUFModel, progress: Progress | None = None) -> str:
     infos = sorted((model.info(name) for name in model.tensors()), key=lambda i: i.source_name)
     for info in infos:
         digest = hashlib.sha256(model.raw(info.name).data).hexdigest()
+        model.release(info.name)
         lines.append([info.source_name, info.ggml_type, list(info.ne), digest])
         if progress:
             progress(info.nbytes)
@@ -200,6 +207,7 @@ def gguf_carriers(model: GGUFModel, progress: Progress | None = None) -> list[Ca
         if not is_gguf_carrier(meta.source_dtype, meta.shape):
             continue
         out.append(Carrier(name, meta.source_dtype, tuple(meta.shape), row_rms(model.load(name))))
+        model.release(name)
         if progress:
             progress(model.info(name).nbytes)
     return out

@@ -15,6 +15,14 @@ a GGUF MoE base registers per-expert carriers with per-row scales, and its copie
 in place slice by slice. `fuse_experts` is the converter's direction (per-expert -> fused), for
 writing GGUF MoE files.
 
+Hugging Face checkpoints may also fuse a layer's experts into 3-D tensors
+(`mlp.experts.gate_up_proj` [n_expert, hidden, 2 * intermediate] and `mlp.experts.down_proj`
+[n_expert, intermediate, hidden] in gpt-oss, Llama-4 and fused Qwen3-MoE layouts; routers
+`mlp.router.weight` or `feed_forward.router.weight`). Each expert's slice is then a carrier unit
+of its own, `<fused name>[e]`, with the slice's shape and one row scale per slice row
+(`fused_expert_units`); readers of safetensors resolve such a unit name to the e-th contiguous
+slice. Stored slices keep their own orientation (no per-expert Hugging Face name claims them).
+
 The order of experts is a function-preserving permutation (each expert with its router row):
 `expert_layers` groups the tensors that move together, and `weightmark.align` undoes it.
 """
@@ -34,8 +42,11 @@ if TYPE_CHECKING:
 __all__ = [
     "ExpertLayer",
     "expert_layers",
+    "expert_unit",
     "fuse_experts",
+    "fused_expert_units",
     "is_fused_experts",
+    "is_fused_hf_experts",
     "moe_forward",
     "split_fused_experts",
 ]
@@ -45,14 +56,20 @@ _EXPERT = re.compile(
     r"\.experts\.(?P<expert>\d+)\.(?P<part>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
 )
 _ROUTER = re.compile(
-    r"^(?P<block>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:block_sparse_moe|mlp|feed_forward))\.gate\.weight$"
+    r"^(?P<block>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:block_sparse_moe|mlp|feed_forward))\.(?:gate|router)\.weight$"
 )
+# Fused Hugging Face expert tensors [n_expert, ., .] and their per-expert units "<name>[e]".
+_FUSED_ST = re.compile(
+    r"^(?P<block>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:block_sparse_moe|mlp|feed_forward))"
+    r"\.experts\.(?P<part>gate_up_proj|gate_proj|up_proj|down_proj)(?:\.weight)?$"
+)
+_UNIT = re.compile(r"^(?P<fused>.+)\[(?P<expert>\d{1,6})\]$")
 _FUSED = re.compile(r"^blk\.\d+\.ffn_(?:gate|up|down)_exps\.weight$")
 # Fused Hugging Face names (as gguf's tensor map lists them) that have a per-expert form: the
 # expert index goes after ".experts".
 _FUSED_HF = re.compile(r"^(?P<head>.*\.experts)\.(?P<part>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 # Input projections (rows are the expert's units): compared first when matching experts.
-_INPUT_PARTS = ("w1", "gate_proj", "w3", "up_proj")
+_INPUT_PARTS = ("w1", "gate_proj", "w3", "up_proj", "gate_up_proj")
 
 
 @dataclass
@@ -90,10 +107,15 @@ def expert_layers(names: Iterable[str]) -> dict[int, ExpertLayer]:
     found: dict[tuple[int, str], ExpertLayer] = {}
     routers: dict[tuple[int, str], str] = {}
     for name in names:
-        if (m := _EXPERT.match(name)) is not None:
+        unit = _UNIT.match(name)
+        fused = _FUSED_ST.match(unit["fused"]) if unit is not None else None
+        if (m := _EXPERT.match(name)) is not None or fused is not None:
+            m = m or fused
+            assert m is not None
             key = (int(m["layer"]), m["block"])
             layer = found.setdefault(key, ExpertLayer(key[0], key[1]))
-            layer.experts.setdefault(int(m["expert"]), {})[m["part"]] = name
+            expert = int(unit["expert"]) if fused is not None and unit is not None else int(m["expert"])
+            layer.experts.setdefault(expert, {})[m["part"]] = name
         elif (m := _ROUTER.match(name)) is not None:
             routers[(int(m["layer"]), m["block"])] = name
     out: dict[int, ExpertLayer] = {}
@@ -102,6 +124,28 @@ def expert_layers(names: Iterable[str]) -> dict[int, ExpertLayer]:
         if layer.count >= 2 and layer.complete and key[0] not in out:
             out[key[0]] = layer
     return out
+
+
+def is_fused_hf_experts(name: str, shape: Sequence[int]) -> bool:
+    """A Hugging Face fused expert tensor: `...experts.gate_up_proj` / `down_proj`, 3-D, with
+    at least two experts on its first axis."""
+    return len(shape) == 3 and shape[0] >= 2 and _FUSED_ST.match(name) is not None
+
+
+def expert_unit(name: str, expert: int) -> str:
+    """The carrier name of one expert's slice of a fused tensor: `<name>[e]`."""
+    return f"{name}[{expert}]"
+
+
+def fused_expert_units(name: str, shape: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """(unit name, slice shape) of every expert of a fused Hugging Face expert tensor."""
+    return [(expert_unit(name, e), tuple(shape[1:])) for e in range(shape[0])]
+
+
+def split_unit(name: str) -> tuple[str, int] | None:
+    """(fused tensor name, expert) of a unit name `<name>[e]`; None for any other name."""
+    m = _UNIT.match(name)
+    return None if m is None else (m["fused"], int(m["expert"]))
 
 
 def is_fused_experts(gguf_name: str, ne: Sequence[int]) -> bool:

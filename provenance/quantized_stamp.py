@@ -193,15 +193,22 @@ def write_quantized_copy(
     progress: Callable[[int], None],
 ) -> list[str]:
     """Write the GGUF copy: carriers as frozen-scale quantizations of their stamped values."""
-    from weightmark.formats.gguf import write_gguf
+    from weightmark.formats.gguf import LazyTensor, write_gguf
     from weightmark.kernels.quantize import quantize, quantize_frozen
 
     arch, meta, _ = gguf_metadata(base, base_path, file_type)
-    tensors = []
-    for name, (_, info) in base.tensors.items():
-        if info.dtype in ("F32", "F64", "F16", "BF16"):
-            tensors.append((name, np.ascontiguousarray(to_float32(info.dtype, base.raw(name)), dtype=np.float32)))
-            base.release(name)
+
+    def reader(name: str, dtype: str) -> Callable[[], np.ndarray]:
+        def load() -> np.ndarray:
+            values = np.ascontiguousarray(to_float32(dtype, base.raw(name)), dtype=np.float32)
+            base.release(name)  # the float32 copy is all the writer needs
+            return values
+
+        return load
+
+    # One tensor at a time: each is read (and decoded to float32) only when the writer reaches it.
+    tensors = [(name, LazyTensor(tuple(info.shape), reader(name, info.dtype)))
+               for name, (_, info) in base.tensors.items() if info.dtype in ("F32", "F64", "F16", "BF16")]
 
     def encode(hf_name: str, w: np.ndarray) -> tuple[str, np.ndarray]:
         qtype = tensor_type(file_type, hf_name, w.shape)

@@ -398,14 +398,15 @@ def _base_config(model: Model) -> dict[str, Any] | None:
 @dataclass
 class Extraction:
     """What one pass over the suspect's carriers gives: (num, den) per code length, and per
-    carrier for the first code length (so a report can show where the signal sits)."""
+    carrier for the first code length its num and the sum of its den (so a report can show
+    where the signal sits; 8 (L + 1) bytes kept per carrier)."""
 
     sums: dict[int, tuple[np.ndarray, np.ndarray]]
     used: int
     skipped: list[str]
     aligned: list[str]
     elements: int
-    per_carrier: list[tuple[str, int, np.ndarray, np.ndarray]]
+    per_carrier: list[tuple[str, int, np.ndarray, float]]
 
 
 def _extract_all(
@@ -449,7 +450,7 @@ def _extract_all(
             num += own_num
             den += own_den
             if L == first:
-                per_carrier.append((carrier.name, int(np.prod(carrier.shape)), own_num, own_den))
+                per_carrier.append((carrier.name, int(np.prod(carrier.shape)), own_num, float(own_den.sum())))
         used += 1
         elements += int(np.prod(carrier.shape))
         progress.advance(int(np.prod(carrier.shape)) * 2)
@@ -508,17 +509,19 @@ def _carrier_sums(
     for source, name in ((suspect, own), (reference, carrier.name)):
         if isinstance(source, SafetensorsSuspect):
             source.checkpoint.release(name)
+        elif source is not None and hasattr(source, "release"):  # GGUF: drop the tensor's pages
+            source.release(name)
     return None, out
 
 
-def carrier_signal(per_carrier: list[tuple[str, int, np.ndarray, np.ndarray]], codewords: list[np.ndarray]
+def carrier_signal(per_carrier: list[tuple[str, int, np.ndarray, float]], codewords: list[np.ndarray]
                    ) -> list[dict[str, Any]]:
     """Per carrier, each given codeword's correlation with that carrier's own statistics,
     sum_i c_i num_i / sqrt(sum_i den_i): about N(0, 1) for a codeword the carrier does not carry,
     large where it does. Illustration of where the mark sits, not a p-value."""
     out = []
-    for name, elements, num, den in per_carrier:
-        scale = math.sqrt(float(den.sum()))
+    for name, elements, num, den_sum in per_carrier:
+        scale = math.sqrt(den_sum)
         scores = [float(np.dot(c.astype(np.float64), num) / scale) if scale > 0 else 0.0 for c in codewords]
         out.append({"name": name, "elements": elements, "scores": [round(v, 4) for v in scores]})
     return out

@@ -198,13 +198,15 @@ def row_rms(rows: np.ndarray, decode: Callable[[np.ndarray], np.ndarray] = np.as
     """RMS of each row of a 2-D view, float32, computed in float64 (non-finite -> 0).
 
     `decode` turns a block of stored rows into values (e.g. bf16 bits into floats); rows are
-    processed in blocks of about 16M elements so memory stays bounded.
+    processed in blocks of about 1M elements (8 MB of float64), so memory stays bounded
+    whatever the tensor's size (each row's sum is the same whatever the block).
     """
     out = np.empty(rows.shape[0], dtype=np.float32)
-    block = max(1, (1 << 24) // max(1, rows.shape[1]))
+    block = max(1, (1 << 20) // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], block):
         part = decode(rows[start : start + block]).astype(np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
-            rms = np.sqrt(np.mean(part * part, axis=1))
+            np.multiply(part, part, out=part)
+            rms = np.sqrt(np.mean(part, axis=1))
         out[start : start + block] = np.where(np.isfinite(rms), rms, 0.0)
     return out

@@ -19,6 +19,7 @@ from weightmark.issuing import issue_copy
 from weightmark.kernels import embed
 from weightmark.keys import LabKeys
 from weightmark.model import open_registered_base
+from weightmark.moe import expert_unit, is_fused_hf_experts
 from weightmark.outputs import STAMPED_COPY, Protected, prepare_output
 from weightmark.progress import NO_PROGRESS, Progress
 from weightmark.quantized_stamp import (
@@ -30,7 +31,7 @@ from weightmark.quantized_stamp import (
     write_stamped_copy,
 )
 from weightmark.registry.policy import Policy
-from weightmark.registry.store import IssuedCopy, Model, Registry
+from weightmark.registry.store import Carrier, IssuedCopy, Model, Registry
 from weightmark.scheme import (
     DEFAULT_ALPHA,
     DEFAULT_COLLUSION,
@@ -39,6 +40,28 @@ from weightmark.scheme import (
     choose_scheme,
 )
 from weightmark.tardos import TardosParams
+
+
+def embed_tensor(name: str, info: TensorInfo, raw: np.ndarray, out: np.ndarray, carriers: dict[str, Carrier],
+                 code: np.ndarray, model_key: bytes, alpha: float, where: Path) -> np.ndarray:
+    """One stored tensor of a float copy with its carriers stamped (`out`), or `raw` itself when it
+    carries nothing. A fused expert tensor is stamped expert by expert, each slice with its own
+    unit carrier `<name>[e]` (weightmark.moe)."""
+    units = [(name, raw, out)]
+    if name not in carriers and is_fused_hf_experts(name, info.shape):
+        units = [(expert_unit(name, e), raw[e], out[e]) for e in range(info.shape[0])]
+    stamped = False
+    for unit, unit_raw, unit_out in units:
+        carrier = carriers.get(unit)
+        if carrier is None:
+            unit_out[...] = unit_raw
+            continue
+        if (info.dtype, tuple(unit_raw.shape)) != (carrier.dtype, carrier.shape):
+            raise InputFileError(where, f"tensor {unit!r} is not the registered {carrier.dtype} {list(carrier.shape)}")
+        embed(as_2d(unit_raw), kind_of(info.dtype), carrier.row_scale, code, carrier_seed(model_key, unit), alpha,
+              out=as_2d(unit_out))
+        stamped = True
+    return out if stamped else raw
 
 
 def variant_of(ckpt: Checkpoint, carrier_names: set[str]) -> str:
@@ -134,14 +157,7 @@ def stamp(
         code = params.codeword(model_key, index)
 
         def transform(name: str, info: TensorInfo, raw: np.ndarray, out: np.ndarray) -> np.ndarray:
-            carrier = carriers.get(name)
-            if carrier is None:
-                return raw
-            if (info.dtype, tuple(info.shape)) != (carrier.dtype, carrier.shape):
-                raise InputFileError(base.root, f"tensor {name!r} is not the registered {carrier.dtype} {list(carrier.shape)}")
-            embed(as_2d(raw), kind_of(info.dtype), carrier.row_scale, code,
-                  carrier_seed(model_key, name), params.alpha, out=as_2d(out))
-            return out
+            return embed_tensor(name, info, raw, out, carriers, code, model_key, params.alpha, base.root)
 
         total = sum(info.nbytes for _, info in base.tensors.values())
         is_dir = (base.is_folder and file_type is None) or is_packed(file_type)

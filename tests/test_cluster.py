@@ -145,3 +145,27 @@ def test_cluster_scan_ships_the_alignment(sharded_lab, cluster) -> None:
     assert [c.licensee_id for c in one.accused] == [lid]
     assert one.to_json() == many.to_json()
     assert np.array_equal(one.z, many.z)
+
+
+def test_cluster_stamps_and_scans_fused_experts_like_serial(cluster, tmp_path: Path) -> None:
+    """Fused expert tensors' units (`<name>[e]`) go with the shard holding the tensor."""
+    from tests.test_moe_fused import write_fused
+
+    base = write_fused(tmp_path / "base", shards=3)
+    home = tmp_path / "lab"
+    with Lab.init(home, passphrase=None) as lab:
+        lab.register_model(base, name="fused")
+        lid = lab.add_licensee("Gamma Labs", "SE").id
+    shutil.copytree(home, tmp_path / "twin")
+    with Lab(home, passphrase=lambda: None) as lab:
+        lab.stamp("fused", lid, tmp_path / "serial", collusion=1)
+    with Lab(tmp_path / "twin", passphrase=lambda: None) as lab:
+        lab.stamp("fused", lid, tmp_path / "parallel", collusion=1, cluster=cluster)
+    for shard in sorted(base.glob("*.safetensors")):
+        stamped = (tmp_path / "serial" / shard.name).read_bytes()
+        assert stamped != shard.read_bytes()
+        assert (tmp_path / "parallel" / shard.name).read_bytes() == stamped, shard.name
+    with Lab(home, passphrase=lambda: None) as lab:
+        one, many = lab.scan(tmp_path / "parallel"), lab.scan(tmp_path / "parallel", cluster=cluster)
+    assert [c.licensee_id for c in one.accused] == [lid]
+    assert one.to_json() == many.to_json()

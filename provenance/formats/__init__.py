@@ -83,8 +83,16 @@ class SafetensorsSuspect:
         self.path = path
 
     def tensors(self) -> dict[str, TensorMeta]:
-        return {name: TensorMeta(name, tuple(info.shape), info.dtype, name)
-                for name, (_, info) in self.checkpoint.tensors.items()}
+        """Every tensor, and each expert of a fused expert tensor as its unit `<name>[e]`."""
+        from weightmark.moe import fused_expert_units, is_fused_hf_experts
+
+        out = {}
+        for name, (_, info) in self.checkpoint.tensors.items():
+            out[name] = TensorMeta(name, tuple(info.shape), info.dtype, name)
+            if is_fused_hf_experts(name, info.shape):
+                out.update({unit: TensorMeta(unit, shape, info.dtype, unit)
+                            for unit, shape in fused_expert_units(name, info.shape)})
+        return out
 
     def load(self, name: str) -> np.ndarray:
         from weightmark.canonical import to_float32

@@ -1,4 +1,4 @@
-"""Read GGUF checkpoints as canonical Hugging Face float32 tensors, and write small ones for tests."""
+"""Read GGUF checkpoints as canonical Hugging Face float32 tensors, and write GGUF files tensor by tensor."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from weightmark.kernels.quant import BLOCK_LAYOUTS, dequantize
 from weightmark.moe import is_fused_experts, split_fused_experts
 
 from ..errors import FormatError, InputFileError
+from ..fsutil import fsync_dir, remove_path
 from .base import TensorMeta
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "GGUFArray",
     "GGUFModel",
     "GGUFTensorInfo",
+    "LazyTensor",
+    "TensorSource",
     "rope_permute",
     "rope_unpermute",
     "write_gguf",
@@ -469,7 +472,9 @@ class GGUFModel:
         of it (a container such as a llamafile): offsets in it are relative to `offset`."""
         self.path = Path(path)
         self.offset = offset
-        self._data: np.memmap | None = None
+        self._data: np.ndarray | None = None
+        self._map: mmap.mmap | None = None
+        self._map_start = 0
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -572,13 +577,31 @@ class GGUFModel:
     def _open_data(self) -> None:
         """Map the file for tensor reads; offsets were validated against its size by the
         header parser, so views into the map cannot run past the end."""
+        start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
         try:
-            self._data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.offset, shape=(self.size,))
-        except (OSError, ValueError) as exc:
+            with open(self.path, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), self.offset - start + self.size, offset=start, access=mmap.ACCESS_READ)
+        except ValueError:  # the map would run past the end of the file
+            raise FormatError(self.path, "file changed size while being opened") from None
+        except OSError as exc:
             raise InputFileError(self.path, f"cannot map: {exc}") from None
-        if self._data.shape[0] != self.size:
-            self.close()
-            raise FormatError(self.path, "file changed size while being opened")
+        self._map, self._map_start = mm, start
+        self._data = np.frombuffer(mm, dtype=np.uint8, count=self.size, offset=self.offset - start)
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from memory once read (views stay valid and re-fault from the
+        file): a scan or a registration then holds one tensor's pages, not the whole file's."""
+        info = self.info(name)
+        if self._map is None or info.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        first = self.offset - self._map_start + info.begin
+        page = mmap.PAGESIZE
+        begin = first - first % page
+        end = min(-(-(first + info.nbytes) // page) * page, len(self._map))
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+        except (OSError, ValueError):
+            pass  # advisory only
 
     # ---------------------------------------------------------------------- QuantizedModel
 
@@ -675,8 +698,9 @@ class GGUFModel:
         return np.asarray(values, dtype=np.float32)
 
     def close(self) -> None:
-        # The np.memmap owns the mapping: it goes away with the last view of it.
+        # The mapping goes away with the last view of it (arrays handed out keep it alive).
         self._data = None
+        self._map = None
 
     def __enter__(self) -> GGUFModel:
         return self
@@ -745,10 +769,48 @@ def _storage_type(qtype: str, array: np.ndarray) -> str:
 Encoder = Callable[[str, np.ndarray], tuple[str, np.ndarray]]
 
 
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor known by its shape until its turn to be written comes: `load()` then gives its
+    values (float32 or convertible), so a writer holds one tensor at a time."""
+
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+TensorSource = np.ndarray | LazyTensor
+
+
+def _materialise(source: TensorSource) -> np.ndarray:
+    values = source.load() if isinstance(source, LazyTensor) else source
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+_NUMPY_GGML = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
+               np.dtype(np.int8): "I8", np.dtype(np.int16): "I16", np.dtype(np.int32): "I32",
+               np.dtype(np.int64): "I64"}  # fmt: skip
+
+
+def _tensor_info_bytes(name: str, shape: Sequence[int], type_id: int, offset: int) -> bytes:
+    """One tensor info as GGUF stores it: name, dimension count, dimensions fastest first, type,
+    offset of the data relative to the data section."""
+    raw = name.encode("utf-8")
+    return b"".join((_U64.pack(len(raw)), raw, _U32.pack(len(shape)),
+                     *(_U64.pack(int(d)) for d in reversed(shape)), _U32.pack(type_id), _U64.pack(offset)))
+
+
+def _pad(n: int, alignment: int) -> int:
+    return (alignment - n % alignment) % alignment
+
+
 def write_gguf(
     path: str | os.PathLike[str],
     arch: str,
-    tensors: Sequence[tuple[str, np.ndarray]],
+    tensors: Sequence[tuple[str, TensorSource]],
     qtype: str,
     metadata: dict[str, Any] | None = None,
     *,
@@ -761,14 +823,22 @@ def write_gguf(
     2-D tensors are stored as `qtype` (one of WRITABLE_TYPES; rows that are not whole blocks as
     F16) and 1-D ones as F32. `metadata` keys without an architecture or "general." prefix get
     "<arch>." prepended; block_count, embedding_length, feed_forward_length, vocab_size and
-    head_count_kv are derived from the tensors when absent. head_count is required when q/k
-    must be permuted.
+    head_count_kv are derived from the tensors' shapes when absent. head_count is required when
+    q/k must be permuted.
 
     `encode(hf_name, canonical float32)` replaces the default quantizer: it returns the stored
     type and the data in CANONICAL row order (uint8 [rows, bytes per row] for block types);
     rows are permuted afterwards, which commutes with row-wise block quantization. With
     `drop_unmapped`, tensors llama.cpp has no name for (e.g. BERT's pooler) are left out, as its
     converter does. Returns the Hugging Face names that were written.
+
+    Streaming: a tensor may be a LazyTensor, loaded only when its turn comes, and only one
+    tensor (its float32 values and their encoding) is in memory at a time. The header and the
+    tensor infos are written first with placeholder types and offsets (both fixed-width), the
+    data follows tensor by tensor with its alignment padding, and the infos are then rewritten
+    in place, as llama.cpp's quantizer does. The file is written under a temporary name beside
+    `path`, synced and renamed: a crash never leaves a partial file under `path`. The bytes are
+    those gguf.GGUFWriter gives when handed every tensor at once.
     """
     arch_enum = _ARCHES.get(arch)
     if arch_enum is None:
@@ -777,67 +847,107 @@ def write_gguf(
         raise ValueError(f"cannot write {qtype!r}; write_gguf writes {', '.join(WRITABLE_TYPES)}")
     meta = {_full_key(arch, k): v for k, v in (metadata or {}).items()}
     names = [name for name, _ in tensors]
-    written: list[str] = []
     blocks = meta.setdefault(f"{arch}.block_count", _layer_count(names))
     tmap = gguf.get_tensor_name_map(arch_enum, int(blocks))
-    mapped: list[tuple[str, gguf.MODEL_TENSOR, np.ndarray]] = []
-    for hf_name, array in tensors:
+    mapped: list[tuple[str, str, gguf.MODEL_TENSOR, TensorSource]] = []  # gguf name, HF name, kind, values
+    for hf_name, source in tensors:
         found = tmap.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None and drop_unmapped:
             continue
         if found is None:
             raise ValueError(f"{hf_name!r} has no GGUF name for architecture {arch!r}")
         kind, gguf_name = found
-        mapped.append((gguf_name, kind, np.ascontiguousarray(array, dtype=np.float32)))
-        written.append(hf_name)
-    by_kind = {(kind, name.endswith(".weight")): a for name, kind, a in mapped}
-    embed = by_kind.get((gguf.MODEL_TENSOR.TOKEN_EMBD, True))
-    if embed is not None and embed.ndim == 2:
-        meta.setdefault(f"{arch}.vocab_size", embed.shape[0])
-        meta.setdefault(f"{arch}.embedding_length", embed.shape[1])
-    gate = by_kind.get((gguf.MODEL_TENSOR.FFN_GATE, True))
-    if gate is not None and gate.ndim == 2:
-        meta.setdefault(f"{arch}.feed_forward_length", gate.shape[0])
-    q = by_kind.get((gguf.MODEL_TENSOR.ATTN_Q, True))
-    k = by_kind.get((gguf.MODEL_TENSOR.ATTN_K, True))
+        mapped.append((gguf_name, hf_name, kind, source))
+    shapes = {(kind, name.endswith(".weight")): tuple(source.shape) for name, _, kind, source in mapped}
+    embed = shapes.get((gguf.MODEL_TENSOR.TOKEN_EMBD, True))
+    if embed is not None and len(embed) == 2:
+        meta.setdefault(f"{arch}.vocab_size", embed[0])
+        meta.setdefault(f"{arch}.embedding_length", embed[1])
+    gate = shapes.get((gguf.MODEL_TENSOR.FFN_GATE, True))
+    if gate is not None and len(gate) == 2:
+        meta.setdefault(f"{arch}.feed_forward_length", gate[0])
+    q = shapes.get((gguf.MODEL_TENSOR.ATTN_Q, True))
+    k = shapes.get((gguf.MODEL_TENSOR.ATTN_K, True))
     n_head = meta.get(f"{arch}.attention.head_count")
-    if q is not None and k is not None and _is_int(n_head) and q.shape[0] % n_head == 0:
-        head_dim = q.shape[0] // n_head
-        if k.shape[0] % head_dim == 0:
-            meta.setdefault(f"{arch}.attention.head_count_kv", k.shape[0] // head_dim)
-
-    writer = gguf.GGUFWriter(path, arch)
-    for (gguf_name, kind, array), hf_name in zip(mapped, written, strict=True):
+    if q is not None and k is not None and _is_int(n_head) and q[0] % n_head == 0:
+        head_dim = q[0] // n_head
+        if k[0] % head_dim == 0:
+            meta.setdefault(f"{arch}.attention.head_count_kv", k[0] // head_dim)
+    heads_of: list[int | None] = []
+    for gguf_name, _, kind, _ in mapped:
         heads = None
         if arch in ROPE_PERMUTED_ARCHS and kind in _ROPE_TENSORS:
             key = f"{arch}.attention.{_ROPE_TENSORS[kind]}"
             heads = meta.get(key, meta.get(f"{arch}.attention.head_count"))
             if not _is_int(heads):
                 raise ValueError(f"{gguf_name}: metadata {key} is needed to permute its rows")
-        if encode is None:
-            if heads is not None:
-                array = rope_permute(array, heads)
-            stored = _storage_type(qtype, array)
-            data = gguf.quants.quantize(array, gguf.GGMLQuantizationType[stored])
-        else:
-            stored, data = encode(hf_name, array)
-            if heads is not None:
-                data = rope_permute(data.reshape(data.shape[0], -1), heads)
-        ggml = gguf.GGMLQuantizationType[stored]
-        if data.dtype == np.uint8:
-            data = data.reshape(array.shape[:-1] + (-1,)) if array.ndim > 1 else data.reshape(-1)
-        writer.add_tensor(gguf_name, data, raw_dtype=ggml if data.dtype == np.uint8 else None)
+        heads_of.append(heads)
     if qtype not in ("F32", "F16", "BF16"):
         meta.setdefault("general.quantization_version", gguf.GGML_QUANT_VERSION)
     file_type = "ALL_F32" if qtype == "F32" else f"MOSTLY_{qtype}"
     meta.setdefault("general.file_type", int(gguf.LlamaFileType[file_type]))
-    for key, value in meta.items():
-        if key != "general.architecture":
-            _add_value(writer, key, value)
+
+    final = Path(path)
+    temp = final.parent / f".{final.name}.tmp-{os.urandom(6).hex()}"
+    # gguf's writer lays out the header, the key/values and (placeholder) tensor infos.
+    writer = gguf.GGUFWriter(temp, arch)
     try:
+        for gguf_name, _, _, source in mapped:
+            writer.add_tensor_info(gguf_name, tuple(source.shape), np.dtype(np.float32), 0,
+                                   raw_dtype=gguf.GGMLQuantizationType.F32)
+        for key, value in meta.items():
+            if key != "general.architecture":
+                _add_value(writer, key, value)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
+        assert writer.fout is not None
+        fh = writer.fout[0]
+        infos_at = fh.tell()
+        writer.write_ti_data_to_file()
+        infos_end = fh.tell()
+        alignment = writer.data_alignment
+        fh.write(bytes(_pad(infos_end, alignment)))
+        data_start = fh.tell()
+        infos: list[bytes] = []
+        for (gguf_name, hf_name, _, source), heads in zip(mapped, heads_of, strict=True):
+            array = _materialise(source)
+            if encode is None:
+                if heads is not None:
+                    array = rope_permute(array, heads)
+                stored = _storage_type(qtype, array)
+                data = gguf.quants.quantize(array, gguf.GGMLQuantizationType[stored])
+            else:
+                stored, data = encode(hf_name, array)
+                if heads is not None:
+                    data = rope_permute(data.reshape(data.shape[0], -1), heads)
+            if data.dtype == np.uint8:
+                ggml = gguf.GGMLQuantizationType[stored]
+                data = data.reshape(array.shape[:-1] + (-1,)) if array.ndim > 1 else data.reshape(-1)
+                shape = gguf.quants.quant_shape_from_byte_shape(data.shape, ggml)
+            elif data.dtype in _NUMPY_GGML:
+                ggml = gguf.GGMLQuantizationType[_NUMPY_GGML[data.dtype]]
+                shape = data.shape
+            else:
+                raise ValueError(f"{gguf_name}: cannot store {data.dtype} data")
+            if len(shape) != len(source.shape):
+                raise ValueError(f"{gguf_name}: encoded as {len(shape)}-D data, not {len(source.shape)}-D")
+            offset = fh.tell() - data_start
+            infos.append(_tensor_info_bytes(gguf_name, shape, int(ggml), offset))
+            fh.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+            fh.write(bytes(_pad(data.nbytes, alignment)))
+            del array, data
+        block = b"".join(infos)
+        if len(block) != infos_end - infos_at:  # cannot happen: names and ranks are unchanged
+            raise ValueError(f"{final}: tensor infos changed size ({len(block)} != {infos_end - infos_at})")
+        fh.seek(infos_at)
+        fh.write(block)
+        fh.flush()
+        os.fsync(fh.fileno())
         writer.close()
-    return written
+        os.replace(temp, final)
+    except BaseException:
+        writer.close()
+        remove_path(temp)
+        raise
+    fsync_dir(final.parent)
+    return [hf_name for _, hf_name, _, _ in mapped]

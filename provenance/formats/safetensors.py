@@ -746,21 +746,45 @@ class Checkpoint:
                 self.other_files.append(rel)
 
     def info(self, name: str) -> TensorInfo:
+        """A tensor's info; for an expert unit `<fused>[e]` (weightmark.moe), its slice's."""
         return self._entry(name)[1]
 
     def raw(self, name: str) -> np.ndarray:
-        shard, _info = self._entry(name)
-        return shard.raw(name)
+        shard, info = self._entry(name)
+        unit = self._unit(name)
+        return shard.raw(name) if unit is None else shard.raw(unit[0])[unit[1]]
+
+    def shard_of(self, name: str) -> SafetensorsFile:
+        """The shard file holding a tensor (or the fused tensor of an expert unit)."""
+        return self._entry(name)[0]
 
     def release(self, name: str) -> None:
         shard, _info = self._entry(name)
-        shard.release(name)
+        unit = self._unit(name)
+        shard.release(name if unit is None else unit[0])
+
+    def _unit(self, name: str) -> tuple[str, int] | None:
+        if name in self.tensors:
+            return None
+        from weightmark.moe import is_fused_hf_experts, split_unit
+
+        unit = split_unit(name)
+        if unit is None or unit[0] not in self.tensors:
+            return None
+        info = self.tensors[unit[0]][1]
+        return unit if is_fused_hf_experts(unit[0], info.shape) and unit[1] < info.shape[0] else None
 
     def _entry(self, name: str) -> tuple[SafetensorsFile, TensorInfo]:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise KeyError(f"{self.root}: no tensor named {name!r}") from None
+        found = self.tensors.get(name)
+        if found is not None:
+            return found
+        unit = self._unit(name)
+        if unit is None:
+            raise KeyError(f"{self.root}: no tensor named {name!r}")
+        shard, info = self.tensors[unit[0]]
+        step = info.nbytes // info.shape[0]
+        begin = info.begin + unit[1] * step
+        return shard, TensorInfo(name, info.dtype, tuple(info.shape[1:]), begin, begin + step)
 
     def close(self) -> None:
         for shard in self.shards:
