@@ -12,14 +12,14 @@ from typing import Any
 import numpy as np
 
 from weightmark.canonical import as_2d, kind_of
-from weightmark.errors import InputFileError, PolicyDenied
+from weightmark.errors import InputFileError, PolicyDenied, UsageError
 from weightmark.facts import Fact, verified_facts
 from weightmark.formats.safetensors import Checkpoint, TensorInfo, write_like
 from weightmark.issuing import issue_copy
 from weightmark.kernels import embed
 from weightmark.keys import LabKeys
 from weightmark.model import open_registered_base
-from weightmark.moe import expert_unit, is_fused_hf_experts
+from weightmark.moe import expert_unit, is_fused_hf_experts, split_unit
 from weightmark.outputs import STAMPED_COPY, Protected, prepare_output
 from weightmark.progress import NO_PROGRESS, Progress
 from weightmark.quantized_stamp import (
@@ -146,6 +146,11 @@ def stamp(
     licensee = registry.licensee(licensee_id)
     params = stamp_scheme(registry, model, alpha, collusion)
     carriers = {c.name: c for c in registry.carriers(model.model_id)}
+    if file_type is not None and (fused := next((n for n in carriers if split_unit(n) is not None), None)):
+        # The quantized writers stamp whole 2-D tensors; a fused expert tensor's units would be
+        # written unstamped, a copy that traces to nobody through its experts.
+        raise UsageError(f"{model_name}: {fmt} copies of a base with fused expert tensors "
+                         f"({split_unit(fused)[0]}) are not supported; stamp with --format same")
     target = prepare_output(out, STAMPED_COPY, force=overwrite, registry=registry,
                             protected=Protected.of_lab(registry.home, registry))
     with open_registered_base(model) as base:

@@ -12,6 +12,7 @@ import pytest
 
 from weightmark import Lab
 from weightmark.canonical import to_float32
+from weightmark.errors import UsageError
 from weightmark.formats.safetensors import Checkpoint, save_file
 from weightmark.moe import expert_layers, moe_forward
 
@@ -150,3 +151,14 @@ def test_expert_permutation_is_undone_and_traced(fused_lab) -> None:
     # without re-alignment the permuted experts read as noise: the score falls
     unaligned = lab.scan(permuted, realign=False)
     assert unaligned.candidates[0].score < report.candidates[0].score / 2
+
+
+def test_quantized_copies_of_a_fused_base_are_refused_before_anything_is_written(fused_lab) -> None:
+    lab, _, ids, _, work = fused_lab
+    entries = lab.registry.entry_count()
+    for fmt in ("gguf:Q8_0", "gptq:4bit-g128"):
+        out = work / f"refused-{fmt.replace(':', '-')}"
+        with pytest.raises(UsageError, match="fused expert tensors"):
+            lab.stamp("fused", ids[0], out, fmt=fmt, collusion=1)
+        assert not out.exists()
+    assert lab.registry.entry_count() == entries
