@@ -367,6 +367,7 @@ def test_bitsandbytes_dequantizes_our_nf4_copy(tmp_path: Path) -> None:
 
 CT_FORMATS = ("ct:w4a16", "ct:w8a16")
 CT_PRESETS = {"ct:w4a16": "W4A16", "ct:w8a16": "W8A16"}
+GPTQMODEL_FORMATS = ("gptq:4bit-g128", "awq:4bit-g128")
 
 
 def _transformers_child(script: str, *args: str, cwd: Path) -> str:
@@ -395,7 +396,7 @@ _TIED_LLAMA = """
 @pytest.fixture(scope="module")
 def ct_stamped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny tied llama saved by transformers, registered in a lab and stamped for one licensee
-    in both compressed-tensors formats."""
+    in both compressed-tensors formats, GPTQ and AWQ."""
     pytest.importorskip("compressed_tensors")
     from weightmark import Lab
 
@@ -406,7 +407,7 @@ def ct_stamped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     lab.register_model(base, name="tied")
     licensee = lab.add_licensee("Northwind Research Ltd", "GB").id
     copies = {"base": base}
-    for fmt in CT_FORMATS:
+    for fmt in (*CT_FORMATS, *GPTQMODEL_FORMATS):
         copies[fmt] = work / fmt.replace(":", "-")
         lab.stamp("tied", licensee, copies[fmt], fmt=fmt)
     lab.close()
@@ -455,6 +456,56 @@ def test_transformers_runs_our_stamped_ct_copy_with_our_weights(ct_stamped: dict
             dtype, array = theirs[name]
             assert dtype == "F32", name
             assert np.array_equal(array, reader.load(name)), name
+    finally:
+        reader.close()
+
+
+_PROBE_LAYERS = """
+    import importlib.util, json, sys, torch, transformers
+    from safetensors.torch import save_file
+    if importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None:
+        print(json.dumps({"skip": "gptqmodel and optimum are not installed (make runtimes installs them)"}))
+        sys.exit(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu")
+    model.eval()
+    with torch.no_grad():
+        generated = model.generate(input_ids=torch.tensor([[1, 17, 99, 256, 3]]), max_new_tokens=2,
+                                   min_new_tokens=2, do_sample=False)
+        probes = {}  # each quantized layer's weight as its kernel applies it: identity in, W^T out
+        for name, module in model.named_modules():
+            if name.startswith("model.layers.") and hasattr(module, "qweight"):
+                eye = torch.eye(module.in_features, dtype=model.dtype)
+                probes[name + ".weight"] = module(eye).T.float().contiguous()
+                kernel = type(module).__name__
+    save_file(probes, sys.argv[2])
+    print(json.dumps({"generated": generated[0].tolist(), "kernel": kernel}))
+"""
+
+
+@pytest.mark.parametrize("fmt", GPTQMODEL_FORMATS)
+def test_transformers_runs_our_stamped_gptq_awq_copy_with_our_weights(ct_stamped: dict[str, Path], fmt: str,
+                                                                       tmp_path: Path) -> None:
+    """transformers loads the stamped GPTQ/AWQ folder through gptqmodel's CPU kernels and
+    generates; each quantized layer, probed with the identity, applies our reader's dequantized
+    weights rounded once to float16 (the kernels' arithmetic): no value differs."""
+    folder = ct_stamped[fmt]
+    probed = tmp_path / "probed.safetensors"
+    said = json.loads(_transformers_child(_PROBE_LAYERS, str(folder), str(probed), cwd=tmp_path))
+    if "skip" in said:
+        pytest.skip(said["skip"])
+    print(f"{fmt}: {said['kernel']}")
+    assert len(said["generated"]) == 7
+    from weightmark.formats.safetensors import load_file
+
+    theirs = load_file(probed)
+    assert len(theirs) == 12  # q/k/v/o/gate/up of both layers
+    reader = open_quantized(folder)
+    assert reader is not None and reader.format == fmt.split(":")[0]
+    try:
+        for name, (_dtype, array) in theirs.items():
+            peer = torch.from_numpy(array.copy())
+            assert torch.equal(peer.half().float(), peer), f"{name}: the kernel's values are not float16"
+            assert_same_after_rounding(torch.from_numpy(reader.load(name)), peer.half())
     finally:
         reader.close()
 
