@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,13 +25,14 @@ from .quant_reference import awq_layer, write_checkpoint
 torch = pytest.importorskip("torch")
 
 
-def _import_transformers_past_our_kernels() -> None:
-    """Import transformers' hub-kernels integration with the repository off sys.path.
+@pytest.fixture(scope="module", autouse=True)
+def _hub_kernels_package() -> Iterator[None]:
+    """The Hugging Face `kernels` package under that name while this module's tests run.
 
-    compressed-tensors imports transformers, which imports the Hugging Face `kernels` package
-    when it is installed; pytest puts tests/ (and the working directory, the repository root) on
-    sys.path, whose kernels/ packages would answer instead ("cannot import name 'CUDAProperties'").
-    Once transformers holds what it needs, our own `kernels` modules are put back for the tests.
+    transformers imports it (at import, and lazily when a quantized model is loaded) when it is
+    installed; pytest puts tests/ and the working directory (the repository root) on sys.path,
+    whose kernels/ packages would answer instead ("cannot import name 'Mode' from 'kernels'").
+    Our own `kernels` modules are put back when the module's tests are done.
     """
     repo = Path(__file__).resolve().parents[2]
     ours = {repo, repo / "tests"}
@@ -41,17 +43,17 @@ def _import_transformers_past_our_kernels() -> None:
     saved_path, saved = sys.path[:], {name: sys.modules.pop(name) for name in kernels_modules()}
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in ours]
     try:
-        importlib.import_module("transformers.integrations.hub_kernels")
-    except ImportError:
-        pass  # no transformers: the tests that need it skip
+        for module in ("kernels", "transformers.integrations.hub_kernels"):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass  # not installed: transformers does without it; tests needing transformers skip
     finally:
         sys.path[:] = saved_path
-        for name in kernels_modules():
-            del sys.modules[name]
-        sys.modules.update(saved)
-
-
-_import_transformers_past_our_kernels()
+    yield
+    for name in kernels_modules():
+        del sys.modules[name]
+    sys.modules.update(saved)
 
 PREFIX = "model.layers.0.mlp.down_proj"
 
