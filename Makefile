@@ -85,7 +85,17 @@ report-check: $(STAMP)
 # Minutes; never part of `make test`. Needs llama-quantize, llama-perplexity and llama-completion
 # (or llama-cli) in the llama.cpp build of `make llamacpp`; without them only the transformers part
 # runs. Results: benchmarks/results/runtimes.{md,json}.
-runtimes: $(EVAL_STAMP) llamacpp
+# transformers loads GPTQ and AWQ folders through optimum and gptqmodel; their declared
+# dependencies would replace torch's CPU build by a CUDA one, so they come in with --no-deps beside
+# the few pure-Python packages gptqmodel imports.
+RUNTIMES_STAMP := $(EVAL_VENV)/.runtimes-installed
+
+$(RUNTIMES_STAMP): $(EVAL_STAMP)
+	$(EVAL_BIN)/pip install -q --no-deps gptqmodel==7.7.0 optimum==2.3.0 Device-SMI LogBar PyPcre \
+		TokeNicer Defuser threadpoolctl
+	touch $(RUNTIMES_STAMP)
+
+runtimes: $(RUNTIMES_STAMP) llamacpp
 	$(EVAL_BIN)/python benchmarks/check_runtimes.py
 
 clean:

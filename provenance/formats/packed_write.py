@@ -66,6 +66,7 @@ PACKED_FORMATS: dict[str, PackedSpec] = {
     "bnb:nf4": PackedSpec("bnb", 4, 64, True, "bitsandbytes-nf4"),
 }
 
+_OUTPUT = "lm_head"  # transformers' name for the output projection of a causal LM
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+\.")
 _TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _SCALE_EPS = {"F32": float(np.finfo(np.float32).eps), "F16": float(np.finfo(np.float16).eps),
@@ -284,6 +285,12 @@ def write_packed_copy(
             kept_linear.append(prefix)
         specs.append((name, info.dtype, tuple(info.shape)))
     skipped_in_blocks = any(_BLOCK.search(p) for p in kept_linear)
+    if spec.family == "ct" and f"{_OUTPUT}.weight" not in base.tensors:
+        # A tied output projection (sharing the embedding's tensor) is still a Linear module:
+        # compressed-tensors would quantize it as a "Linear" target and transformers then finds
+        # no `weight` to tie ("Linear has no attribute `weight`"). llm-compressor's recipes
+        # ignore it by this name; so does our config.
+        kept_linear.append(_OUTPUT)
     qc = _quantization_config(spec, min(dtypes), kept_linear,
                               sorted(block_modules) if skipped_in_blocks else [])
     config["quantization_config"] = qc

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,6 +23,37 @@ from weightmark.formats.safetensors import save_file
 from .quant_reference import awq_layer, write_checkpoint
 
 torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hub_kernels_package() -> Iterator[None]:
+    """The Hugging Face `kernels` package under that name while this module's tests run.
+
+    transformers imports it (at import, and lazily when a quantized model is loaded) when it is
+    installed; pytest puts tests/ and the working directory (the repository root) on sys.path,
+    whose kernels/ packages would answer instead ("cannot import name 'Mode' from 'kernels'").
+    Our own `kernels` modules are put back when the module's tests are done.
+    """
+    repo = Path(__file__).resolve().parents[2]
+    ours = {repo, repo / "tests"}
+
+    def kernels_modules() -> list[str]:
+        return [name for name in sys.modules if name == "kernels" or name.startswith("kernels.")]
+
+    saved_path, saved = sys.path[:], {name: sys.modules.pop(name) for name in kernels_modules()}
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in ours]
+    try:
+        for module in ("kernels", "transformers.integrations.hub_kernels"):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass  # not installed: transformers does without it; tests needing transformers skip
+    finally:
+        sys.path[:] = saved_path
+    yield
+    for name in kernels_modules():
+        del sys.modules[name]
+    sys.modules.update(saved)
 
 PREFIX = "model.layers.0.mlp.down_proj"
 
@@ -328,6 +363,208 @@ def test_bitsandbytes_dequantizes_our_nf4_copy(tmp_path: Path) -> None:
         quant_state = functional.QuantState.from_dict({k[len("weight.") :]: v for k, v in state.items()}, "cpu")
         peer = functional.dequantize_4bit(packed, quant_state)
         assert_same_after_rounding(read(folder, f"{prefix}.weight"), peer)
+
+
+# ------------------------------------------- our compressed-tensors copies in transformers
+
+CT_FORMATS = ("ct:w4a16", "ct:w8a16")
+CT_PRESETS = {"ct:w4a16": "W4A16", "ct:w8a16": "W8A16"}
+GPTQMODEL_FORMATS = ("gptq:4bit-g128", "awq:4bit-g128")
+
+
+def _transformers_child(script: str, *args: str, cwd: Path) -> str:
+    """Run `script` in a child python with the repository off sys.path (-P, another cwd), as
+    anything importing transformers must run here: the repository's kernels/ folders would shadow
+    the Hugging Face `kernels` package transformers imports. Its last stdout line is returned."""
+    pytest.importorskip("transformers")
+    run = subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(script), *args], cwd=cwd, capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+
+
+_TIED_LLAMA = """
+    import sys, torch, transformers
+    # the output projection tied to the embedding (no lm_head tensor, as in SmolLM2); down_proj's
+    # in_features (320) not a multiple of 128, so those layers stay float and are named in `ignore`
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=320,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(11)
+    transformers.LlamaForCausalLM(config).save_pretrained(sys.argv[1])
+"""
+
+
+@pytest.fixture(scope="module")
+def ct_stamped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny tied llama saved by transformers, registered in a lab and stamped for one licensee
+    in both compressed-tensors formats, GPTQ and AWQ."""
+    pytest.importorskip("compressed_tensors")
+    from weightmark import Lab
+
+    work = tmp_path_factory.mktemp("ct-runtime")
+    base = work / "base"
+    _transformers_child(_TIED_LLAMA, str(base), cwd=work)
+    lab = Lab.init(work / "lab", passphrase=None)
+    lab.register_model(base, name="tied")
+    licensee = lab.add_licensee("Northwind Research Ltd", "GB").id
+    copies = {"base": base}
+    for fmt in (*CT_FORMATS, *GPTQMODEL_FORMATS):
+        copies[fmt] = work / fmt.replace(":", "-")
+        lab.stamp("tied", licensee, copies[fmt], fmt=fmt)
+    lab.close()
+    return copies
+
+
+_LOAD_AND_GENERATE = """
+    import json, sys, torch, transformers
+    from safetensors.torch import save_file
+    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu")
+    model.eval()
+    prompt = torch.tensor([[1, 17, 99, 256, 3]])
+    with torch.no_grad():  # the first forward pass decompresses every quantized layer
+        generated = model.generate(input_ids=prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tied = torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    save_file(state, sys.argv[2])
+    print(json.dumps({"generated": generated[0].tolist(), "lm_head_tied": tied}))
+"""
+
+
+@pytest.mark.parametrize("fmt", CT_FORMATS)
+def test_transformers_runs_our_stamped_ct_copy_with_our_weights(ct_stamped: dict[str, Path], fmt: str,
+                                                                 tmp_path: Path) -> None:
+    """transformers + compressed-tensors load the stamped folder and generate, and the weights they
+    decompress are our reader's dequantized view, value for value."""
+    from weightmark.formats.safetensors import load_file
+
+    folder = ct_stamped[fmt]
+    assert "lm_head.weight" not in load_file(folder / "model.safetensors")
+    loaded = tmp_path / "loaded.safetensors"
+    said = json.loads(_transformers_child(_LOAD_AND_GENERATE, str(folder), str(loaded), cwd=tmp_path))
+    assert len(said["generated"]) == 9 and said["lm_head_tied"]
+    theirs = load_file(loaded)
+    reader = open_quantized(folder)
+    assert reader is not None and reader.format == "compressed-tensors:pack-quantized"
+    try:
+        quantized = [name for name, meta in reader.tensors().items() if meta.source_dtype.startswith("ct-int")]
+        # every q/k/v/o/gate/up of both layers (in_features 256), no down_proj (320)
+        assert len(quantized) == 12 and not any("down_proj" in name for name in quantized)
+        # decompressed: every layer has its float weight again, beside its kept scale and shape
+        extra = set(theirs) - set(reader.tensors())
+        assert set(reader.tensors()) <= set(theirs)
+        assert {name.rsplit(".", 1)[1] for name in extra} == {"weight_scale", "weight_shape"}
+        for name in reader.tensors():
+            dtype, array = theirs[name]
+            assert dtype == "F32", name
+            assert np.array_equal(array, reader.load(name)), name
+    finally:
+        reader.close()
+
+
+_PROBE_LAYERS = """
+    import importlib.util, json, sys, torch, transformers
+    from safetensors.torch import save_file
+    if importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None:
+        print(json.dumps({"skip": "gptqmodel and optimum are not installed (make runtimes installs them)"}))
+        sys.exit(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu")
+    model.eval()
+    with torch.no_grad():
+        generated = model.generate(input_ids=torch.tensor([[1, 17, 99, 256, 3]]), max_new_tokens=2,
+                                   min_new_tokens=2, do_sample=False)
+        probes = {}  # each quantized layer's weight as its kernel applies it: identity in, W^T out
+        for name, module in model.named_modules():
+            if name.startswith("model.layers.") and hasattr(module, "qweight"):
+                eye = torch.eye(module.in_features, dtype=model.dtype)
+                probes[name + ".weight"] = module(eye).T.float().contiguous()
+                kernel = type(module).__name__
+    save_file(probes, sys.argv[2])
+    print(json.dumps({"generated": generated[0].tolist(), "kernel": kernel}))
+"""
+
+
+@pytest.mark.parametrize("fmt", GPTQMODEL_FORMATS)
+def test_transformers_runs_our_stamped_gptq_awq_copy_with_our_weights(ct_stamped: dict[str, Path], fmt: str,
+                                                                       tmp_path: Path) -> None:
+    """transformers loads the stamped GPTQ/AWQ folder through gptqmodel's CPU kernels and
+    generates; each quantized layer, probed with the identity, applies our reader's dequantized
+    weights rounded once to float16 (the kernels' arithmetic): no value differs."""
+    folder = ct_stamped[fmt]
+    probed = tmp_path / "probed.safetensors"
+    said = json.loads(_transformers_child(_PROBE_LAYERS, str(folder), str(probed), cwd=tmp_path))
+    if "skip" in said:
+        pytest.skip(said["skip"])
+    print(f"{fmt}: {said['kernel']}")
+    assert len(said["generated"]) == 7
+    from weightmark.formats.safetensors import load_file
+
+    theirs = load_file(probed)
+    assert len(theirs) == 12  # q/k/v/o/gate/up of both layers
+    reader = open_quantized(folder)
+    assert reader is not None and reader.format == fmt.split(":")[0]
+    try:
+        for name, (_dtype, array) in theirs.items():
+            peer = torch.from_numpy(array.copy())
+            assert torch.equal(peer.half().float(), peer), f"{name}: the kernel's values are not float16"
+            assert_same_after_rounding(torch.from_numpy(reader.load(name)), peer.half())
+    finally:
+        reader.close()
+
+
+_CT_COMPRESS = """
+    import json, sys, torch, transformers
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+    base, preset, out = sys.argv[1:4]
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    # what the library must leave alone: the tied output, and layers group 128 does not divide
+    ignore = ["lm_head"] + [name for name, m in model.named_modules()
+                            if isinstance(m, torch.nn.Linear) and m.in_features % scheme.weights.group_size]
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore))
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):  # min-max over each group, the library's qparams
+            w = module.weight.data
+            w = w.reshape(w.shape[0], -1, scheme.weights.group_size)
+            scale, _zero = calculate_qparams(w.amin(-1), w.amax(-1), scheme.weights)
+            module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(out)
+    print(json.dumps({"ignore": ignore, "weights": json.loads(scheme.weights.model_dump_json())}))
+"""
+
+
+@pytest.mark.parametrize("fmt", CT_FORMATS)
+def test_our_unstamped_ct_copy_is_what_compressed_tensors_writes(ct_stamped: dict[str, Path], fmt: str,
+                                                                  tmp_path: Path) -> None:
+    """The library's own preset and min-max scales on the same float model, compressed by
+    ModelCompressor and saved by transformers: the same tensors, scales and codes as our writer's
+    unstamped copy, and a quantization_config that leaves the same layers alone."""
+    from weightmark.formats.safetensors import load_file
+    from weightmark.quantized_stamp import write_reference_copy
+
+    ours_folder = write_reference_copy(ct_stamped["base"], tmp_path / "ours", fmt)
+    peer_folder = tmp_path / "peer"
+    said = json.loads(_transformers_child(_CT_COMPRESS, str(ct_stamped["base"]), CT_PRESETS[fmt], str(peer_folder),
+                                          cwd=tmp_path))  # fmt: skip
+    ours_qc = json.loads((ours_folder / "config.json").read_text())["quantization_config"]
+    peer_qc = json.loads((peer_folder / "config.json").read_text())["quantization_config"]
+    assert sorted(ours_qc["ignore"]) == sorted(said["ignore"]) == sorted(peer_qc["ignore"])
+    assert ours_qc["format"] == peer_qc["format"] == "pack-quantized"
+    ours_weights = ours_qc["config_groups"]["group_0"]["weights"]
+    for field in ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "actorder"):
+        assert ours_weights.get(field) == said["weights"].get(field), field
+    ours, peer = load_file(ours_folder / "model.safetensors"), load_file(peer_folder / "model.safetensors")
+    assert sorted(ours) == sorted(peer)
+    for name, (dtype, array) in peer.items():
+        assert ours[name][0] == dtype, name
+        assert ours[name][1].shape == array.shape, name
+        differ = int((ours[name][1] != array).sum())
+        assert differ == 0, f"{name}: {differ} of {array.size} values differ"
 
 
 # ---------------------------------------- traceability through the libraries' own quantization
