@@ -161,8 +161,8 @@ ISSUED_CASES = [
     ("issued_copies.output_format", ["UPDATE issued_copies SET output_format = 'gguf:Q8_0' WHERE codeword_index = 1"],
      "output_format is gguf:Q8_0"),
     ("issued_copies.variant", ["UPDATE issued_copies SET variant = 'Q4' WHERE codeword_index = 1"], "variant is Q4"),
-    ("issued_copies.out_path", ["UPDATE issued_copies SET out_path = '/tmp/x' WHERE codeword_index = 1"],
-     "out_path is /tmp/x"),
+    ("issued_copies.out_path", ["UPDATE issued_copies SET out_path = '/forged-by-mallory' WHERE codeword_index = 1"],
+     "out_path is /forged-by-mallory"),
     ("issued_copies.digest", ["UPDATE issued_copies SET digest = 'ab' WHERE codeword_index = 1"], "digest is ab"),
     ("issued_copies.issued_at", ["UPDATE issued_copies SET issued_at = '2020-01-01' WHERE codeword_index = 1"],
      "issued_at is 2020-01-01"),
@@ -242,7 +242,7 @@ def test_lookups_refuse_a_tampered_row(world: World, tmp_path: Path, capsys, cas
         code, out, err = cli(capsys, *args, "--home", str(home))
         if code == 0:
             # A look-up that does not touch the edited row may answer, from checked rows only.
-            assert "Mallory" not in out and "x@example.org" not in out and "/tmp/x" not in out, (args, out)
+            assert "Mallory" not in out and "x@example.org" not in out and "/forged-by-mallory" not in out, (args, out)
             continue
         assert code == 4 and out == "", (args, out, err)
         one_error_line(err)
