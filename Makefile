@@ -20,12 +20,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/python demo/leak_demo.py
 
-# SoftHSM2 (Debian's package) is the PKCS#11 token of the signer test; installed when missing
+# Two pytest workers (one per core; a module's tests stay on one worker, so its fixtures are
+# built once). SoftHSM2 (Debian's package) is the PKCS#11 token of the signer test; installed when missing
 # (where apt cannot, that test skips and says why).
 test: $(STAMP)
 	command -v softhsm2-util >/dev/null || (apt-get update && apt-get install -y softhsm2) \
 		|| echo "softhsm2 not installed: tests/test_pkcs11.py will skip"
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadscope tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check provenance kernels cli tests benchmarks demo
