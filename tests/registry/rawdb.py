@@ -12,7 +12,7 @@ Tamper tests run one edit and one assertion on SQLite and on PostgreSQL. The edi
   may set it; the registry's own roles cannot (tests/registry/test_backends.py shows that).
 
 SQLite's `zeroblob(N)` is the one function the shared edits use that PostgreSQL lacks; the
-PostgreSQL connection defines it (N zero bytes) in the database before the edit runs.
+PostgreSQL connection defines it (N zero bytes) in the database before an edit that uses it.
 
 `copy_home` copies a closed home: its folder, and for PostgreSQL its database too
 (`CREATE DATABASE ... TEMPLATE`, about 0.06 s), so each test tampers with its own copy;
@@ -51,7 +51,7 @@ class RawDB:
 
         self._db = psycopg.connect(self.url)  # not autocommit: the edit is one transaction
         self._db.execute("SET session_replication_role = replica")
-        self._db.execute(ZEROBLOB)
+        self._zeroblob = False
 
     @property
     def backend(self) -> str:
@@ -61,6 +61,9 @@ class RawDB:
         """Run one statement; `?` placeholders on both backends; returns a cursor."""
         if self.url is None:
             return self._db.execute(sql, tuple(params))
+        if "zeroblob(" in sql and not self._zeroblob:
+            self._db.execute(ZEROBLOB)
+            self._zeroblob = True
         if params:
             return self._db.execute(sql.replace("%", "%%").replace("?", "%s").encode(), tuple(params))
         return self._db.execute(sql.encode())  # no parameters: a literal % stays as it is
