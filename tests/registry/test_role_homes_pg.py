@@ -1,5 +1,6 @@
 """Role homes on a PostgreSQL registry: an auditor verifies with only the trust file, an
-investigator scans with only its scan key, both reading the lab's database read-only.
+investigator scans with only its scan key (in process, and on Dask workers when distributed is
+installed), both reading the lab's database read-only.
 
 The lab home appends to a fresh database of the throwaway cluster (tests/registry/conftest.py)
 and grants a read-only role (`weightmark registry grant --reader`); the role homes connect as
@@ -9,6 +10,7 @@ through them. The model is a tiny synthetic one (4 tensors, 1 MB) to keep the te
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -83,6 +85,12 @@ def test_auditor_and_investigator_homes_read_a_postgresql_registry(tmp_path: Pat
     env = {"WEIGHTMARK_PASSPHRASE": SCAN_PASS}
     report = json.loads(ok(run_cli("scan", str(tmp_path / "copy"), "--json", home=investigator, env=env)).stdout)
     assert [c["licensee_id"] for c in report["accused"]] == [holder]
+    # Cluster workers reopen the registry from its URL, read-only, anchored as the home is.
+    if importlib.util.find_spec("distributed") is not None:
+        r = ok(run_cli("scan", str(tmp_path / "copy"), "--out", str(tmp_path / "sweep.jsonl"), "--workers", "1",
+                       "--json", home=investigator, env=env))
+        (item,) = [json.loads(line) for line in r.stdout.splitlines()]
+        assert [c["licensee_id"] for c in item["accused"]] == [holder], item
     # It cannot scan the other model, nor append (it holds no signing key, and its database
     # role may only read).
     r = run_cli("scan", str(tmp_path / "other-copy"), "--model", "other", home=investigator, env=env)
