@@ -26,7 +26,8 @@ def init(
         "--registry", envvar=REGISTRY_ENV, show_envvar=True,
         help="A lab home: a PostgreSQL registry shared by several homes, postgresql://[user@]host[:port]/database "
              "(no password in it: libpq reads it from PGPASSFILE / ~/.pgpass); default registry.db in the home. "
-             "With --role: the registry to read (its database file, or the lab home holding it).")] = None,
+             "With --role: the registry to read (its database file, the lab home holding it, or the lab's "
+             "postgresql:// URL, best with the read-only role of `weightmark registry grant --reader`).")] = None,
     trust: Annotated[Path | None, typer.Option(
         "--trust", help="With --role: the lab's trust file (weightmark keys trust), the anchor of every check.")] = None,
     scan_key: Annotated[list[Path] | None, typer.Option(
@@ -54,12 +55,10 @@ def init(
         if insecure_no_passphrase:
             raise UsageError("--insecure-no-passphrase is for lab keys; a role home holds none "
                              "(scan keys are sealed when exported)")
-        if is_url(registry):
-            raise UsageError("--role reads a registry file or lab home; a role home on a PostgreSQL registry "
-                             "is not supported yet")
-        made = RoleHome.init_role(home if home is not None else default_home(), role, Path(registry), trust,
+        where = check_url(registry) if is_url(registry) else Path(registry)
+        made = RoleHome.init_role(home if home is not None else default_home(), role, where, trust,
                                   scan_key or [], passphrase=ask_passphrase)
-        info(f"{made.role.capitalize()} home ready at {made.home} (registry {made.registry_path}, read-only).")
+        info(f"{made.role.capitalize()} home ready at {made.home} (registry {made.registry_location}, read-only).")
         typer.echo(safe(made.home))
         return
     if trust is not None or scan_key:

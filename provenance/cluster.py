@@ -79,12 +79,12 @@ def _numba_threads() -> None:
 
 def _registry_at(where: str, anchor: Any = None) -> Any:
     """The coordinator's registry, on a worker: read-only with the coordinator's anchor when the
-    coordinator's is (an investigator's home; `where` is its database file), else as a lab home
+    coordinator's is (an investigator's home; `where` is its database file or PostgreSQL URL), else as a lab home
     opens it (`where` is the home: its SQLite file, or the PostgreSQL URL it records)."""
     from weightmark.registry.store import Registry
 
     if anchor is not None:
-        return Registry.open_read_only(Path(where), anchor)
+        return Registry.open_read_only(where, anchor)
     return Registry.open(Path(where))
 
 
@@ -212,7 +212,7 @@ class Cluster:
                 except KeyProblem as exc:
                     refusals[model_id] = str(exc)
             anchor = registry.anchor if registry.read_only else None
-            where = registry.path if registry.read_only else registry.home
+            where = registry.location if registry.read_only else registry.home
             pending.append(self.client.submit(_scan_task, str(where), str(suspect), derived, options,
                                               anchor, refusals, pure=False))
         for entry in pending:

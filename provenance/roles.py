@@ -15,7 +15,10 @@ A lab home (`weightmark init`) holds the signer's and the stamper's material. An
 or auditor home (`weightmark init --role ...`) holds `role.json` (its role and where the
 registry is), the trust file it was given (`trust.json`, the anchor of every checked read in
 place of a lab.pub) and, for an investigator, its sealed scan keys (`scan-keys/`). Its
-registry is opened read-only (SQLite `mode=ro`). A command that needs material the home does
+registry is another home's SQLite file or the lab's PostgreSQL database, opened read-only
+(SQLite `mode=ro`; on PostgreSQL a session whose every transaction is READ ONLY, best as the
+read-only role `weightmark registry grant --reader` makes, so the grants refuse writes too).
+A command that needs material the home does
 not hold stops with a KeyProblem (exit 4) naming the role and the material.
 """
 
@@ -34,6 +37,7 @@ from weightmark.errors import InputFileError, KeyProblem, RegistryError, UsageEr
 from weightmark.fsutil import write_bytes_atomic
 from weightmark.lab import Lab, PassphraseSource, passphrase_from_env
 from weightmark.outputs import OutputKind, Protected, Target, prepare_output
+from weightmark.registry.backend import check_url, is_url
 from weightmark.registry.log import (
     LogVerificationError,
     Trust,
@@ -78,8 +82,11 @@ def lacks(home: Path, role: Role, action: str, *needed: Role) -> KeyProblem:
     return KeyProblem(f"{home}: {action} needs {what}, which this {role} home does not hold")
 
 
-def registry_location(text: str | os.PathLike[str]) -> Path:
-    """A registry database from a path: the file itself, or a lab home folder holding one."""
+def registry_location(text: str | os.PathLike[str]) -> Path | str:
+    """A registry from a path (the database file itself, or a lab home folder holding one) or
+    a PostgreSQL URL (postgresql://reader@host/database, no password in it)."""
+    if is_url(str(text)):
+        return check_url(str(text))
     path = Path(text).expanduser()
     if path.is_dir():
         path = path / DB_FILE
@@ -147,7 +154,10 @@ class RoleHome(Lab):
             super().__init__(home, passphrase, notify)
         doc = self._role_document()
         self.role = Role(doc["role"])
-        self.registry_path = Path(doc["registry"])
+        # Where the registry is: a database file, or a PostgreSQL URL.
+        self.registry_location: Path | str = doc["registry"] if is_url(doc["registry"]) else Path(doc["registry"])
+        # The registry's file (None on PostgreSQL), for messages about the disk it is on.
+        self.registry_path: Path | None = None if is_url(doc["registry"]) else Path(doc["registry"])
         self._scan_keys: ScanKeys | None = None
 
     def _role_document(self) -> dict[str, Any]:
@@ -227,7 +237,7 @@ class RoleHome(Lab):
         """The registry this home points at, read-only, its key chain checked against trust.json."""
         if self._registry is None:
             anchor = PinnedTrust(self.pinned_trust(), str(self.home / HOME_TRUST_FILE))
-            self._registry = Registry.open_read_only(self.registry_path, anchor)
+            self._registry = Registry.open_read_only(self.registry_location, anchor)
         return self._registry
 
     @property

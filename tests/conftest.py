@@ -65,8 +65,9 @@ class StampedLab:
     work: Path
 
 
-def make_stamped_lab(work: Path, base: Path, dtype: str, collusion: int = DEFAULT_COLLUSION) -> StampedLab:
-    lab = Lab.init(work / "lab", passphrase=None)
+def make_stamped_lab(work: Path, base: Path, dtype: str, collusion: int = DEFAULT_COLLUSION,
+                     registry: str | None = None) -> StampedLab:
+    lab = Lab.init(work / "lab", passphrase=None, registry=registry)
     lab.register_model(base, name="minilm")
     ids = [lab.add_licensee(name, cc).id for name, cc in LICENSEES]
     copies = [work / f"copy-{i}" for i in range(len(ids))]

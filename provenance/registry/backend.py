@@ -419,7 +419,9 @@ class PostgresDatabase(Database):
     dialect = "postgresql"
     migrations = POSTGRES_MIGRATIONS
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, read_only: bool = False) -> None:
+        """Connect; with read_only, every transaction of the session is READ ONLY, so PostgreSQL
+        refuses any write (and the write lock, SELECT ... FOR UPDATE) whatever the role may do."""
         super().__init__(redact(url))
         try:
             import psycopg
@@ -432,6 +434,12 @@ class PostgresDatabase(Database):
                                        application_name="weightmark")
         except psycopg.Error as exc:
             raise RegistryError(f"{self.where}: cannot connect to the registry ({_first_line(exc)})") from None
+        if read_only:
+            try:
+                self.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            except RegistryError:
+                self._db.close()
+                raise
 
     def _fail(self, exc: Exception) -> RegistryError:
         return RegistryError(f"{self.where}: database error ({_first_line(exc)})")
@@ -462,7 +470,12 @@ class PostgresDatabase(Database):
         self.execute("BEGIN")
         # The coordination row: every writer of this log queues here, as SQLite writers queue
         # on BEGIN IMMEDIATE. Statements after it (READ COMMITTED) see every earlier append.
-        if self.execute("SELECT id FROM log_coordination WHERE id = 1 FOR UPDATE").fetchone() is None:
+        try:
+            row = self.execute("SELECT id FROM log_coordination WHERE id = 1 FOR UPDATE").fetchone()
+        except RegistryError:  # refused (a read-only role or session): leave no aborted transaction
+            self.rollback()
+            raise
+        if row is None:
             self.rollback()
             raise RegistryError(f"{self.where}: the log's coordination row is missing; "
                                 "run `weightmark registry verify`")

@@ -35,6 +35,7 @@ from weightmark.registry.backend import (
     PostgresDatabase,
     SQLiteDatabase,
     check_schema,
+    check_url,
     connect,
     is_url,
     recorded_location,
@@ -251,11 +252,14 @@ class Registry:
     def __init__(self, location: Path | str, create: bool = False, home: Path | None = None,
                  anchor: Anchor | None = None, read_only: bool = False) -> None:
         postgres = is_url(location)
-        if postgres and home is None:
+        if postgres and home is None and not read_only:
             raise ValueError("a PostgreSQL registry needs the lab home it belongs to")
-        if postgres and read_only:
-            raise ValueError("a read-only open is for a registry file; a PostgreSQL reader gets a read-only role")
-        self.home = Path(home) if home is not None else Path(location).parent
+        if postgres and read_only and anchor is None:
+            raise ValueError("a read-only PostgreSQL registry is opened with the anchor of the home reading it")
+        # Where the registry is, as given: its file, or its PostgreSQL URL (a read-only opener
+        # such as a cluster worker reopens it from this).
+        self.location = str(location)
+        self.home = Path(home) if home is not None else (Path.cwd() if postgres else Path(location).parent)
         # A file in the home: the SQLite database, or the file recording the PostgreSQL URL.
         self.path = self.home / LOCATION_FILE if postgres else Path(location)
         # Checks the log's key chain against what the opener trusts (default: lab.pub in the
@@ -277,6 +281,9 @@ class Registry:
                     raise RegistryError(f"{self.path}: a file is already there; not creating a registry over it")
             else:
                 inspect_database(self.path)
+        if read_only and postgres:
+            self._connect_read_only_postgres(str(location))
+            return
         if read_only:
             self.where = str(self.path)
             self._connect_read_only()
@@ -317,14 +324,36 @@ class Registry:
         return self._db.dialect
 
     @classmethod
-    def open_read_only(cls, path: Path, anchor: Anchor) -> Registry:
-        """The registry at `path` on a read-only connection (SQLite `mode=ro`): every write is
-        refused by SQLite itself, and no migration is run (an older schema is refused). The
-        log's key chain is checked by `anchor` instead of a lab.pub beside the database."""
+    def open_read_only(cls, path: Path | str, anchor: Anchor) -> Registry:
+        """The registry at `path` (a database file or a postgresql:// URL) on a read-only
+        connection: SQLite `mode=ro`, or a PostgreSQL session whose every transaction is READ
+        ONLY; either way every write is refused by the database itself, and no migration is
+        run (an older schema is refused). The log's key chain is checked by `anchor` instead of
+        a lab.pub beside the database."""
+        if is_url(path):
+            return cls(str(path), anchor=anchor, read_only=True)
         path = Path(path)
         if not path.is_file():
             raise RegistryError(f"{path}: no registry database here")
         return cls(path, anchor=anchor, read_only=True)
+
+    def _connect_read_only_postgres(self, url: str) -> None:
+        """A PostgreSQL registry for reading only: the session's transactions are READ ONLY, and
+        the role in the URL should be one that `weightmark registry grant --reader` made, which
+        holds SELECT and nothing else; the schema must already be this weightmark's."""
+        self._db = PostgresDatabase(check_url(url), read_only=True)
+        self.where = self._db.where
+        try:
+            self._inspect_postgres(create=False)
+            version = self.schema_version
+        except BaseException:
+            self._db.close()
+            raise
+        latest = self._db.migrations[-1][0]
+        if version != latest:
+            self._db.close()
+            raise RegistryError(f"{self.where}: registry schema version {version} is older than this weightmark's "
+                                f"({latest}); open it once from a lab home to bring it up to date")
 
     def _connect_read_only(self) -> None:
         try:

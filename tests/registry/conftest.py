@@ -10,11 +10,12 @@ binaries are installed.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.registry.pgcluster import PgCluster, bindir, throwaway_cluster
+from tests.registry.rawdb import drop_copies
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +28,18 @@ def pg_cluster() -> Iterator[PgCluster]:
         yield cluster
 
 
+def new_database(cluster: PgCluster) -> str:
+    """A fresh, empty database in the cluster; its superuser URL (no password)."""
+    name = "wm_" + uuid.uuid4().hex[:12]
+    r = cluster.psql("postgres", f"CREATE DATABASE {name}")
+    assert r.returncode == 0, r.stderr
+    return cluster.url(name)
+
+
 @pytest.fixture
 def pg_url(pg_cluster: PgCluster) -> str:
     """A fresh, empty database in the session's cluster (superuser URL, no password)."""
-    name = "wm_" + uuid.uuid4().hex[:12]
-    r = pg_cluster.psql("postgres", f"CREATE DATABASE {name}")
-    assert r.returncode == 0, r.stderr
-    return pg_cluster.url(name)
+    return new_database(pg_cluster)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -42,3 +48,21 @@ def registry_location(request: pytest.FixtureRequest) -> str | None:
     if request.param == "sqlite":
         return None
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_registry_location(request: pytest.FixtureRequest) -> Callable[[], str | None]:
+    """`registry_location` for a module's shared homes: a function giving where each new home's
+    registry goes, None (its SQLite file) or a fresh PostgreSQL database kept for the module.
+    Tests copy such a home before changing it (tests/registry/rawdb.py copy_home)."""
+    if request.param == "sqlite":
+        return lambda: None
+    cluster = request.getfixturevalue("pg_cluster")
+    return lambda: new_database(cluster)
+
+
+@pytest.fixture(autouse=True)
+def _drop_copied_databases() -> Iterator[None]:
+    """Each test's copies of PostgreSQL registries (rawdb.copy_home) go when the test ends."""
+    yield
+    drop_copies()

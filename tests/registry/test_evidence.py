@@ -1,4 +1,9 @@
-"""Evidence bundles: offline verification, single-byte tampering, foreign keys and grafted proofs."""
+"""Evidence bundles: offline verification, single-byte tampering, foreign keys and grafted proofs.
+
+The lab that writes the bundle runs on both backends (`module_registry_location`: SQLite and
+PostgreSQL). The tests that only flip bytes of the bundle file run once, on the SQLite
+variant: the file is checked with no database at all.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import base64
 import copy
 import json
 import random
-import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +21,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from tests.conftest import run_cli
+from tests.registry.rawdb import copy_home
 from weightmark import Lab
 from weightmark.evidence import EVIDENCE_PAYLOAD_TYPE, EvidenceError, verify_bundle
 from weightmark.keys import LabKeys
+from weightmark.registry.backend import LOCATION_FILE
 from weightmark.registry.envelope import canonical_json, envelope, pae
 from weightmark.registry.merkle import inclusion_proof
 
@@ -38,11 +45,12 @@ class Case:
 
 
 @pytest.fixture(scope="module")
-def case(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Case:
+def case(tmp_path_factory: pytest.TempPathFactory, minilm: Path,
+         module_registry_location: Callable[[], str | None]) -> Case:
     """Two stamped copies of the real MiniLM; copy A scanned through the CLI with --evidence."""
     work = tmp_path_factory.mktemp("evidence")
     home = work / "home"
-    with Lab.init(home, passphrase=None) as lab:
+    with Lab.init(home, passphrase=None, registry=module_registry_location()) as lab:
         lab.register_model(minilm, name="minilm")
         a = lab.add_licensee("Northwind Research Ltd", "GB")
         for i in range(3):
@@ -58,6 +66,14 @@ def case(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Case:
     r = run_cli("keys", "export-public", "--out", str(pubkey), home=home)
     assert r.returncode == 0, r.stderr
     return Case(work, home, bundle, pubkey, a.id, b.id, entry_a, entry_b)
+
+
+@pytest.fixture
+def bundle_only(case: Case) -> Case:
+    """The case, for tests of the bundle file alone: they run on the SQLite variant only."""
+    if (case.home / LOCATION_FILE).exists():
+        pytest.skip("checks only the bundle file, with no database; the backend plays no part")
+    return case
 
 
 def load_key(path: Path) -> Ed25519PublicKey:
@@ -122,7 +138,8 @@ def flip_positions(size: int) -> list[int]:
     return sorted({0, size - 1, *rng.sample(range(size), FLIPS)})
 
 
-def test_every_single_byte_flip_is_rejected(case: Case) -> None:
+def test_every_single_byte_flip_is_rejected(bundle_only: Case) -> None:
+    case = bundle_only
     data = case.bundle.read_bytes()
     key = load_key(case.pubkey)
     rng = random.Random(7)
@@ -136,7 +153,8 @@ def test_every_single_byte_flip_is_rejected(case: Case) -> None:
     verify_bundle(data, key)  # and the untouched bytes still verify
 
 
-def test_byte_flips_through_the_cli_exit_3(case: Case, tmp_path: Path) -> None:
+def test_byte_flips_through_the_cli_exit_3(bundle_only: Case, tmp_path: Path) -> None:
+    case = bundle_only
     data = case.bundle.read_bytes()
     for n, pos in enumerate([0, len(data) // 3, len(data) // 2, len(data) - 2, len(data) - 1]):
         tampered = bytearray(data)
@@ -169,7 +187,8 @@ def test_bundle_signed_by_another_lab_is_rejected_even_with_its_key(case: Case, 
 
 
 @pytest.mark.parametrize("content", [[], "text", 7], ids=["list", "string", "number"])
-def test_hostile_bundle_layout_is_a_clean_error(case: Case, tmp_path: Path, content: object) -> None:
+def test_hostile_bundle_layout_is_a_clean_error(bundle_only: Case, tmp_path: Path, content: object) -> None:
+    case = bundle_only
     data = canonical_json({"bundle": content, "signature": {"keyid": "00000000", "sig": "AAAA"}})
     path = tmp_path / "hostile.json"
     path.write_bytes(data)
@@ -266,8 +285,7 @@ def test_tree_size_not_matching_the_checkpoint_fails(case: Case) -> None:
 
 
 def test_bundle_after_rotation_verifies_with_the_new_key(case: Case, tmp_path: Path) -> None:
-    home = tmp_path / "rotated"
-    shutil.copytree(case.home, home)
+    home = copy_home(case.home, tmp_path / "rotated")
     old_pub = load_key(case.pubkey)
     with Lab(home) as lab:
         new = lab.rotate_keys()

@@ -1,15 +1,24 @@
-"""The registry as a transparency log: verification, tampering, proofs, exports and key rotation."""
+"""The registry as a transparency log: verification, tampering, proofs, exports and key rotation.
+
+Every test runs on both backends (`module_registry_location`: SQLite and a throwaway PostgreSQL
+database). Tampering goes through tests/registry/rawdb.py: the same SQL edit on the SQLite file
+or as a PostgreSQL superuser with the append-only triggers bypassed, then the same assertion.
+Inherently SQLite-only cases (a physically truncated file) use a SQLite home and say so; tests
+that read only export files run once, on the SQLite variant, and say so.
+"""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import io
 import json
 import os
 import random
 import re
 import shutil
-import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +26,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.conftest import run_cli
+from tests.registry.rawdb import RawDB, copy_home, raw_db
 from weightmark import Lab
+from weightmark.cli import main as cli_main
 from weightmark.errors import RegistryError, WeightmarkError
 from weightmark.evidence import (
     CHECKPOINTS_FILE,
@@ -27,6 +38,7 @@ from weightmark.evidence import (
     verify_export,
 )
 from weightmark.keys import NEXT_KEY_FILE, PUBLIC_KEY_FILE
+from weightmark.registry.backend import LOCATION_FILE
 from weightmark.registry.envelope import PAYLOAD_TYPE, canonical_json, pae, statement
 from weightmark.registry.log import LogVerificationError, entry_bytes
 from weightmark.registry.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
@@ -37,28 +49,38 @@ LICENSEES = 12  # the small log: genesis (entry 0) + 12 licensees = entries 0..1
 SIZE = LICENSEES + 1
 COUNTRIES = ["GB", "DE", "JP", "FR", "US", "NL"]
 
-Edit = Callable[[sqlite3.Connection], None]
+Edit = Callable[[RawDB], None]
+Location = Callable[[], str | None]
 
 
 # -- fixtures and helpers -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def small_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A closed lab home holding only licensee entries (fast to copy and to tamper with)."""
-    home = tmp_path_factory.mktemp("small") / "home"
-    with Lab.init(home, passphrase=None) as lab:
+def make_small_home(home: Path, location: str | None) -> Path:
+    with Lab.init(home, passphrase=None, registry=location) as lab:
         for i in range(LICENSEES):
             lab.add_licensee(f"Licensee {i:02d} Ltd", COUNTRIES[i % len(COUNTRIES)])
     return home
 
 
 @pytest.fixture(scope="module")
-def full_home(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Path:
+def small_home(tmp_path_factory: pytest.TempPathFactory, module_registry_location: Location) -> Path:
+    """A closed lab home holding only licensee entries (fast to copy and to tamper with)."""
+    return make_small_home(tmp_path_factory.mktemp("small") / "home", module_registry_location())
+
+
+@pytest.fixture(scope="module")
+def sqlite_small_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small home on SQLite only, for the cases that damage the database file itself."""
+    return make_small_home(tmp_path_factory.mktemp("small-sqlite") / "home", None)
+
+
+@pytest.fixture(scope="module")
+def full_home(tmp_path_factory: pytest.TempPathFactory, minilm: Path, module_registry_location: Location) -> Path:
     """About 20 entries: licensees, the real MiniLM as a model, and one stamped copy."""
     work = tmp_path_factory.mktemp("full")
     home = work / "home"
-    with Lab.init(home, passphrase=None) as lab:
+    with Lab.init(home, passphrase=None, registry=module_registry_location()) as lab:
         ids = [lab.add_licensee(f"Full {i} GmbH", COUNTRIES[i % len(COUNTRIES)]).id for i in range(16)]
         lab.register_model(minilm, name="minilm")
         lab.stamp("minilm", ids[3], work / "copy")
@@ -66,18 +88,13 @@ def full_home(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Path:
 
 
 def fresh_copy(src: Path, tmp_path: Path, name: str = "home") -> Path:
-    dst = tmp_path / name
-    shutil.copytree(src, dst)
-    return dst
+    """A copy of a home (with its own copy of a PostgreSQL database) or of an export folder."""
+    return copy_home(src, tmp_path / name)
 
 
 def edit_db(home: Path, edit: Edit) -> None:
-    db = sqlite3.connect(home / DB_FILE)
-    try:
+    with raw_db(home) as db:
         edit(db)
-        db.commit()
-    finally:
-        db.close()
 
 
 def flip(data: bytes, pos: int, mask: int = 0x01) -> bytes:
@@ -93,6 +110,22 @@ def named(message: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2))
 
 
+def verify_cli(home: Path) -> subprocess.CompletedProcess[str]:
+    """`weightmark registry verify` on the home: a real subprocess for a SQLite home; for a
+    PostgreSQL home the same console entry point in this process (the same code, exit code and
+    output, without a second interpreter start for every case)."""
+    if not (home / LOCATION_FILE).exists():
+        return run_cli("registry", "verify", "--home", str(home))
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli_main(["registry", "verify", "--home", str(home)])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess([], code, out.getvalue(), err.getvalue())
+
+
 def assert_rejected(home: Path, what: str, number: int, cli: bool = True) -> str:
     """verify_log raises naming `what number`; the CLI exits 4 with that one-line error."""
     with Lab(home) as lab, pytest.raises(LogVerificationError) as info:
@@ -101,7 +134,7 @@ def assert_rejected(home: Path, what: str, number: int, cli: bool = True) -> str
     assert named(message) == (what, number), message
     assert message.startswith(f"{what} {number}:"), message
     if cli:
-        r = run_cli("registry", "verify", "--home", str(home))
+        r = verify_cli(home)
         assert r.returncode == 4, (r.returncode, r.stdout, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
@@ -111,15 +144,14 @@ def assert_rejected(home: Path, what: str, number: int, cli: bool = True) -> str
 
 
 def read_entry(home: Path, idx: int) -> tuple[bytes, str, bytes]:
-    db = sqlite3.connect(home / DB_FILE)
-    try:
-        return db.execute("SELECT payload, key_id, signature FROM entries WHERE idx = ?", (idx,)).fetchone()
-    finally:
-        db.close()
+    with raw_db(home) as db:
+        payload, key_id, signature = db.execute(
+            "SELECT payload, key_id, signature FROM entries WHERE idx = ?", (idx,)).fetchone()
+    return bytes(payload), key_id, bytes(signature)
 
 
 def set_column(idx: int, column: str, value: bytes | str) -> Edit:
-    def edit(db: sqlite3.Connection) -> None:
+    def edit(db: RawDB) -> None:
         db.execute(f"UPDATE entries SET {column} = ? WHERE idx = ?", (value, idx))
 
     return edit
@@ -128,7 +160,7 @@ def set_column(idx: int, column: str, value: bytes | str) -> Edit:
 def flip_entry(idx: int, column: str, pos: int, mask: int = 0x01, reseal_leaf: bool = False) -> Edit:
     """Flip one byte of a stored entry column; optionally fix up its stored leaf hash too."""
 
-    def edit(db: sqlite3.Connection) -> None:
+    def edit(db: RawDB) -> None:
         payload, key_id, signature = db.execute(
             "SELECT payload, key_id, signature FROM entries WHERE idx = ?", (idx,)).fetchone()
         if column == "payload":
@@ -292,7 +324,7 @@ def test_last_entry_row_deleted(small_home: Path, tmp_path: Path) -> None:
 def swap_rows(i: int, j: int, with_leaf: bool) -> Edit:
     cols = ["payload", "signature", "key_id"] + (["leaf_hash"] if with_leaf else [])
 
-    def edit(db: sqlite3.Connection) -> None:
+    def edit(db: RawDB) -> None:
         sql = f"SELECT {', '.join(cols)} FROM entries WHERE idx = ?"
         a, b = db.execute(sql, (i,)).fetchone(), db.execute(sql, (j,)).fetchone()
         update = f"UPDATE entries SET {', '.join(c + ' = ?' for c in cols)} WHERE idx = ?"
@@ -317,7 +349,7 @@ def test_two_entries_swapped_with_their_leaves(small_home: Path, tmp_path: Path)
 
 
 def shift_up_from(k: int) -> Edit:
-    def edit(db: sqlite3.Connection) -> None:
+    def edit(db: RawDB) -> None:
         db.execute("UPDATE entries SET idx = -idx - 1 WHERE idx >= ?", (k,))
         db.execute("UPDATE entries SET idx = -idx WHERE idx < 0")
 
@@ -329,7 +361,7 @@ def test_copied_entry_inserted_in_the_middle(small_home: Path, tmp_path: Path) -
     k = 6
     payload, key_id, signature = read_entry(home, k - 1)
 
-    def edit(db: sqlite3.Connection) -> None:
+    def edit(db: RawDB) -> None:
         shift_up_from(k)(db)
         db.execute("INSERT INTO entries VALUES (?, 'licensee', ?, ?, ?, ?, ?, ?)",
                    (k, PAYLOAD_TYPE, payload, key_id, signature, now(),
@@ -351,7 +383,7 @@ def test_resigned_entry_inserted_in_the_middle(small_home: Path, tmp_path: Path)
     payload = canonical_json(statement("licensee", "lic-0badf00d", digest, predicate))
     signature = keys.sign(pae(PAYLOAD_TYPE, payload))
 
-    def edit(db: sqlite3.Connection) -> None:
+    def edit(db: RawDB) -> None:
         shift_up_from(k)(db)
         db.execute("INSERT INTO entries VALUES (?, 'licensee', ?, ?, ?, ?, ?, ?)",
                    (k, PAYLOAD_TYPE, payload, keys.key_id, signature, now(),
@@ -377,7 +409,7 @@ def test_truncated_prefix_verifies_but_an_earlier_export_exposes_it(small_home: 
     edit_db(home, lambda db: (db.execute("DELETE FROM entries WHERE idx >= ?", (SIZE - k,)),
                               db.execute("DELETE FROM checkpoints WHERE size > ?", (SIZE - k,)),
                               db.execute("DELETE FROM licensees WHERE entry_idx >= ?", (SIZE - k,)),
-                              db.execute("DELETE FROM merkle_nodes WHERE ((idx + 1) << level) > ?", (SIZE - k,))))
+                              db.execute("DELETE FROM merkle_nodes WHERE ((idx + 1) << CAST(level AS INTEGER)) > ?", (SIZE - k,))))
     with Lab(home) as lab:
         assert lab.verify_log().size == SIZE - k  # undetectable from the database alone
     published = verify_export(tmp_path / "published")
@@ -387,8 +419,10 @@ def test_truncated_prefix_verifies_but_an_earlier_export_exposes_it(small_home: 
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.25, 0.9])
-def test_physically_truncated_database_is_a_clear_error(small_home: Path, tmp_path: Path, fraction: float) -> None:
-    home = fresh_copy(small_home, tmp_path)
+def test_physically_truncated_database_is_a_clear_error(sqlite_small_home: Path, tmp_path: Path,
+                                                        fraction: float) -> None:
+    """SQLite only: a database file cut short (PostgreSQL has no single file to truncate)."""
+    home = fresh_copy(sqlite_small_home, tmp_path)
     db = home / DB_FILE
     assert not (home / (DB_FILE + "-wal")).exists()  # everything is in the main file
     os.truncate(db, int(db.stat().st_size * fraction))
@@ -422,7 +456,7 @@ def note_positions(note: bytes) -> dict[str, int]:
 def test_checkpoint_note_byte_flip(small_home: Path, tmp_path: Path, size: int, where: str) -> None:
     home = fresh_copy(small_home, tmp_path)
 
-    def edit(db: sqlite3.Connection) -> None:
+    def edit(db: RawDB) -> None:
         (note,) = db.execute("SELECT note FROM checkpoints WHERE size = ?", (size,)).fetchone()
         db.execute("UPDATE checkpoints SET note = ? WHERE size = ?",
                    (flip(note, note_positions(note)[where]), size))
@@ -435,7 +469,7 @@ def test_checkpoint_note_byte_flip(small_home: Path, tmp_path: Path, size: int, 
 def test_checkpoint_signed_by_another_key(small_home: Path, tmp_path: Path, size: int) -> None:
     home = fresh_copy(small_home, tmp_path)
 
-    def edit(db: sqlite3.Connection) -> None:
+    def edit(db: RawDB) -> None:
         (note,) = db.execute("SELECT note FROM checkpoints WHERE size = ?", (size,)).fetchone()
         body = note[: note.index(b"\n\n") + 1]
         origin = body.split(b"\n", 1)[0].decode()
@@ -451,7 +485,7 @@ def test_extra_signature_by_an_unknown_key_is_ignored(small_home: Path, tmp_path
     """C2SP: a note co-signed by a key nobody trusts still verifies (the check can pass)."""
     home = fresh_copy(small_home, tmp_path)
 
-    def edit(db: sqlite3.Connection) -> None:
+    def edit(db: RawDB) -> None:
         (note,) = db.execute("SELECT note FROM checkpoints WHERE size = 5").fetchone()
         body = note[: note.index(b"\n\n") + 1]
         witness = sign_note(body, [("some-witness", Ed25519PrivateKey.generate())])
@@ -542,6 +576,15 @@ def exported(full_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture
+def export_files(exported: Path, full_home: Path) -> Path:
+    """The export, for tests that read only its files (no registry): they run once, on the SQLite
+    variant; the export from each backend is verified by test_export_verifies_without_any_home."""
+    if (full_home / LOCATION_FILE).exists():
+        pytest.skip("reads only an export's files; the backend plays no part")
+    return exported
+
+
 def no_home_env(tmp_path: Path) -> dict[str, str]:
     empty = tmp_path / "nothing-here"
     empty.mkdir(exist_ok=True)
@@ -569,14 +612,14 @@ def export_lines(folder: Path, name: str) -> list[bytes]:
 
 
 @pytest.mark.parametrize("name", [ENTRIES_FILE, CHECKPOINTS_FILE])
-def test_any_line_of_an_export_tampered_fails(exported: Path, tmp_path: Path, name: str) -> None:
+def test_any_line_of_an_export_tampered_fails(export_files: Path, tmp_path: Path, name: str) -> None:
     rng = random.Random(name)
-    lines = export_lines(exported, name)
+    lines = export_lines(export_files, name)
     assert len(lines) >= 19
     copy = tmp_path / "copy"
     for number, line in enumerate(lines):
         shutil.rmtree(copy, ignore_errors=True)
-        shutil.copytree(exported, copy)
+        shutil.copytree(export_files, copy)
         pos = rng.randrange(len(line) - 1)  # any byte but the newline
         tampered = lines[:number] + [flip(line, pos, rng.randrange(1, 256))] + lines[number + 1:]
         (copy / name).write_bytes(b"".join(tampered))
@@ -590,9 +633,9 @@ def test_any_line_of_an_export_tampered_fails(exported: Path, tmp_path: Path, na
 
 @pytest.mark.parametrize(("name", "number"), [(ENTRIES_FILE, 0), (ENTRIES_FILE, 4), (ENTRIES_FILE, -1),
                                                (CHECKPOINTS_FILE, -1)])
-def test_export_line_dropped_fails(exported: Path, tmp_path: Path, name: str, number: int) -> None:
-    copy = fresh_copy(exported, tmp_path, "copy")
-    lines = export_lines(exported, name)
+def test_export_line_dropped_fails(export_files: Path, tmp_path: Path, name: str, number: int) -> None:
+    copy = fresh_copy(export_files, tmp_path, "copy")
+    lines = export_lines(export_files, name)
     del lines[number]
     (copy / name).write_bytes(b"".join(lines))
     with pytest.raises(LogVerificationError):
@@ -600,9 +643,9 @@ def test_export_line_dropped_fails(exported: Path, tmp_path: Path, name: str, nu
 
 
 @pytest.mark.parametrize("hostile", HOSTILE_STATEMENTS, ids=["no-slash", "list", "string"])
-def test_hostile_statement_in_an_export_is_a_clean_error(exported: Path, tmp_path: Path, hostile: object) -> None:
-    copy = fresh_copy(exported, tmp_path, "copy")
-    lines = export_lines(exported, ENTRIES_FILE)
+def test_hostile_statement_in_an_export_is_a_clean_error(export_files: Path, tmp_path: Path, hostile: object) -> None:
+    copy = fresh_copy(export_files, tmp_path, "copy")
+    lines = export_lines(export_files, ENTRIES_FILE)
     row = json.loads(lines[4])
     row["envelope"]["payload"] = base64.b64encode(canonical_json(hostile)).decode()
     lines[4] = canonical_json(row) + b"\n"
@@ -613,26 +656,26 @@ def test_hostile_statement_in_an_export_is_a_clean_error(exported: Path, tmp_pat
         verify_export(copy)
 
 
-def test_export_without_an_intermediate_checkpoint_still_verifies(exported: Path, tmp_path: Path) -> None:
+def test_export_without_an_intermediate_checkpoint_still_verifies(export_files: Path, tmp_path: Path) -> None:
     """Only the checkpoint over the whole log is required; dropping an older one falsifies nothing."""
-    copy = fresh_copy(exported, tmp_path, "copy")
-    lines = export_lines(exported, CHECKPOINTS_FILE)
+    copy = fresh_copy(export_files, tmp_path, "copy")
+    lines = export_lines(export_files, CHECKPOINTS_FILE)
     del lines[4]
     (copy / CHECKPOINTS_FILE).write_bytes(b"".join(lines))
     result = verify_export(copy)
     assert result.checkpoints == len(lines) and result.size == len(lines) + 1
 
 
-def test_export_with_another_labs_trust_fails(exported: Path, small_home: Path, tmp_path: Path) -> None:
+def test_export_with_another_labs_trust_fails(export_files: Path, small_home: Path, tmp_path: Path) -> None:
     other = tmp_path / "other-trust.json"
     assert run_cli("keys", "trust", "--out", str(other), home=small_home).returncode == 0
-    r = run_cli("registry", "verify", "--from", str(exported), "--trust", str(other), env=no_home_env(tmp_path))
+    r = run_cli("registry", "verify", "--from", str(export_files), "--trust", str(other), env=no_home_env(tmp_path))
     assert r.returncode == 4, (r.returncode, r.stderr)
     assert len(r.stderr.strip().splitlines()) == 1 and "trust" in r.stderr
     with pytest.raises(LogVerificationError):
-        verify_export(exported, other)
+        verify_export(export_files, other)
     # The same attack through the export's own trust file.
-    copy = fresh_copy(exported, tmp_path, "copy")
+    copy = fresh_copy(export_files, tmp_path, "copy")
     shutil.copy(other, copy / TRUST_FILE)
     with pytest.raises(LogVerificationError):
         verify_export(copy)

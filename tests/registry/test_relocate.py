@@ -1,11 +1,14 @@
 """`weightmark model relocate`: a moved base is checked against the signed model id, and its new
-place is signed, so that `registry verify` re-derives models.base_path from the latest entry."""
+place is signed, so that `registry verify` re-derives models.base_path from the latest entry.
+
+Runs on both backends (`module_registry_location`, `registry_location`); rows are edited behind
+the tool's back through tests/registry/rawdb.py, the same SQL on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +16,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli
+from tests.registry.rawdb import copy_home, raw_db
 from weightmark import Lab
-from weightmark.registry.store import DB_FILE
 
 
 @dataclass
@@ -28,27 +31,27 @@ class Moved:
 
 
 def models_row(home: Path) -> tuple[str, str]:
-    con = sqlite3.connect(home / DB_FILE)
-    try:
-        return con.execute("SELECT base_path, files FROM models").fetchone()
-    finally:
-        con.close()
+    with raw_db(home) as db:
+        return tuple(db.execute("SELECT base_path, files FROM models").fetchone())
 
 
 def entry_count(home: Path) -> int:
-    con = sqlite3.connect(home / DB_FILE)
-    try:
-        return con.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
-    finally:
-        con.close()
+    with raw_db(home) as db:
+        return db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+
+
+def set_base_path(home: Path, value: str) -> None:
+    with raw_db(home) as db:
+        db.execute("UPDATE models SET base_path = ?", (value,))
 
 
 @pytest.fixture(scope="module")
-def moved(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Moved:
+def moved(tmp_path_factory: pytest.TempPathFactory, minilm: Path,
+          module_registry_location: Callable[[], str | None]) -> Moved:
     work = tmp_path_factory.mktemp("relocate")
     old = work / "base"
     shutil.copytree(minilm, old)
-    lab = Lab.init(work / "lab", passphrase=None)
+    lab = Lab.init(work / "lab", passphrase=None, registry=module_registry_location())
     lab.register_model(old, name="minilm")
     lid = lab.add_licensee("Northwind Research Ltd", "GB").id
     lab.stamp("minilm", lid, work / "copy", collusion=1)
@@ -93,12 +96,8 @@ def test_scan_uses_the_relocated_base_as_reference(relocated: Moved) -> None:
 
 def test_models_row_pointed_back_is_refused(relocated: Moved, tmp_path: Path) -> None:
     """verify re-derives base_path from the latest signed location, not the registration."""
-    home = tmp_path / "home"
-    shutil.copytree(relocated.home, home)
-    con = sqlite3.connect(home / DB_FILE)
-    con.execute("UPDATE models SET base_path = ?", (str(relocated.old.resolve()),))
-    con.commit()
-    con.close()
+    home = copy_home(relocated.home, tmp_path / "home")
+    set_base_path(home, str(relocated.old.resolve()))
     r = run_cli("registry", "verify", home=home)
     assert r.returncode == 4
     assert r.stderr.strip() == (f"Error: models row model_id={_model_id(home)}: base_path is {relocated.old.resolve()} "
@@ -108,11 +107,8 @@ def test_models_row_pointed_back_is_refused(relocated: Moved, tmp_path: Path) ->
 
 
 def _model_id(home: Path) -> str:
-    con = sqlite3.connect(home / DB_FILE)
-    try:
-        return con.execute("SELECT model_id FROM models").fetchone()[0]
-    finally:
-        con.close()
+    with raw_db(home) as db:
+        return db.execute("SELECT model_id FROM models").fetchone()[0]
 
 
 def test_relocate_to_different_weights_is_refused(relocated: Moved, tmp_path: Path) -> None:
@@ -147,7 +143,7 @@ def test_relocate_unknown_model_is_exit_4(relocated: Moved) -> None:
     assert r.returncode == 4 and "no model named 'nope'" in r.stderr
 
 
-def legacy_home(tmp_path: Path, base: Path) -> tuple[Path, str]:
+def legacy_home(tmp_path: Path, base: Path, location: str | None) -> tuple[Path, str]:
     """A lab whose model entry is signed as before `base_path` and `files` were in the predicate."""
     from weightmark.formats.safetensors import Checkpoint
     from weightmark.model import file_stats, manifest_id
@@ -155,7 +151,7 @@ def legacy_home(tmp_path: Path, base: Path) -> tuple[Path, str]:
     from weightmark.registry.store import now
     from weightmark.registry.tables import row_scale_sha256
 
-    lab = Lab.init(tmp_path / "lab", passphrase=None)
+    lab = Lab.init(tmp_path / "lab", passphrase=None, registry=location)
     reg, keys = lab.registry, lab.keys
     with Checkpoint.open(base) as ckpt:
         model_id, stats = manifest_id(ckpt), file_stats(ckpt)
@@ -173,23 +169,18 @@ def legacy_home(tmp_path: Path, base: Path) -> tuple[Path, str]:
     return tmp_path / "lab", model_id
 
 
-def test_model_registered_before_base_path_was_signed(tmp_path: Path, minilm: Path) -> None:
+def test_model_registered_before_base_path_was_signed(tmp_path: Path, minilm: Path,
+                                                       registry_location: str | None) -> None:
     """Its base_path cannot be checked from the log (documented); relocating it signs one."""
     base = tmp_path / "base"
     shutil.copytree(minilm, base)
-    home, model_id = legacy_home(tmp_path, base)
+    home, model_id = legacy_home(tmp_path, base, registry_location)
     assert run_cli("registry", "verify", home=home).returncode == 0
-    con = sqlite3.connect(home / DB_FILE)
-    con.execute("UPDATE models SET base_path = '/elsewhere'")
-    con.commit()
-    con.close()
+    set_base_path(home, "/elsewhere")
     assert run_cli("registry", "verify", home=home).returncode == 0  # nothing signed to compare with
     r = run_cli("model", "relocate", "old", str(base), home=home)
     assert r.returncode == 0, r.stderr
     assert run_cli("registry", "verify", home=home).returncode == 0
-    con = sqlite3.connect(home / DB_FILE)
-    con.execute("UPDATE models SET base_path = '/elsewhere'")
-    con.commit()
-    con.close()
+    set_base_path(home, "/elsewhere")
     r = run_cli("registry", "verify", home=home)
     assert r.returncode == 4 and f"models row model_id={model_id}: base_path is /elsewhere" in r.stderr

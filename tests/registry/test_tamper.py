@@ -1,26 +1,29 @@
 """Rows edited behind the tool's back: `registry verify` names them, and no command acts on them.
 
-One real lab (MiniLM registered, four licensees, three stamped copies) is built per module;
-each case copies its home, edits the SQLite file with sqlite3 directly, and runs the real
-CLI: in-process for the whole matrix (fast), and as a subprocess (`run_cli`) for a sample.
+One real lab (MiniLM registered, four licensees, three stamped copies) is built per module and
+per backend (`module_registry_location`: SQLite and a throwaway PostgreSQL database); each case
+copies its home (and its PostgreSQL database), runs the same SQL behind the tool's back
+(tests/registry/rawdb.py: sqlite3 on the file, or a PostgreSQL superuser with the append-only
+triggers bypassed), and runs the real CLI: in-process for the whole matrix (fast), and as a
+subprocess (`run_cli`) for a sample.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import LICENSEES, make_stamped_lab, run_cli
+from tests.registry import rawdb
 from weightmark import Lab
 from weightmark.cli import main as cli_main
 from weightmark.errors import RegistryError
-from weightmark.registry.store import DB_FILE
 
 QUIET = ("Quiet Holdings SARL", "FR")  # a licensee with no copies: its row can go without a foreign key
 
@@ -37,9 +40,10 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> World:
+def world(tmp_path_factory: pytest.TempPathFactory, minilm: Path,
+          module_registry_location: Callable[[], str | None]) -> World:
     work = tmp_path_factory.mktemp("tamper")
-    stamped = make_stamped_lab(work, minilm, "F32", collusion=1)
+    stamped = make_stamped_lab(work, minilm, "F32", collusion=1, registry=module_registry_location())
     lab = stamped.lab
     quiet = lab.add_licensee(*QUIET).id
     issued = [c.entry_idx for c, _ in lab.registry.find_issued()]
@@ -48,20 +52,15 @@ def world(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> World:
 
 
 def copy_home(world: World, tmp_path: Path) -> Path:
-    home = tmp_path / "home"
-    shutil.copytree(world.home, home)
-    return home
+    return rawdb.copy_home(world.home, tmp_path / "home")
 
 
 def edit(home: Path, *sql: str) -> None:
-    """Change the database as someone with write access to the file would: plain sqlite3."""
-    db = sqlite3.connect(home / DB_FILE)
-    try:
+    """Change the database as someone with write access to it would: plain sqlite3 on the file,
+    or a PostgreSQL superuser who switched the triggers off; one transaction."""
+    with rawdb.raw_db(home) as db:
         for statement in sql:
             db.execute(statement)
-        db.commit()
-    finally:
-        db.close()
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -300,11 +299,11 @@ def test_jurisdiction_edit_subprocess(world: World, tmp_path: Path) -> None:
                                         "entry 2 says GB")
 
 
-def test_each_signature_is_checked_once_per_registry(tmp_path: Path) -> None:
+def test_each_signature_is_checked_once_per_registry(tmp_path: Path, registry_location: str | None) -> None:
     """Checked reads verify an entry's signature the first time it is read, then reuse it."""
     import time
 
-    lab = Lab.init(tmp_path / "big", passphrase=None)
+    lab = Lab.init(tmp_path / "big", passphrase=None, registry=registry_location)
     for i in range(200):
         lab.add_licensee(f"Licensee {i}", "GB")
     lab.close()
