@@ -16,6 +16,12 @@ import pytest
 from weightmark import Lab, attacks
 from weightmark.scheme import DEFAULT_COLLUSION
 
+# A pytest-xdist worker starts with SIGINT ignored (the controller handles Ctrl-C), and an ignored
+# signal stays ignored across exec: every CLI process a test starts would then ignore the SIGINT
+# the signal tests send it. The usual Python handler here makes the children start with the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 LICENSEES = [("Northwind Research Ltd", "GB"), ("Falkenstein KI GmbH", "DE"), ("Sakura Compute KK", "JP")]
 
 
