@@ -492,169 +492,28 @@ def _simple(
         _q4_1_q5_1(w, ref, out, bad, frozen, qtype == "Q5_1")
 
 
-# -- K-quants: scale search -----------------------------------------------------------------
-# Unit weights throughout: the fits minimise the plain squared error of the sub-block. (llama.cpp
-# weighs elements by rms + |x|, or x^2 for Q6_K, trading some RMS error for the large values.)
-# Float sums run in four interleaved partials (a fixed order: results do not depend on the CPU)
-# so the dependency chains overlap; sums of codes are integers.
+# -- K-quants: naive scales (search=False) --------------------------------------------------
+# The baseline the scale search is measured against: each sub-block's min-max (Q4_K, Q5_K) or
+# max-abs (Q6_K) scale, rounded to the block's 6- or 8-bit scale grid.
 
 
 @numba.njit(**INLINE)
-def _round_codes(xs, n, inv, origin, lo, hi, q):
-    """q[j] = rint(inv * (xs[j] - origin)) clamped to [lo, hi]; returns (sum q, sum q^2).
-
-    The code sums are integers, exact in any order, so they vectorise.
-    """
-    sl = 0
-    sl2 = 0
-    for j in range(n):
-        k = np.int64(min(max(np.rint(inv * (xs[j] - origin)), lo), hi))
-        q[j] = k
-        sl += k
-        sl2 += k * k
-    return np.float64(sl), np.float64(sl2)
-
-
-@numba.njit(**INLINE)
-def _dot(a, b, n):
-    """sum a[j] * b[j] over n (a multiple of 4) elements, in four interleaved partial sums."""
-    p0 = p1 = p2 = p3 = 0.0
-    for j in range(0, n, 4):
-        p0 += a[j] * b[j]
-        p1 += a[j + 1] * b[j + 1]
-        p2 += a[j + 2] * b[j + 2]
-        p3 += a[j + 3] * b[j + 3]
-    return (p0 + p1) + (p2 + p3)
-
-
-@numba.njit(**INLINE)
-def _load(x, r, base, n, xs):
-    """Copy x[r, base:base + n] to xs (float64); return (min, max, sum, sum of squares)."""
-    lo = np.inf
-    hi = -np.inf
-    sx = 0.0
-    for j in range(n):
-        v = np.float64(x[r, base + j])
-        xs[j] = v
-        lo = min(lo, v)
-        hi = max(hi, v)
-        sx += v
-    return lo, hi, sx, _dot(xs, xs, n)
-
-
-@numba.njit(**INLINE)
-def _fit_affine(x, r, base, nmax, steps, xs, q):
-    """Scale a and min m >= 0 so a * code - m (codes 0..nmax) fits 32 elements of x best.
-
-    Tries steps + 1 grids spanning min(x, 0)..max(x) with nmax - 1 to nmax + 1 levels; for the
-    codes each grid rounds to, solves least squares for (a, -m) (m clamped to >= 0) and keeps
-    the fit of least squared error; a last pass re-rounds with the best fit and solves again.
-    steps 0 gives the naive fit (max - min) / nmax.
-    """
-    n = 32
-    lo, hi, sx, sx2 = _load(x, r, base, n, xs)
-    lo = min(lo, 0.0)
-    span = hi - lo
-    if span <= 0.0:
-        return 0.0, -lo
-    best_a = span / nmax
-    best_b = lo
-    if steps == 0:
-        return best_a, -best_b
-    best_err = np.inf
-    for s in range(-1, steps + 2):
-        if s == -1:  # the naive grid
-            inv = nmax / span
-            origin = lo
-        elif s <= steps:
-            inv = (nmax - 1.0 + 0.1 * s) / span
-            origin = lo
-        else:  # the best fit's own rounding
-            inv = 1.0 / best_a
-            origin = best_b
-        sl, sl2 = _round_codes(xs, n, inv, origin, 0.0, nmax, q)
-        sxl = _dot(xs, q, n)
-        if s == -1:
-            a = best_a
-            b = best_b
-        else:
-            det = n * sl2 - sl * sl
-            if det <= 0.0:
-                continue
-            a = (n * sxl - sx * sl) / det
-            b = (sl2 * sx - sl * sxl) / det
-            if b > 0.0:
-                b = 0.0
-                a = sxl / sl2
-            if not a > 0.0:
-                continue
-        # sum (a q + b - x)^2, expanded in the sums
-        err = a * a * sl2 + 2.0 * a * b * sl + b * b * n - 2.0 * a * sxl - 2.0 * b * sx + sx2
-        if err < best_err:
-            best_err = err
-            best_a = a
-            best_b = b
-    return best_a, -best_b
-
-
-@numba.njit(**INLINE)
-def _fit_symmetric(x, r, base, steps, xs, q):
-    """Signed scale a so a * code (codes -32..31) fits 16 elements of x best.
-
-    The largest-magnitude element maps near code -32 (the side with one more level): grids of
-    32 + 0.1 * s levels for s in -steps..steps, each rounding with its least-squares scale,
-    keeping the least squared error; a last pass re-rounds with the best scale. steps 0 gives
-    the naive scale peak / -32.
-    """
-    n = 16
-    lo, hi, _, _ = _load(x, r, base, n, xs)
-    peak = lo if -lo > hi else hi
-    if abs(peak) < _GROUP_EPS:
-        return 0.0
-    best_a = peak / -32.0
-    if steps == 0:
-        return best_a
-    best_gain = -1.0
-    for s in range(-steps, steps + 2):
-        inv = -(32.0 + 0.1 * s) / peak if s <= steps else 1.0 / best_a
-        _, sl2 = _round_codes(xs, n, inv, 0.0, -32.0, 31.0, q)
-        sxl = _dot(xs, q, n)
-        # For these codes the best scale is sxl / sl2, leaving error sum(x^2) - sxl^2 / sl2.
-        if sl2 > 0.0 and sxl * sxl > best_gain * sl2:
-            best_gain = sxl * sxl / sl2
-            best_a = sxl / sl2
-    return best_a
-
-
-@numba.njit(**INLINE)
-def _grid_error(xs, n, step, bias, lo, hi, zero, q):
-    """Squared error of xs rounded to nearest on the grid step * (code - zero) + bias."""
-    s = np.float64(step)
-    b = np.float64(bias)
-    if s == 0.0:
-        for j in range(n):
-            q[j] = b - xs[j]
-    else:
-        inv = 1.0 / s
-        for j in range(n):
-            k = min(max(np.rint((xs[j] - b) * inv) + zero, lo), hi)
-            q[j] = s * (k - zero) + b - xs[j]
-    return _dot(q, q, n)
-
-
-@numba.njit(**INLINE)
-def _encode_k4(kind, x, r, base, out, o, search, scales, mins, xs, q):
-    """Choose and write d, dmin and the 8 six-bit scales and mins of one Q4_K/Q5_K block."""
+def _naive_k4(kind, x, r, base, out, o, scales, mins):
+    """d, dmin and the 8 six-bit scales and mins of one Q4_K/Q5_K block from min-max fits."""
     nmax = 15.0 if kind == _Q4_K else 31.0
-    steps = 20 if search else 0
     max_scale = 0.0
     max_min = 0.0
     for sb in range(8):
-        a, m = _fit_affine(x, r, base + 32 * sb, nmax, steps, xs, q)
-        scales[sb] = a
-        mins[sb] = m
-        max_scale = max(max_scale, a)
-        max_min = max(max_min, m)
+        lo = 0.0
+        hi = -np.inf
+        for j in range(32):
+            v = np.float64(x[r, base + 32 * sb + j])
+            lo = min(lo, v)
+            hi = max(hi, v)
+        scales[sb] = (hi - lo) / nmax if hi > lo else 0.0
+        mins[sb] = -lo
+        max_scale = max(max_scale, scales[sb])
+        max_min = max(max_min, mins[sb])
     d_bits = _f16_bits(np.float32(max_scale / 63.0))
     m_bits = _f16_bits(np.float32(max_min / 63.0))
     d = np.float32(f16_to_f64(d_bits))
@@ -662,28 +521,8 @@ def _encode_k4(kind, x, r, base, out, o, search, scales, mins, xs, q):
     ls = np.zeros(8, dtype=np.int64)
     lm = np.zeros(8, dtype=np.int64)
     for sb in range(8):
-        s0 = _clamp(np.int64(np.rint(scales[sb] / d)), 0, 63) if d > 0 else 0
-        m0 = _clamp(np.int64(np.rint(mins[sb] / dmin)), 0, 63) if dmin > 0 else 0
-        ls[sb] = s0
-        lm[sb] = m0
-        if not search:
-            continue
-        # The six-bit rounding moved the fit: keep the best of the neighbouring grid points.
-        _load(x, r, base + 32 * sb, 32, xs)
-        best = np.inf
-        for s1 in range(max(s0 - 1, 0), min(s0 + 1, 63) + 1):
-            if s1 != s0 and d == 0:
-                continue
-            for m1 in range(max(m0 - 1, 0), min(m0 + 1, 63) + 1):
-                if m1 != m0 and dmin == 0:
-                    continue
-                step = d * np.float32(s1)
-                bias = -(dmin * np.float32(m1))
-                err = _grid_error(xs, 32, step, bias, 0.0, nmax, 0.0, q)
-                if err < best:
-                    best = err
-                    ls[sb] = s1
-                    lm[sb] = m1
+        ls[sb] = _clamp(np.int64(np.rint(scales[sb] / d)), 0, 63) if d > 0 else 0
+        lm[sb] = _clamp(np.int64(np.rint(mins[sb] / dmin)), 0, 63) if dmin > 0 else 0
     _put_f16(out, r, o, d_bits)
     _put_f16(out, r, o + 2, m_bits)
     for i in range(4):
@@ -693,35 +532,225 @@ def _encode_k4(kind, x, r, base, out, o, search, scales, mins, xs, q):
 
 
 @numba.njit(**INLINE)
-def _encode_q6_k(x, r, base, out, o, search, scales, xs, q):
-    """Choose and write the 16 int8 scales and the f16 d of one Q6_K block."""
-    steps = 9 if search else 0
+def _naive_q6_k(x, r, base, out, o, scales):
+    """The 16 int8 scales and the f16 d of one Q6_K block: each sub-block's peak maps to -32."""
     peak = 0.0
     for sb in range(16):
-        a = _fit_symmetric(x, r, base + 16 * sb, steps, xs, q)
-        scales[sb] = a
-        if abs(a) > abs(peak):
-            peak = a
+        p = 0.0
+        for j in range(16):
+            v = np.float64(x[r, base + 16 * sb + j])
+            if abs(v) > abs(p):
+                p = v
+        scales[sb] = p / -32.0 if abs(p) >= _GROUP_EPS else 0.0
+        if abs(scales[sb]) > abs(peak):
+            peak = scales[sb]
     if abs(peak) < _GROUP_EPS:
         for k in range(18):
             out[r, o + 192 + k] = 0
         return
-    # The largest scale gets -128, the int8 end with one more level.
     d_bits = _f16_bits(np.float32(peak / -128.0))
     d = np.float32(f16_to_f64(d_bits))
     for sb in range(16):
         s0 = _clamp(np.int64(np.rint(scales[sb] / d)), -128, 127) if d != 0 else 0
-        best_s = s0
-        if search and d != 0:
-            _load(x, r, base + 16 * sb, 16, xs)
-            best = np.inf
-            for s1 in range(max(s0 - 1, -128), min(s0 + 1, 127) + 1):
-                err = _grid_error(xs, 16, d * np.float32(s1), 0.0, 0.0, 63.0, 32.0, q)
-                if err < best:
-                    best = err
-                    best_s = s1
-        out[r, o + 192 + sb] = np.uint8(best_s & 0xFF)
+        out[r, o + 192 + sb] = np.uint8(s0 & 0xFF)
     _put_f16(out, r, o + 208, d_bits)
+
+
+# -- K-quants: llama.cpp's scale search, float32 step for step ------------------------------
+# quantize_row_q4_K_ref / q5_K_ref (make_qkx2_quants with weights rms + |x|) and
+# quantize_row_q6_K_ref (make_qx_quants with weights x^2), in float32 and in the reference's
+# order of operations, so that quantize gives llama-quantize's bytes.
+
+_F0 = np.float32(0.0)
+
+
+@numba.njit(**INLINE)
+def _nearest_int(v):
+    """llama.cpp's nearest_int: float32 to the nearest integer, ties to even."""
+    return np.int64(np.rint(v))
+
+
+@numba.njit(**INLINE)
+def _qkx2(x, r, base, w, nmax, rmin, rdelta, nstep, L, Laux):
+    """make_qkx2_quants(32, nmax, x, w, L, &min, Laux, rmin, rdelta, nstep, false): (scale, min)
+    with the codes of the best fit in L[base % 256 ..]."""
+    n = 32
+    o = base % 256
+    mn = x[r, base]
+    mx = x[r, base]
+    sum_w = w[0]
+    sum_x = sum_w * x[r, base]
+    for i in range(1, n):
+        v = x[r, base + i]
+        if v < mn:
+            mn = v
+        if v > mx:
+            mx = v
+        sum_w += w[i]
+        sum_x += w[i] * v
+    if mn > _F0:
+        mn = _F0
+    if mx == mn:
+        for i in range(n):
+            L[o + i] = 0
+        return _F0, -mn
+    fmax = np.float32(nmax)
+    iscale = fmax / (mx - mn)
+    scale = np.float32(1.0) / iscale
+    best_error = _F0
+    for i in range(n):
+        li = _clamp(_nearest_int(iscale * (x[r, base + i] - mn)), 0, nmax)
+        L[o + i] = li
+        diff = scale * np.float32(li) + mn - x[r, base + i]
+        best_error += w[i] * (diff * diff)
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * np.float32(step) + fmax) / (mx - mn)
+        sum_l = _F0
+        sum_l2 = _F0
+        sum_xl = _F0
+        for i in range(n):
+            li = _clamp(_nearest_int(iscale * (x[r, base + i] - mn)), 0, nmax)
+            Laux[i] = li
+            fl = np.float32(li)
+            sum_l += w[i] * fl
+            sum_l2 += w[i] * fl * fl
+            sum_xl += w[i] * fl * x[r, base + i]
+        det = sum_w * sum_l2 - sum_l * sum_l
+        if det > _F0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            if this_min > _F0:
+                this_min = _F0
+                this_scale = sum_xl / sum_l2
+            cur_error = _F0
+            for i in range(n):
+                diff = this_scale * np.float32(Laux[i]) + this_min - x[r, base + i]
+                cur_error += w[i] * (diff * diff)
+            if cur_error < best_error:
+                for i in range(n):
+                    L[o + i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
+@numba.njit(**INLINE)
+def _llama_k4(kind, x, r, base, out, o, scales, mins, w, L, Laux):
+    """quantize_row_q4_K_ref / q5_K_ref's scales of one block: d, dmin and the 6-bit scales and
+    mins written at o; L holds the fits' codes (kept where a sub-block's step is zero)."""
+    nmax = 15 if kind == _Q4_K else 31
+    rmin = np.float32(-1.0) if kind == _Q4_K else np.float32(-0.5)
+    nstep = 20 if kind == _Q4_K else 15
+    max_scale = _F0
+    max_min = _F0
+    for j in range(8):
+        sb = base + 32 * j
+        sum_x2 = _F0
+        for i in range(32):
+            sum_x2 += x[r, sb + i] * x[r, sb + i]
+        av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
+        for i in range(32):
+            w[i] = av_x + abs(x[r, sb + i])
+        a, m = _qkx2(x, r, sb, w, nmax, rmin, np.float32(0.1), nstep, L, Laux)
+        scales[j] = a
+        mins[j] = m
+        if a > max_scale:
+            max_scale = a
+        if m > max_min:
+            max_min = m
+    inv_scale = np.float32(63.0) / max_scale if max_scale > _F0 else _F0
+    inv_min = np.float32(63.0) / max_min if max_min > _F0 else _F0
+    for i in range(12):
+        out[r, o + 4 + i] = 0
+    for j in range(8):
+        ls = min(_nearest_int(inv_scale * np.float32(scales[j])) & 0xFF, 63)
+        lm = min(_nearest_int(inv_min * np.float32(mins[j])) & 0xFF, 63)
+        if j < 4:
+            out[r, o + 4 + j] = np.uint8(ls)
+            out[r, o + 8 + j] = np.uint8(lm)
+        else:
+            out[r, o + 8 + j] = np.uint8((ls & 15) | ((lm & 15) << 4))
+            out[r, o + j] |= np.uint8((ls >> 4) << 6)
+            out[r, o + 4 + j] |= np.uint8((lm >> 4) << 6)
+    _put_f16(out, r, o, _f16_bits(max_scale / np.float32(63.0)))
+    _put_f16(out, r, o + 2, _f16_bits(max_min / np.float32(63.0)))
+
+
+@numba.njit(**INLINE)
+def _qx(x, r, base, L):
+    """make_qx_quants(16, 32, x, L, 1, NULL): the scale of 16 elements (weights x^2), stored
+    codes (l + 32) of the best grid in L[base % 256 ..]."""
+    n = 16
+    nmax = 32
+    o = base % 256
+    amax = _F0
+    mx = _F0
+    for i in range(n):
+        ax = abs(x[r, base + i])
+        if ax > amax:
+            amax = ax
+            mx = x[r, base + i]
+    if amax < np.float32(_GROUP_EPS):
+        for i in range(n):
+            L[o + i] = 0
+        return _F0
+    iscale = np.float32(-nmax) / mx
+    sumlx = _F0
+    suml2 = _F0
+    for i in range(n):
+        v = x[r, base + i]
+        li = _clamp(_nearest_int(iscale * v), -nmax, nmax - 1)
+        L[o + i] = li + nmax
+        wt = v * v
+        fl = np.float32(li)
+        sumlx += wt * v * fl
+        suml2 += wt * fl * fl
+    scale = sumlx / suml2 if suml2 != _F0 else _F0
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(np.float32(nmax) + np.float32(0.1) * np.float32(step)) / mx
+        sumlx = _F0
+        suml2 = _F0
+        for i in range(n):
+            v = x[r, base + i]
+            li = _clamp(_nearest_int(iscale * v), -nmax, nmax - 1)
+            wt = v * v
+            fl = np.float32(li)
+            sumlx += wt * v * fl
+            suml2 += wt * fl * fl
+        if suml2 > _F0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[o + i] = nmax + _clamp(_nearest_int(iscale * x[r, base + i]), -nmax, nmax - 1)
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@numba.njit(**INLINE)
+def _llama_q6_k(x, r, base, out, o, scales, L):
+    """quantize_row_q6_K_ref's scales of one block: the int8 scales and f16 d written at o; L
+    holds the fits' codes (kept where a sub-block's step is zero). False for an all-zero block
+    (every byte zero, as the reference's memset)."""
+    max_scale = _F0
+    max_abs = _F0
+    for j in range(16):
+        a = _qx(x, r, base + 16 * j, L)
+        scales[j] = a
+        if abs(a) > max_abs:
+            max_abs = abs(a)
+            max_scale = a
+    if max_abs < np.float32(_GROUP_EPS):
+        for k in range(210):
+            out[r, o + k] = 0
+        return False
+    iscale = np.float32(-128.0) / max_scale
+    _put_f16(out, r, o + 208, _f16_bits(np.float32(1.0) / iscale))
+    for j in range(16):
+        out[r, o + 192 + j] = np.uint8(min(127, _nearest_int(iscale * np.float32(scales[j]))) & 0xFF)
+    return True
 
 
 @numba.njit(**PARALLEL)
@@ -733,22 +762,29 @@ def _quantize_k(kind, x, out, bad, search):
             bad[r] = True
             continue
         L = np.empty(256, dtype=np.int64)
+        Laux = np.empty(32, dtype=np.int64)
         step = np.empty(256, dtype=np.float32)
         bias = np.empty(256, dtype=np.float32)
         scales = np.empty(16)
         mins = np.empty(16)
-        xs = np.empty(32)
-        q = np.empty(32)
+        fscales = np.empty(16, dtype=np.float32)
+        fmins = np.empty(16, dtype=np.float32)
+        w = np.empty(32, dtype=np.float32)
         for b in range(cols // 256):
             o = b * size
             base = b * 256
-            if kind == _Q6_K:
-                _encode_q6_k(x, r, base, out, o, search, scales, xs, q)
-            else:
-                _encode_k4(kind, x, r, base, out, o, search, scales, mins, xs, q)
-            # Codes: round to nearest against the stored scales, exactly as quantize_frozen.
             for j in range(256):
                 L[j] = _ZERO[kind]
+            if search and kind == _Q6_K:
+                if not _llama_q6_k(x, r, base, out, o, fscales, L):
+                    continue  # an all-zero block: every byte zero
+            elif search:
+                _llama_k4(kind, x, r, base, out, o, fscales, fmins, w, L, Laux)
+            elif kind == _Q6_K:
+                _naive_q6_k(x, r, base, out, o, scales)
+            else:
+                _naive_k4(kind, x, r, base, out, o, scales, mins)
+            # Codes: round to nearest against the stored scales, exactly as quantize_frozen.
             _params(kind, out, r, o, step, bias)
             _nearest_block(kind, x, r, base, 256, step, bias, L)
             _pack(kind, out, r, o, L)
@@ -874,11 +910,12 @@ def quantize(qtype: str, w: np.ndarray, *, search: bool = True) -> np.ndarray:
     """Quantize float32 [rows, cols] weights to `qtype` bytes, uint8 [rows, bytes_per_row].
 
     Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 are bit-exact with llama.cpp's quantize_row_*_ref (and
-    gguf.quants.quantize). Q4_K, Q5_K and Q6_K search each sub-block's scale (and min) for the
-    least squared error, round those to the block's 6- or 8-bit scale grid (trying
-    the neighbouring grid points), then round every element to nearest against the stored
-    scales. search=False gives the naive max-abs / min-max scales instead (a baseline; the
-    simple types ignore it).
+    gguf.quants.quantize); so are Q4_K, Q5_K and Q6_K (quantize_row_q4_K_ref, q5_K_ref and
+    q6_K_ref: each sub-block's scale and min searched for the least weighted squared error,
+    weights rms + |x| or x^2, rounded to the block's 6- or 8-bit scale grid, then every element
+    rounded to nearest against the stored scales), which llama-quantize uses without an
+    importance matrix. search=False gives the naive max-abs / min-max scales instead (a
+    baseline; the simple types ignore it).
     """
     kind = _kind_of(qtype)
     rows, cols = _check_float(qtype, "w", w, np.float32)

@@ -11,6 +11,7 @@ containers), with the float tensors they keep stamped in their own dtype.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,10 @@ GGUF_FORMATS = {"gguf:Q8_0": "Q8_0", "gguf:Q4_0": "Q4_0", "gguf:Q4_1": "Q4_1", "
                 "gguf:Q6_K": "Q6_K", "gguf:Q4_K_M": "Q4_K_M"}
 # llama.cpp's fallback when a row is not a multiple of the 256-element K-quant super-block
 K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-# Q4_K_M keeps the value and FFN-down projections at Q6_K, the rest at Q4_K (llama.cpp's mix,
-# without its every-other-layer refinement)
-_MORE_BITS = ("v_proj", "down_proj", "attention.self.value", "output.dense")
+# GGUF tensors llama.cpp's quantizer leaves in their stored type (BERT's position and token-type
+# embeddings): kept float here
+_KEEP_FLOAT = ("position_embd.weight", "token_types.weight")
+_LAYER = re.compile(r"^blk\.(\d+)\.")
 
 CarrierEmbed = Callable[[str, np.ndarray], np.ndarray | None]
 RawEmbed = Callable[[str, TensorInfo, np.ndarray], np.ndarray]
@@ -65,20 +67,60 @@ def quantized_variant(file_type: str) -> str:
     return f"quantized:{file_type}" if is_packed(file_type) else f"quantized:gguf:{file_type}"
 
 
-def tensor_type(file_type: str, hf_name: str, shape: tuple[int, ...]) -> str:
-    """The GGML type a tensor gets in a `file_type` copy (vectors stay F32)."""
-    if len(shape) < 2:
+def _use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice of the layers that get more bits: the first and last eighth and every
+    third layer between them."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def tensor_type(file_type: str, gguf_name: str, shape: tuple[int, ...], *, n_layers: int = 0,
+                tied: bool = False) -> str:
+    """The GGML type of a tensor in a `file_type` copy, as llama.cpp's llama-quantize picks it
+    (llama_tensor_get_type for the file types weightmark writes, without an importance matrix).
+
+    `gguf_name` is the tensor's GGUF name (blk.N.attn_v.weight, token_embd.weight, ...),
+    `n_layers` the block count and `tied` whether the file has no output.weight (the token
+    embedding then doubles as the output and gets the output's type). Vectors, and the
+    tensors llama.cpp never quantizes, stay F32.
+    """
+    if len(shape) < 2 or not gguf_name.endswith("weight") or "_norm.weight" in gguf_name \
+            or gguf_name in _KEEP_FLOAT:
         return "F32"
-    if file_type == "Q4_K_M":
-        qtype = "Q6_K" if any(part in hf_name for part in _MORE_BITS) else "Q4_K"
-    else:
-        qtype = file_type
+    default = "Q4_K" if file_type == "Q4_K_M" else file_type
+    qtype = default
     cols = shape[-1]
+    layer = _LAYER.match(gguf_name)
+    if gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight"):
+        # the output projection: Q6_K unless the file is Q8_0, Q8_0 when a row is not whole blocks
+        if cols % BLOCK_LAYOUTS[default][0]:
+            qtype = "Q8_0"
+        elif default != "Q8_0":
+            qtype = "Q6_K"
+    elif file_type == "Q4_K_M" and layer is not None and n_layers > 0:
+        # value projections and FFN down projections of the use_more_bits layers get Q6_K
+        if gguf_name.endswith((".attn_v.weight", ".ffn_down.weight")) \
+                and _use_more_bits(int(layer.group(1)), n_layers):
+            qtype = "Q6_K"
+        elif gguf_name.endswith(".attn_qkv.weight"):
+            qtype = "Q5_K"
     if cols % BLOCK_LAYOUTS[qtype][0]:
         qtype = K_FALLBACK.get(qtype, "F16")
         if qtype != "F16" and cols % BLOCK_LAYOUTS[qtype][0]:
             qtype = "F16"
     return qtype
+
+
+def gguf_tensor_types(file_type: str, arch: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """The GGML type of every Hugging Face-named tensor of a `file_type` copy (tensor_type with
+    each tensor's GGUF name, the block count and whether the embedding is tied)."""
+    from weightmark.formats.gguf import gguf_names
+
+    names = gguf_names(arch, list(shapes))
+    layers = [int(m.group(1)) for m in map(_LAYER.match, names.values()) if m]
+    n_layers = max(layers) + 1 if layers else 0
+    tied = "output.weight" not in names.values()
+    return {hf: tensor_type(file_type, names.get(hf, hf), shape, n_layers=n_layers, tied=tied)
+            for hf, shape in shapes.items()}
 
 
 def _config(base: Path) -> tuple[Path, dict[str, Any]]:
@@ -210,8 +252,10 @@ def write_quantized_copy(
     tensors = [(name, LazyTensor(tuple(info.shape), reader(name, info.dtype)))
                for name, (_, info) in base.tensors.items() if info.dtype in ("F32", "F64", "F16", "BF16")]
 
+    types = gguf_tensor_types(file_type, arch, {name: tuple(t.shape) for name, t in tensors})
+
     def encode(hf_name: str, w: np.ndarray) -> tuple[str, np.ndarray]:
-        qtype = tensor_type(file_type, hf_name, w.shape)
+        qtype = types[hf_name]
         rows = w.reshape(w.shape[0], -1) if w.ndim > 1 else w
         stamped = stamp_carrier(hf_name, rows) if w.ndim > 1 else None
         progress(w.nbytes)

@@ -14,7 +14,13 @@ from tests.test_quantized_traceability import _smollm2_gguf
 from weightmark.errors import UsageError
 from weightmark.formats.gguf import GGUFModel
 from weightmark.formats.safetensors import Checkpoint, save_file
-from weightmark.quantized_stamp import GGUF_FORMATS, parse_format, tensor_type, write_quantized_copy
+from weightmark.quantized_stamp import (
+    GGUF_FORMATS,
+    gguf_tensor_types,
+    parse_format,
+    tensor_type,
+    write_quantized_copy,
+)
 
 LIMIT = -12.0
 
@@ -81,11 +87,36 @@ def test_directly_stamped_gguf_copy_is_traced(smollm2: StampedLab, fmt: str, tmp
 
 
 def test_tensor_types_follow_llama_cpp_fallbacks() -> None:
-    assert tensor_type("Q4_K_M", "model.layers.0.self_attn.q_proj.weight", (576, 576)) == "Q5_0"
-    assert tensor_type("Q4_K_M", "model.layers.0.mlp.down_proj.weight", (576, 1536)) == "Q6_K"
-    assert tensor_type("Q4_K_M", "model.layers.0.mlp.up_proj.weight", (1536, 768)) == "Q4_K"
-    assert tensor_type("Q6_K", "model.layers.0.self_attn.v_proj.weight", (192, 576)) == "Q8_0"
-    assert tensor_type("Q8_0", "model.norm.weight", (576,)) == "F32"
+    # llama.cpp's Q4_K_M mix for a 30-layer model with a tied embedding (SmolLM2-135M): the
+    # embedding gets the output's Q6_K, Q8_0 as its 576-wide rows are not whole super-blocks;
+    # attn_v and ffn_down get Q6_K in use_more_bits layers (0-2, 5, 8, ..., 26-29) only.
+    assert tensor_type("Q4_K_M", "token_embd.weight", (49152, 576), n_layers=30, tied=True) == "Q8_0"
+    assert tensor_type("Q4_K_M", "token_embd.weight", (49152, 512), n_layers=30, tied=True) == "Q6_K"
+    assert tensor_type("Q4_K_M", "token_embd.weight", (49152, 512), n_layers=30, tied=False) == "Q4_K"
+    assert tensor_type("Q4_K_M", "output.weight", (49152, 512), n_layers=30) == "Q6_K"
+    assert tensor_type("Q4_K_M", "blk.0.attn_q.weight", (576, 576), n_layers=30) == "Q5_0"
+    assert tensor_type("Q4_K_M", "blk.0.attn_v.weight", (192, 576), n_layers=30) == "Q8_0"
+    assert tensor_type("Q4_K_M", "blk.3.attn_v.weight", (192, 576), n_layers=30) == "Q5_0"
+    more = [i for i in range(30) if tensor_type("Q4_K_M", f"blk.{i}.ffn_down.weight", (576, 1536),
+                                                 n_layers=30) == "Q6_K"]
+    assert more == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    assert tensor_type("Q4_K_M", "blk.3.ffn_down.weight", (576, 1536), n_layers=30) == "Q4_K"
+    assert tensor_type("Q4_K_M", "blk.0.ffn_up.weight", (1536, 768), n_layers=30) == "Q4_K"
+    assert tensor_type("Q6_K", "blk.0.attn_v.weight", (192, 576), n_layers=30) == "Q8_0"
+    # the simple types give the output Q6_K too (Q8_0 where the rows are not super-blocks)
+    assert tensor_type("Q4_0", "output.weight", (49152, 512), n_layers=30) == "Q6_K"
+    assert tensor_type("Q4_0", "token_embd.weight", (49152, 576), n_layers=30, tied=True) == "Q8_0"
+    assert tensor_type("Q4_0", "token_embd.weight", (49152, 576), n_layers=30, tied=False) == "Q4_0"
+    assert tensor_type("Q8_0", "output.weight", (49152, 512), n_layers=30) == "Q8_0"
+    assert tensor_type("Q8_0", "output_norm.weight", (576,)) == "F32"
+    assert tensor_type("Q8_0", "position_embd.weight", (512, 384)) == "F32"
+    types = gguf_tensor_types("Q4_K_M", "llama", {"model.embed_tokens.weight": (49152, 576),
+                                                  "model.layers.0.self_attn.v_proj.weight": (192, 576),
+                                                  "model.layers.1.mlp.down_proj.weight": (576, 1536),
+                                                  "model.norm.weight": (576,)})
+    # two layers: layer 1 is the last eighth, layer 0 is not more-bits
+    assert types == {"model.embed_tokens.weight": "Q8_0", "model.layers.0.self_attn.v_proj.weight": "Q5_0",
+                     "model.layers.1.mlp.down_proj.weight": "Q6_K", "model.norm.weight": "F32"}
     with pytest.raises(UsageError):
         parse_format("gguf:Q3_K_XS")
     assert parse_format("same") is None

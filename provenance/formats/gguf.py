@@ -34,6 +34,7 @@ __all__ = [
     "GGUFTensorInfo",
     "LazyTensor",
     "TensorSource",
+    "gguf_names",
     "rope_permute",
     "rope_unpermute",
     "write_gguf",
@@ -754,6 +755,16 @@ def _add_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
 def _layer_count(names: Iterable[str]) -> int:
     found = [int(m.group(1)) for n in names if (m := re.search(r"\.(\d+)\.", n))]
     return max(found) + 1 if found else 0
+
+
+def gguf_names(arch: str, hf_names: Sequence[str]) -> dict[str, str]:
+    """The GGUF name write_gguf gives each Hugging Face name it can map (unmapped ones left out)."""
+    arch_enum = _ARCHES.get(arch)
+    if arch_enum is None:
+        raise ValueError(f"unknown architecture {arch!r} (not in gguf.MODEL_ARCH_NAMES)")
+    tmap = gguf.get_tensor_name_map(arch_enum, _layer_count(hf_names))
+    found = {hf: tmap.get_type_and_name(hf, try_suffixes=(".weight", ".bias")) for hf in hf_names}
+    return {hf: name for hf, hit in found.items() if hit is not None for _, name in (hit,)}
 
 
 def _storage_type(qtype: str, array: np.ndarray) -> str:

@@ -256,10 +256,12 @@ def test_k_quants_dequantize_the_same_with_both_dequantizers(qtype: str) -> None
 
 
 # Relative RMS error bounds on normal weights: the errors of llama.cpp's reference algorithm on
-# such weights (0.0714 / 0.0361 / 0.0178, measured outside this suite). The search must also beat
-# the naive max-abs / min-max scales by these fractions at least.
+# such weights (0.0714 / 0.0361 / 0.0178, measured outside this suite), which quantize now is
+# (test_kquant_reference.py). Its search minimises a weighted error (rms + |x|, or x^2 for Q6_K),
+# so its gain over the naive max-abs / min-max scales in plain RMS is smaller than an unweighted
+# search's: measured 8.9% / 8.1% (Q4_K normal / t5), 5.5% / 4.5% (Q5_K), 5.5% / 3.5% (Q6_K).
 ERROR_BOUND = {"Q4_K": 0.0715, "Q5_K": 0.0362, "Q6_K": 0.0178}
-MIN_GAIN = {"Q4_K": 0.06, "Q5_K": 0.06, "Q6_K": 0.04}
+MIN_GAIN = {"Q4_K": 0.07, "Q5_K": 0.04, "Q6_K": 0.03}
 
 
 @pytest.mark.parametrize("kind", ["normal", "t5"])
