@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli
+from tests.registry.test_concurrency import go
 from weightmark import Lab
 from weightmark.registry.backend import LOCATION_FILE
 from weightmark.registry.store import Carrier
@@ -73,12 +74,6 @@ def start_writers(specs: list[tuple[Path, str, int]]) -> list[subprocess.Popen[s
                 p.kill()
             raise AssertionError(f"writer did not start: {line!r} {proc.communicate()[1]}")
     return procs
-
-
-def go(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
 
 
 def lab_homes(root: Path, url: str, count: int) -> list[Path]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,24 +21,13 @@ from safetensors.numpy import save_file
 from tests.conftest import run_cli
 from tests.registry.pgcluster import PgCluster
 from tests.registry.rawdb import database_name
+from tests.test_roles import ok, one_line_error
 from weightmark import Lab
 from weightmark.errors import RegistryError
 from weightmark.registry.backend import LOCATION_FILE
 from weightmark.roles import PinnedTrust, RoleHome, read_trust
 
 SCAN_PASS = "scan-key-passphrase"
-
-
-def ok(r: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert r.returncode == 0, r.stderr
-    return r
-
-
-def one_line_error(r: subprocess.CompletedProcess[str], code: int) -> str:
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 def write_tiny_model(path: Path, seed: int) -> Path:
