@@ -570,10 +570,104 @@ def _nearest_int(v):
     return np.int64(np.rint(v))
 
 
+# The search tries its candidate scales side by side: lane k of the [_LANES] buffers holds one
+# candidate (a step of make_qkx2_quants or make_qx_quants), and the loops over elements update
+# every lane at once, which the compiler turns into SIMD. Each lane's sums still add the elements
+# in the reference's order, so every lane holds the reference's float32 for float32; the choice
+# among them is a short scalar loop in the reference's order.
+_LANES = 24
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: (v + _MAGIC) - _MAGIC rounds |v| < 2^22 half to even
+_EXACT = np.float32(4194304.0)  # 2^22
+_I64 = np.float32(9.223372036854775808e18)  # 2^63: where converting to int64 stops being exact
+# rows of the lane buffer
+_ISCALE, _SUM_L, _SUM_L2, _SUM_XL, _SCALE, _MIN, _ERROR, _DET = range(8)
+
+
 @numba.njit(**INLINE)
-def _qkx2(x, r, base, w, nmax, rmin, rdelta, nstep, L, Laux):
+def _code_of(v, top):
+    """_clamp(_nearest_int(v), 0, top) as float32, without leaving float32 (so it vectorises).
+
+    Rounds as nearest_int where that is exact (|v| < 2^22); larger finite values clamp to top,
+    and NaN, inf and values beyond int64 give 0 as the int64 conversion's INT64_MIN clamps to 0.
+    """
+    if v >= _F0 and v < _EXACT:
+        return min((v + _MAGIC) - _MAGIC, top)
+    if v >= _EXACT and v < _I64:
+        return top
+    return _F0
+
+
+@numba.njit(**INLINE)
+def _signed_code_of(v, lo, hi):
+    """_clamp(_nearest_int(v), lo, hi) as float32 (lo < 0 < hi); see _code_of."""
+    if abs(v) < _EXACT:
+        return min(max((v + _MAGIC) - _MAGIC, lo), hi)
+    if v >= _EXACT and v < _I64:
+        return hi
+    return lo
+
+
+@numba.njit(**INLINE)
+def _qkx2_steps(x, r, base, w, mn, mx, nstep, fmax, rmin, rdelta, sum_w, sum_x, lanes, codes):
+    """Every step of make_qkx2_quants's search, step k in lane k, for the min mn: codes, the
+    least-squares fit (scale, min; lanes where det <= 0 are not fits) and its weighted squared
+    error. Lanes beyond nstep hold an all-zero grid, never taken."""
+    isc = lanes[_ISCALE]
+    sl = lanes[_SUM_L]
+    sl2 = lanes[_SUM_L2]
+    sxl = lanes[_SUM_XL]
+    ts = lanes[_SCALE]
+    tm = lanes[_MIN]
+    err = lanes[_ERROR]
+    det = lanes[_DET]
+    for k in range(_LANES):
+        isc[k] = (rmin + rdelta * np.float32(k) + fmax) / (mx - mn) if k <= nstep else _F0
+        sl[k] = _F0
+        sl2[k] = _F0
+        sxl[k] = _F0
+        err[k] = _F0
+    for i in range(32):
+        xi = x[r, base + i]
+        d = xi - mn
+        wi = w[i]
+        for k in range(_LANES):
+            fl = _code_of(isc[k] * d, fmax)
+            codes[i * _LANES + k] = fl
+            wl = wi * fl
+            sl[k] += wl
+            sl2[k] += wl * fl
+            sxl[k] += wl * xi
+    for k in range(_LANES):
+        det[k] = sum_w * sl2[k] - sl[k] * sl[k]
+        ts[k] = _F0
+        tm[k] = _F0
+        if det[k] > _F0:
+            this_scale = (sum_w * sxl[k] - sum_x * sl[k]) / det[k]
+            this_min = (sl2[k] * sum_x - sl[k] * sxl[k]) / det[k]
+            if this_min > _F0:
+                this_min = _F0
+                this_scale = sxl[k] / sl2[k]
+            ts[k] = this_scale
+            tm[k] = this_min
+    for i in range(32):
+        xi = x[r, base + i]
+        wi = w[i]
+        for k in range(_LANES):
+            diff = ts[k] * codes[i * _LANES + k] + tm[k] - xi
+            err[k] += wi * (diff * diff)
+
+
+@numba.njit(**INLINE)
+def _qkx2(x, r, base, w, nmax, rmin, rdelta, nstep, L, lanes, codes):
     """make_qkx2_quants(32, nmax, x, w, L, &min, Laux, rmin, rdelta, nstep, false): (scale, min)
-    with the codes of the best fit in L[base % 256 ..]."""
+    with the codes of the best fit in L[base % 256 ..]. lanes: float32 [8, _LANES] and codes:
+    float32 [32 * _LANES], scratch.
+
+    The reference's steps depend on each other only through the min: a better fit replaces it,
+    and later steps round x - min. So every step is computed at once for the current min, the
+    steps are taken in order, and when one replaces the min by another value the steps after it
+    are computed again for the new min: the same arithmetic as the reference's, step by step.
+    """
     n = 32
     o = base % 256
     mn = x[r, base]
@@ -603,40 +697,25 @@ def _qkx2(x, r, base, w, nmax, rmin, rdelta, nstep, L, Laux):
         L[o + i] = li
         diff = scale * np.float32(li) + mn - x[r, base + i]
         best_error += w[i] * (diff * diff)
-    for step in range(nstep + 1):
-        iscale = (rmin + rdelta * np.float32(step) + fmax) / (mx - mn)
-        sum_l = _F0
-        sum_l2 = _F0
-        sum_xl = _F0
-        for i in range(n):
-            li = _clamp(_nearest_int(iscale * (x[r, base + i] - mn)), 0, nmax)
-            Laux[i] = li
-            fl = np.float32(li)
-            sum_l += w[i] * fl
-            sum_l2 += w[i] * fl * fl
-            sum_xl += w[i] * fl * x[r, base + i]
-        det = sum_w * sum_l2 - sum_l * sum_l
-        if det > _F0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-            if this_min > _F0:
-                this_min = _F0
-                this_scale = sum_xl / sum_l2
-            cur_error = _F0
+    err = lanes[_ERROR]
+    det = lanes[_DET]
+    _qkx2_steps(x, r, base, w, mn, mx, nstep, fmax, rmin, rdelta, sum_w, sum_x, lanes, codes)
+    for k in range(nstep + 1):
+        if det[k] > _F0 and err[k] < best_error:
+            best_error = err[k]
+            scale = lanes[_SCALE, k]
             for i in range(n):
-                diff = this_scale * np.float32(Laux[i]) + this_min - x[r, base + i]
-                cur_error += w[i] * (diff * diff)
-            if cur_error < best_error:
-                for i in range(n):
-                    L[o + i] = Laux[i]
-                best_error = cur_error
-                scale = this_scale
-                mn = this_min
+                L[o + i] = np.int64(codes[i * _LANES + k])
+            if lanes[_MIN, k] != mn:
+                # the steps after k round x - min with the new min: computed again (all lanes;
+                # those up to k are not looked at any more)
+                mn = lanes[_MIN, k]
+                _qkx2_steps(x, r, base, w, mn, mx, nstep, fmax, rmin, rdelta, sum_w, sum_x, lanes, codes)
     return scale, -mn
 
 
 @numba.njit(**INLINE)
-def _llama_k4(kind, x, r, base, out, o, scales, mins, w, L, Laux):
+def _llama_k4(kind, x, r, base, out, o, scales, mins, w, L, lanes, codes):
     """quantize_row_q4_K_ref / q5_K_ref's scales of one block: d, dmin and the 6-bit scales and
     mins written at o; L holds the fits' codes (kept where a sub-block's step is zero)."""
     nmax = 15 if kind == _Q4_K else 31
@@ -652,7 +731,7 @@ def _llama_k4(kind, x, r, base, out, o, scales, mins, w, L, Laux):
         av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
         for i in range(32):
             w[i] = av_x + abs(x[r, sb + i])
-        a, m = _qkx2(x, r, sb, w, nmax, rmin, np.float32(0.1), nstep, L, Laux)
+        a, m = _qkx2(x, r, sb, w, nmax, rmin, np.float32(0.1), nstep, L, lanes, codes)
         scales[j] = a
         mins[j] = m
         if a > max_scale:
@@ -678,9 +757,10 @@ def _llama_k4(kind, x, r, base, out, o, scales, mins, w, L, Laux):
 
 
 @numba.njit(**INLINE)
-def _qx(x, r, base, L):
+def _qx(x, r, base, L, lanes, codes):
     """make_qx_quants(16, 32, x, L, 1, NULL): the scale of 16 elements (weights x^2), stored
-    codes (l + 32) of the best grid in L[base % 256 ..]."""
+    codes (l + 32) of the best grid in L[base % 256 ..]. Lane 0 is the first grid, lanes 1..18
+    the steps -9..-1, 1..9 (see _qkx2 for the lanes)."""
     n = 16
     nmax = 32
     o = base % 256
@@ -695,49 +775,49 @@ def _qx(x, r, base, L):
         for i in range(n):
             L[o + i] = 0
         return _F0
-    iscale = np.float32(-nmax) / mx
-    sumlx = _F0
-    suml2 = _F0
+    isc = lanes[_ISCALE]
+    slx = lanes[_SUM_XL]
+    sl2 = lanes[_SUM_L2]
+    isc[0] = np.float32(-nmax) / mx
+    for k in range(1, _LANES):
+        step = k - 10 if k <= 9 else k - 9
+        isc[k] = -(np.float32(nmax) + np.float32(0.1) * np.float32(step)) / mx if k <= 18 else _F0
+    for k in range(_LANES):
+        slx[k] = _F0
+        sl2[k] = _F0
+    lo = np.float32(-nmax)
+    hi = np.float32(nmax - 1)
     for i in range(n):
         v = x[r, base + i]
-        li = _clamp(_nearest_int(iscale * v), -nmax, nmax - 1)
-        L[o + i] = li + nmax
         wt = v * v
-        fl = np.float32(li)
-        sumlx += wt * v * fl
-        suml2 += wt * fl * fl
-    scale = sumlx / suml2 if suml2 != _F0 else _F0
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = -(np.float32(nmax) + np.float32(0.1) * np.float32(step)) / mx
-        sumlx = _F0
-        suml2 = _F0
-        for i in range(n):
-            v = x[r, base + i]
-            li = _clamp(_nearest_int(iscale * v), -nmax, nmax - 1)
-            wt = v * v
-            fl = np.float32(li)
-            sumlx += wt * v * fl
-            suml2 += wt * fl * fl
-        if suml2 > _F0 and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                L[o + i] = nmax + _clamp(_nearest_int(iscale * x[r, base + i]), -nmax, nmax - 1)
-            scale = sumlx / suml2
-            best = scale * sumlx
+        wx = wt * v
+        for k in range(_LANES):
+            fl = _signed_code_of(isc[k] * v, lo, hi)
+            codes[i * _LANES + k] = fl
+            slx[k] += wx * fl
+            sl2[k] += wt * fl * fl
+    best = 0
+    scale = slx[0] / sl2[0] if sl2[0] != _F0 else _F0
+    best_fit = scale * slx[0]
+    for k in range(1, 19):
+        if sl2[k] > _F0 and slx[k] * slx[k] > best_fit * sl2[k]:
+            best = k
+            scale = slx[k] / sl2[k]
+            best_fit = scale * slx[k]
+    for i in range(n):
+        L[o + i] = nmax + np.int64(codes[i * _LANES + best])
     return scale
 
 
 @numba.njit(**INLINE)
-def _llama_q6_k(x, r, base, out, o, scales, L):
+def _llama_q6_k(x, r, base, out, o, scales, L, lanes, codes):
     """quantize_row_q6_K_ref's scales of one block: the int8 scales and f16 d written at o; L
     holds the fits' codes (kept where a sub-block's step is zero). False for an all-zero block
     (every byte zero, as the reference's memset)."""
     max_scale = _F0
     max_abs = _F0
     for j in range(16):
-        a = _qx(x, r, base + 16 * j, L)
+        a = _qx(x, r, base + 16 * j, L, lanes, codes)
         scales[j] = a
         if abs(a) > max_abs:
             max_abs = abs(a)
@@ -762,7 +842,8 @@ def _quantize_k(kind, x, out, bad, search):
             bad[r] = True
             continue
         L = np.empty(256, dtype=np.int64)
-        Laux = np.empty(32, dtype=np.int64)
+        lanes = np.empty((8, _LANES), dtype=np.float32)
+        codes = np.empty(32 * _LANES, dtype=np.float32)
         step = np.empty(256, dtype=np.float32)
         bias = np.empty(256, dtype=np.float32)
         scales = np.empty(16)
@@ -776,10 +857,10 @@ def _quantize_k(kind, x, out, bad, search):
             for j in range(256):
                 L[j] = _ZERO[kind]
             if search and kind == _Q6_K:
-                if not _llama_q6_k(x, r, base, out, o, fscales, L):
+                if not _llama_q6_k(x, r, base, out, o, fscales, L, lanes, codes):
                     continue  # an all-zero block: every byte zero
             elif search:
-                _llama_k4(kind, x, r, base, out, o, fscales, fmins, w, L, Laux)
+                _llama_k4(kind, x, r, base, out, o, fscales, fmins, w, L, lanes, codes)
             elif kind == _Q6_K:
                 _naive_q6_k(x, r, base, out, o, scales)
             else:
