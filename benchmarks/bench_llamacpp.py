@@ -97,6 +97,8 @@ def smollm2_base(work: Path) -> Path:
         items = [(name, "F32", model.load(name)) for name in model.tensors()]
     save_file(base / "model.safetensors", items)
     (base / "config.json").write_text(json.dumps(SMOLLM2_CONFIG, indent=2))
+    # the converter-made GGUF beside the base gives gguf:... copies their tokenizer
+    (base / source.name).symlink_to(source)
     return base
 
 
