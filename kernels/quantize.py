@@ -7,7 +7,7 @@ from weightmark.kernels.bits import f16_to_f64, f32_as_u32, u32_as_f32
 from weightmark.kernels.config import INLINE, PARALLEL
 from weightmark.kernels.quant import BLOCK_LAYOUTS
 
-__all__ = ["QUANTIZABLE", "nudge_codes", "quantize", "quantize_frozen"]
+__all__ = ["QUANTIZABLE", "nudge_codes", "quantize", "quantize_frozen", "quantize_stamped"]
 
 # Kind numbers the kernels branch on (the public API takes type names).
 _Q8_0, _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q4_K, _Q5_K, _Q6_K = range(8)
@@ -34,6 +34,9 @@ _CODE_HI = np.array([127, 15, 15, 31, 31, 15, 31, 63], dtype=np.int64)
 _ZERO = np.array([0, 8, 0, 16, 0, 0, 0, 32], dtype=np.int64)
 
 _GROUP_EPS = 1e-15  # sub-blocks whose largest magnitude is below this quantize to zero
+_F0 = np.float32(0.0)
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: (v + _MAGIC) - _MAGIC rounds |v| < 2^22 half to even
+_EXACT = np.float32(4194304.0)  # 2^22
 
 
 # -- float16 ----------------------------------------------------------------------------------
@@ -123,11 +126,12 @@ def _f16_cell(v, bits):
 
 @numba.njit(**INLINE)
 def _row_finite(x, r):
-    """True when every value of row r is finite (x * 0 is NaN for inf and NaN)."""
-    acc = np.float32(0.0)
+    """True when every value of row r is finite: no magnitude's bits reach inf's (an unsigned
+    max, which vectorises)."""
+    top = np.uint32(0)
     for c in range(x.shape[1]):
-        acc += x[r, c] * np.float32(0.0)
-    return acc == np.float32(0.0)
+        top = max(top, f32_as_u32(x[r, c]) & np.uint32(0x7FFFFFFF))
+    return top < np.uint32(0x7F800000)
 
 
 @numba.njit(**INLINE)
@@ -148,15 +152,6 @@ def _round_away(v):
     f = np.floor(a)
     q = np.int64(f + np.floor(np.float32(2.0) * (a - f)))  # every step is exact in float32
     return -q if v < 0 else q
-
-
-@numba.njit(**INLINE)
-def _nearest_code(x, step, bias, zero, lo, hi):
-    """Stored code whose value step * (code - zero) + bias is nearest x, clamped to [lo, hi]."""
-    q = np.rint((np.float32(x) - bias) / step)
-    if not q >= -1e9:  # guards the int cast (q is finite for finite x and step != 0)
-        q = -1e9
-    return _clamp(np.int64(min(q, 1e9)) + zero, lo, hi)
 
 
 # -- packing of codes -----------------------------------------------------------------------
@@ -326,15 +321,35 @@ def _params(kind, buf, r, o, step, bias):
 
 
 @numba.njit(**INLINE)
+def _nearest_run(x, r, base, n, s, b, zero, lo, hi, L, o):
+    """L[o + j] = the stored code whose value s * (code - zero) + b is nearest x[r, base + j],
+    clamped to [lo, hi], for j < n (s non-zero and finite): rint((x - b) / s) in float32, ties to
+    even, by the 1.5 * 2^23 trick below 2^22 (larger quotients clamp anyway); a NaN quotient
+    gives lo. All in float32, so the loop vectorises."""
+    qlo = np.float32(lo - zero)
+    qhi = np.float32(hi - zero)
+    for j in range(n):
+        v = (x[r, base + j] - b) / s
+        q = (v + _MAGIC) - _MAGIC if abs(v) < _EXACT else v
+        q = min(q, qhi) if q >= qlo else qlo
+        L[o + j] = np.int64(q) + zero
+
+
+@numba.njit(**INLINE)
 def _nearest_block(kind, x, r, base, n, step, bias, L):
-    """Round-to-nearest codes of x[r, base:base + n] against step/bias (step 0: L unchanged)."""
+    """Round-to-nearest codes of x[r, base:base + n] against step/bias (step 0: L unchanged).
+
+    step and bias are constant over each sub-block (16 elements for Q6_K, 32 for the others),
+    so the codes are made one sub-block at a time."""
     zero = _ZERO[kind]
     lo = _CODE_LO[kind]
     hi = _CODE_HI[kind]
-    for j in range(n):
-        s = step[j]
-        if s != np.float32(0.0) and np.isfinite(s) and np.isfinite(bias[j]):
-            L[j] = _nearest_code(x[r, base + j], s, bias[j], zero, lo, hi)
+    run = 16 if kind == _Q6_K else 32
+    for first in range(0, n, run):
+        s = step[first]
+        b = bias[first]
+        if s != np.float32(0.0) and np.isfinite(s) and np.isfinite(b):
+            _nearest_run(x, r, base + first, run, s, b, zero, lo, hi, L, first)
 
 
 # -- the simple types: llama.cpp's reference rounding, bit for bit --------------------------
@@ -345,10 +360,12 @@ def _nearest_block(kind, x, r, base, n, step, bias, L):
 
 @numba.njit(**INLINE)
 def _absmax(x, r, base):
-    amax = np.float32(0.0)
-    for j in range(32):  # a plain max: vectorises
-        amax = max(amax, abs(x[r, base + j]))
-    return amax
+    """Largest |x| of the 32 elements at base (finite values: magnitudes order as their bits,
+    so an unsigned max, which vectorises)."""
+    top = np.uint32(0)
+    for j in range(32):
+        top = max(top, f32_as_u32(x[r, base + j]) & np.uint32(0x7FFFFFFF))
+    return u32_as_f32(top)
 
 
 @numba.njit(**INLINE)
@@ -398,98 +415,131 @@ def _scale_field(x, r, o, d, ref, frozen, out):
     return d
 
 
-@numba.njit(**PARALLEL)
-def _q8_0(x, ref, out, bad, frozen):
-    rows, cols = x.shape
-    for r in numba.prange(rows):
-        if not _row_finite(x, r):
-            bad[r] = True
-            continue
-        for b in range(cols // 32):
-            o = b * 34
-            base = b * 32
-            d = _absmax(x, r, base) / np.float32(127.0)
-            inv = _inverse(_scale_field(x, r, o, d, ref, frozen, out))
-            for j in range(32):
-                q = _clamp(_round_away(x[r, base + j] * inv), -128, 127)
-                out[r, o + 2 + j] = np.uint8(q & 0xFF)
+@numba.njit(**INLINE)
+def _q8_0_block(x, r, b, ref, out, frozen, codes):
+    """Block b of row r in Q8_0: its d and (with `codes`) its codes."""
+    o = b * 34
+    base = b * 32
+    d = _absmax(x, r, base) / np.float32(127.0)
+    inv = _inverse(_scale_field(x, r, o, d, ref, frozen, out))
+    if codes:
+        for j in range(32):
+            q = _clamp(_round_away(x[r, base + j] * inv), -128, 127)
+            out[r, o + 2 + j] = np.uint8(q & 0xFF)
 
 
-@numba.njit(**PARALLEL)
-def _q4_0_q5_0(x, ref, out, bad, frozen, five):
-    rows, cols = x.shape
+@numba.njit(**INLINE)
+def _q4_0_q5_0_block(x, r, b, ref, out, frozen, five, codes):
+    """Block b of row r in Q4_0 or (five) Q5_0: its d and (with `codes`) its codes."""
     size = 22 if five else 18
     top = 31 if five else 15
     offset = np.float32(16.5) if five else np.float32(8.5)
     levels = np.float32(-16.0) if five else np.float32(-8.0)
-    for r in numba.prange(rows):
-        if not _row_finite(x, r):
-            bad[r] = True
-            continue
-        for b in range(cols // 32):
-            o = b * size
-            base = b * 32
-            d = _peak(x, r, base) / levels
-            inv = _inverse(_scale_field(x, r, o, d, ref, frozen, out))
-            qs = o + 6 if five else o + 2
-            qh = np.uint32(0)
-            for j in range(16):
-                lo = _sym_code(x[r, base + j], inv, offset, top)
-                hi = _sym_code(x[r, base + j + 16], inv, offset, top)
-                out[r, qs + j] = np.uint8((lo & 15) | ((hi & 15) << 4))
-                qh |= (np.uint32(lo >> 4) << np.uint32(j)) | (
-                    np.uint32(hi >> 4) << np.uint32(j + 16)
-                )
-            if five:
-                for k in range(4):
-                    out[r, o + 2 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+    o = b * size
+    base = b * 32
+    d = _peak(x, r, base) / levels
+    inv = _inverse(_scale_field(x, r, o, d, ref, frozen, out))
+    if not codes:
+        return
+    qs = o + 6 if five else o + 2
+    qh = np.uint32(0)
+    for j in range(16):
+        lo = _sym_code(x[r, base + j], inv, offset, top)
+        hi = _sym_code(x[r, base + j + 16], inv, offset, top)
+        out[r, qs + j] = np.uint8((lo & 15) | ((hi & 15) << 4))
+        qh |= (np.uint32(lo >> 4) << np.uint32(j)) | (np.uint32(hi >> 4) << np.uint32(j + 16))
+    if five:
+        for k in range(4):
+            out[r, o + 2 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
 
 
-@numba.njit(**PARALLEL)
-def _q4_1_q5_1(x, ref, out, bad, frozen, five):
-    rows, cols = x.shape
+@numba.njit(**INLINE)
+def _q4_1_q5_1_block(x, r, b, ref, out, frozen, five, codes):
+    """Block b of row r in Q4_1 or (five) Q5_1: its d and m and (with `codes`) its codes."""
     size = 24 if five else 20
     top = 31 if five else 15
     levels = np.float32(31.0) if five else np.float32(15.0)
+    o = b * size
+    base = b * 32
+    lo = x[r, base]
+    hi = x[r, base]
+    for j in range(1, 32):  # first-found extremes, as the reference (signed zeros)
+        v = x[r, base + j]
+        if v < lo:
+            lo = v
+        if v > hi:
+            hi = v
+    inv = _inverse(_scale_field(x, r, o, (hi - lo) / levels, ref, frozen, out))
+    m = _scale_field(x, r, o + 2, lo, ref, frozen, out)
+    if not codes:
+        return
+    qs = o + 8 if five else o + 4
+    qh = np.uint32(0)
+    for j in range(16):
+        a = _affine_code(x[r, base + j], m, inv, top)
+        c = _affine_code(x[r, base + j + 16], m, inv, top)
+        out[r, qs + j] = np.uint8((a & 15) | ((c & 15) << 4))
+        qh |= (np.uint32(a >> 4) << np.uint32(j)) | (np.uint32(c >> 4) << np.uint32(j + 16))
+    if five:
+        for k in range(4):
+            out[r, o + 4 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+
+
+@numba.njit(**INLINE)
+def _simple_block(kind, x, r, b, ref, out, frozen, codes):
+    """Block b of row r of a simple type, as llama.cpp's quantize_row_*_ref makes it."""
+    if kind == _Q8_0:
+        _q8_0_block(x, r, b, ref, out, frozen, codes)
+    elif kind == _Q4_0 or kind == _Q5_0:
+        _q4_0_q5_0_block(x, r, b, ref, out, frozen, kind == _Q5_0, codes)
+    else:
+        _q4_1_q5_1_block(x, r, b, ref, out, frozen, kind == _Q5_1, codes)
+
+
+@numba.njit(**PARALLEL)
+def _simple_kernel(kind, x, ref, out, bad, frozen):
+    rows, cols = x.shape
     for r in numba.prange(rows):
         if not _row_finite(x, r):
             bad[r] = True
             continue
         for b in range(cols // 32):
+            _simple_block(kind, x, r, b, ref, out, frozen, True)
+
+
+@numba.njit(**PARALLEL)
+def _simple_stamped(kind, x, y, out, bad):
+    """The simple types' quantize_stamped: scales from x as the reference quantizer picks them,
+    codes of y rounded to nearest against them (x's own codes where the step is zero)."""
+    rows, cols = x.shape
+    size = _TYPE_SIZE[kind]
+    for r in numba.prange(rows):
+        if not _row_finite(x, r):
+            bad[r] = 1
+            continue
+        if not _row_finite(y, r):
+            bad[r] = 2
+            continue
+        L = np.empty(32, dtype=np.int64)
+        step = np.empty(32, dtype=np.float32)
+        bias = np.empty(32, dtype=np.float32)
+        for b in range(cols // 32):
             o = b * size
-            base = b * 32
-            lo = x[r, base]
-            hi = x[r, base]
-            for j in range(1, 32):  # first-found extremes, as the reference (signed zeros)
-                v = x[r, base + j]
-                if v < lo:
-                    lo = v
-                if v > hi:
-                    hi = v
-            inv = _inverse(_scale_field(x, r, o, (hi - lo) / levels, ref, frozen, out))
-            m = _scale_field(x, r, o + 2, lo, ref, frozen, out)
-            qs = o + 8 if five else o + 4
-            qh = np.uint32(0)
-            for j in range(16):
-                a = _affine_code(x[r, base + j], m, inv, top)
-                c = _affine_code(x[r, base + j + 16], m, inv, top)
-                out[r, qs + j] = np.uint8((a & 15) | ((c & 15) << 4))
-                qh |= (np.uint32(a >> 4) << np.uint32(j)) | (np.uint32(c >> 4) << np.uint32(j + 16))
-            if five:
-                for k in range(4):
-                    out[r, o + 4 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+            _simple_block(kind, x, r, b, out, out, False, False)
+            _params(kind, out, r, o, step, bias)
+            if step[0] != _F0 and np.isfinite(step[0]) and np.isfinite(bias[0]):
+                _nearest_run(y, r, b * 32, 32, step[0], bias[0], _ZERO[kind], _CODE_LO[kind], _CODE_HI[kind],
+                             L, 0)
+                _pack(kind, out, r, o, L)
+            else:
+                _simple_block(kind, x, r, b, out, out, False, True)
 
 
 def _simple(
     qtype: str, w: np.ndarray, ref: np.ndarray, out: np.ndarray, bad: np.ndarray, frozen: bool
 ) -> None:
     """Run the kernel of a simple type (quantize, or frozen against ref's scales)."""
-    if qtype == "Q8_0":
-        _q8_0(w, ref, out, bad, frozen)
-    elif qtype in ("Q4_0", "Q5_0"):
-        _q4_0_q5_0(w, ref, out, bad, frozen, qtype == "Q5_0")
-    else:
-        _q4_1_q5_1(w, ref, out, bad, frozen, qtype == "Q5_1")
+    _simple_kernel(_KINDS[qtype], w, ref, out, bad, frozen)
 
 
 # -- K-quants: naive scales (search=False) --------------------------------------------------
@@ -561,9 +611,6 @@ def _naive_q6_k(x, r, base, out, o, scales):
 # quantize_row_q6_K_ref (make_qx_quants with weights x^2), in float32 and in the reference's
 # order of operations, so that quantize gives llama-quantize's bytes.
 
-_F0 = np.float32(0.0)
-
-
 @numba.njit(**INLINE)
 def _nearest_int(v):
     """llama.cpp's nearest_int: float32 to the nearest integer, ties to even."""
@@ -576,8 +623,6 @@ def _nearest_int(v):
 # in the reference's order, so every lane holds the reference's float32 for float32; the choice
 # among them is a short scalar loop in the reference's order.
 _LANES = 24
-_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: (v + _MAGIC) - _MAGIC rounds |v| < 2^22 half to even
-_EXACT = np.float32(4194304.0)  # 2^22
 _I64 = np.float32(9.223372036854775808e18)  # 2^63: where converting to int64 stops being exact
 # rows of the lane buffer
 _ISCALE, _SUM_L, _SUM_L2, _SUM_XL, _SCALE, _MIN, _ERROR, _DET = range(8)
@@ -834,12 +879,18 @@ def _llama_q6_k(x, r, base, out, o, scales, L, lanes, codes):
 
 
 @numba.njit(**PARALLEL)
-def _quantize_k(kind, x, out, bad, search):
+def _quantize_k(kind, x, y, out, bad, search, stamped):
+    """Scales from x (searched as llama.cpp does, or naive), codes of y rounded to nearest
+    against them (the fits' codes of x where a step is zero); y is x unless `stamped`.
+    bad[r]: 1 where x's row r is not finite, 2 where y's is not."""
     rows, cols = x.shape
     size = _TYPE_SIZE[kind]
     for r in numba.prange(rows):
         if not _row_finite(x, r):
-            bad[r] = True
+            bad[r] = 1
+            continue
+        if stamped and not _row_finite(y, r):
+            bad[r] = 2
             continue
         L = np.empty(256, dtype=np.int64)
         lanes = np.empty((8, _LANES), dtype=np.float32)
@@ -867,7 +918,7 @@ def _quantize_k(kind, x, out, bad, search):
                 _naive_k4(kind, x, r, base, out, o, scales, mins)
             # Codes: round to nearest against the stored scales, exactly as quantize_frozen.
             _params(kind, out, r, o, step, bias)
-            _nearest_block(kind, x, r, base, 256, step, bias, L)
+            _nearest_block(kind, y, r, base, 256, step, bias, L)
             _pack(kind, out, r, o, L)
 
 
@@ -1004,12 +1055,41 @@ def quantize(qtype: str, w: np.ndarray, *, search: bool = True) -> np.ndarray:
     out = np.empty((rows, cols // block * type_size), dtype=np.uint8)
     if out.size == 0:
         return out
-    bad = np.zeros(rows, dtype=np.bool_)
     if qtype in _SIMPLE:
+        bad = np.zeros(rows, dtype=np.bool_)
         _simple(qtype, w, out, out, bad, False)
+        _raise_if_bad(qtype, "w", (rows, cols), bad)
     else:
-        _quantize_k(kind, w, out, bad, bool(search))
-    _raise_if_bad(qtype, "w", (rows, cols), bad)
+        which = np.zeros(rows, dtype=np.int8)
+        _quantize_k(kind, w, w, out, which, bool(search), False)
+        _raise_if_bad(qtype, "w", (rows, cols), which == 1)
+    return out
+
+
+def quantize_stamped(qtype: str, w: np.ndarray, stamped: np.ndarray) -> np.ndarray:
+    """Quantize `stamped` with the scales quantize picks for `w`, in one pass over the rows.
+
+    The bytes of quantize_frozen(qtype, stamped, quantize(qtype, w), nearest=True): every
+    scale field is quantize(qtype, w)'s; each code is the one whose dequantized value is nearest
+    the stamped value (w's own code where the step is zero), so a watermark moves only the
+    codes it pushes across a rounding boundary. w and stamped: float32 [rows, cols], C-contiguous.
+    """
+    kind = _kind_of(qtype)
+    rows, cols = _check_float(qtype, "w", w, np.float32)
+    _check_float(qtype, "stamped", stamped, np.float32)
+    if stamped.shape != w.shape:
+        raise ValueError(f"{qtype} [{rows}, {cols}]: stamped has shape {list(stamped.shape)}, expected w's")
+    block, type_size = BLOCK_LAYOUTS[qtype]
+    out = np.empty((rows, cols // block * type_size), dtype=np.uint8)
+    if out.size == 0:
+        return out
+    which = np.zeros(rows, dtype=np.int8)
+    if qtype in _SIMPLE:
+        _simple_stamped(kind, w, stamped, out, which)
+    else:
+        _quantize_k(kind, w, stamped, out, which, True, True)
+    _raise_if_bad(qtype, "w", (rows, cols), which == 1)
+    _raise_if_bad(qtype, "stamped", (rows, cols), which == 2)
     return out
 
 

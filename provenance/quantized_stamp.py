@@ -236,7 +236,7 @@ def write_quantized_copy(
 ) -> list[str]:
     """Write the GGUF copy: carriers as frozen-scale quantizations of their stamped values."""
     from weightmark.formats.gguf import LazyTensor, write_gguf
-    from weightmark.kernels.quantize import quantize, quantize_frozen
+    from weightmark.kernels.quantize import quantize, quantize_stamped
 
     arch, meta, _ = gguf_metadata(base, base_path, file_type)
 
@@ -263,12 +263,11 @@ def write_quantized_copy(
             return "F32", (rows if stamped is None else stamped).astype(np.float32).reshape(w.shape)
         if qtype == "F16":
             return "F16", (rows if stamped is None else stamped).astype(np.float16).reshape(w.shape)
-        reference = quantize(qtype, np.ascontiguousarray(rows))
         if stamped is None:
-            return qtype, reference
-        # Nearest code against the frozen scales: only codes the watermark pushes across a
-        # rounding boundary change, never an unmarked one.
-        return qtype, quantize_frozen(qtype, np.ascontiguousarray(stamped), reference, nearest=True)
+            return qtype, quantize(qtype, np.ascontiguousarray(rows))
+        # Scales of the unstamped rows, codes nearest the stamped values against them (one
+        # pass): only codes the watermark pushes across a rounding boundary change.
+        return qtype, quantize_stamped(qtype, np.ascontiguousarray(rows), np.ascontiguousarray(stamped))
 
     # file_type and quantization_version come with `meta`; "F32" only names the default encoder
     return write_gguf(target, arch, tensors, "F32", meta, encode=encode, drop_unmapped=True)

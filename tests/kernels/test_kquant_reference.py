@@ -242,6 +242,21 @@ def test_k_quants_equal_the_reference_quantizer_byte_for_byte(qtype: str) -> Non
         assert ours[r].tobytes() == want, f"{qtype} block {r} differs from quantize_row_{qtype.lower()}_ref"
 
 
+@pytest.mark.parametrize("qtype", list(REFERENCE))
+def test_k_quants_equal_the_reference_on_many_blocks(qtype: str) -> None:
+    """More blocks, so that the search's later steps replace the min again and again (each
+    replacement makes the kernel redo the steps after it): gaussian and heavy-tailed blocks at
+    several scales, skewed blocks whose min the search moves far, tiny-range blocks."""
+    rng = np.random.default_rng(29)
+    rows = [rng.normal(0, 0.02, 256), rng.standard_t(2, 256) * 0.05, rng.normal(0.3, 0.1, 256),
+            rng.exponential(1.0, 256) - 0.2, rng.normal(0, 1e-3, 256) + 5.0, rng.normal(0, 1e-30, 256),
+            rng.uniform(-1, 1, 256) ** 3, rng.normal(0, 0.02, 256) * (rng.uniform(0, 1, 256) < 0.2)]
+    x = np.asarray(rows, dtype=np.float32)
+    ours = quantize(qtype, x)
+    for r in range(x.shape[0]):
+        assert ours[r].tobytes() == REFERENCE[qtype](x[r]), f"{qtype} block {r} differs from the reference"
+
+
 def test_all_zero_q6_k_block_is_all_zero_bytes() -> None:
     assert not quantize("Q6_K", np.zeros((1, 256), np.float32)).any()
 

@@ -17,6 +17,7 @@ from weightmark.kernels.quantize import (
     nudge_codes,
     quantize,
     quantize_frozen,
+    quantize_stamped,
 )
 
 SIMPLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -378,6 +379,93 @@ def test_frozen_k_quants_with_small_delta_stay_close(qtype: str) -> None:
         ratio = relative_rms(qtype, w2, new) / relative_rms(qtype, w2, quantize(qtype, w2))
         print(f"{qtype} delta {amplitude} step on {density:.0%}: error x{ratio:.3f} of fresh")
         assert ratio <= bound, (amplitude, ratio)
+
+
+# -- quantize_stamped: w's scales, the stamped values' codes ---------------------------------
+
+
+def stamped_cases(cols: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(label, w, stamped): marks of a fraction of a step, of many steps (codes clamp), none,
+    marks on zero and subnormal rows, and a stamped row with another scale altogether."""
+    rng = np.random.default_rng(11)
+    w = np.concatenate([awkward_weights(cols, seed=12), weights("t5", 8, cols, seed=13)])
+    noise = rng.standard_normal(w.shape).astype(np.float32)
+    rms = np.sqrt(np.mean(w.astype(np.float64) ** 2, axis=1, keepdims=True)).astype(np.float32)
+    return [
+        ("small mark", w, w + np.float32(0.02) * rms * noise),
+        ("large mark", w, w + np.float32(3.0) * rms * noise),
+        ("no mark", w, w.copy()),
+        ("mark on zero rows", w, w + np.float32(1e-3) * noise),
+        ("other values", w, (noise * np.float32(0.5)).astype(np.float32)),
+    ]
+
+
+def numpy_nearest_codes(qtype: str, scales_of: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(stored code nearest each y against the scales of `scales_of`, where the step is non-zero),
+    in numpy float32: rint((y - bias) / step), clamped to the code range."""
+    cols = y.shape[1]
+    steps = element_steps(qtype, scales_of, cols)
+    affine = qtype in ("Q4_1", "Q5_1", "Q4_K", "Q5_K")
+    bias = deq(qtype, zero_codes(qtype, scales_of), cols) if affine else np.zeros_like(y)
+    live = (steps != 0) & np.isfinite(steps) & np.isfinite(bias)
+    with np.errstate(all="ignore"):
+        q = np.rint((y - bias) / np.where(live, steps, np.float32(1.0))).astype(np.float64)
+    lo, hi = CODE_RANGE[qtype]
+    zero = {"Q4_0": 8, "Q5_0": 16, "Q6_K": 32}.get(qtype, 0)
+    return np.clip(q + zero, lo, hi), live
+
+
+@pytest.mark.parametrize("qtype", QUANTIZABLE)
+def test_stamped_is_frozen_nearest_against_the_reference(qtype: str) -> None:
+    """One pass gives the bytes of the two passes it replaces: quantize(w) for the scales, then
+    quantize_frozen(stamped, that, nearest=True) for the codes."""
+    for label, w, y in stamped_cases(512):
+        want = quantize_frozen(qtype, y, quantize(qtype, w), nearest=True)
+        assert_bytes_equal(qtype, quantize_stamped(qtype, w, y), want, f"{label}: stamped vs frozen")
+
+
+@pytest.mark.parametrize("qtype", QUANTIZABLE)
+def test_stamped_codes_are_numpys_nearest_codes(qtype: str) -> None:
+    """Independent of the kernels' own helpers: the scale bytes are quantize(w)'s, and each
+    code (where the step is not zero) is numpy's rint((y - bias) / step) clamped to the range."""
+    for label, w, y in stamped_cases(512):
+        ref = quantize(qtype, w)
+        got = quantize_stamped(qtype, w, y)
+        mask = header_mask(qtype, ref.shape[1])
+        assert np.array_equal(got[:, mask], ref[:, mask]), f"{label}: scale bytes differ from quantize(w)"
+        want, live = numpy_nearest_codes(qtype, ref, y)
+        codes = stored_codes(qtype, got, 512)
+        bad = live & (codes != want)
+        assert not bad.any(), f"{label}: {bad.sum()} codes differ, first at {np.argwhere(bad)[:3].tolist()}"
+
+
+@settings(deadline=None, max_examples=60)
+@given(qtype=st.sampled_from(QUANTIZABLE), data=st.data())
+def test_stamped_on_arbitrary_floats(qtype: str, data: st.DataObject) -> None:
+    cols = BLOCK_LAYOUTS[qtype][0]
+    floats = st.floats(-(2.0**100), 2.0**100, width=32, allow_subnormal=True)
+    w = np.array(data.draw(st.lists(floats, min_size=2 * cols, max_size=2 * cols)), np.float32).reshape(2, cols)
+    y = np.array(data.draw(st.lists(floats, min_size=2 * cols, max_size=2 * cols)), np.float32).reshape(2, cols)
+    for stamped in (y, w + y * np.float32(1e-3)):
+        want = quantize_frozen(qtype, stamped, quantize(qtype, w), nearest=True)
+        assert_bytes_equal(qtype, quantize_stamped(qtype, w, stamped), want, "arbitrary floats")
+
+
+def test_stamped_rejects_bad_input() -> None:
+    w = np.zeros((2, 256), np.float32)
+    y = w.copy()
+    y[1, 5] = np.inf
+    cases = [
+        (lambda: quantize_stamped("Q4_K", w, y), r"Q4_K \[2, 256\]: stamped must be finite; rows \[1\]"),
+        (lambda: quantize_stamped("Q8_0", y, w), r"Q8_0 \[2, 256\]: w must be finite; rows \[1\]"),
+        (lambda: quantize_stamped("Q5_0", w, y), r"Q5_0 \[2, 256\]: stamped must be finite"),
+        (lambda: quantize_stamped("Q4_K", w, w[:1]), r"stamped has shape \[1, 256\], expected w's"),
+        (lambda: quantize_stamped("Q6_K", w, w.astype(np.float64)), r"stamped must be float32, got float64"),
+    ]  # fmt: skip
+    for call, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            call()
+    assert quantize_stamped("Q4_K", w[:0], w[:0]).shape == (0, 144)
 
 
 # -- nudging codes --------------------------------------------------------------------------
