@@ -513,6 +513,7 @@ def _simple_stamped(kind, x, y, out, bad):
     codes of y rounded to nearest against them (x's own codes where the step is zero)."""
     rows, cols = x.shape
     size = _TYPE_SIZE[kind]
+    affine = kind == _Q4_1 or kind == _Q5_1
     for r in numba.prange(rows):
         if not _row_finite(x, r):
             bad[r] = 1
@@ -521,15 +522,14 @@ def _simple_stamped(kind, x, y, out, bad):
             bad[r] = 2
             continue
         L = np.empty(32, dtype=np.int64)
-        step = np.empty(32, dtype=np.float32)
-        bias = np.empty(32, dtype=np.float32)
         for b in range(cols // 32):
             o = b * size
             _simple_block(kind, x, r, b, out, out, False, False)
-            _params(kind, out, r, o, step, bias)
-            if step[0] != _F0 and np.isfinite(step[0]) and np.isfinite(bias[0]):
-                _nearest_run(y, r, b * 32, 32, step[0], bias[0], _ZERO[kind], _CODE_LO[kind], _CODE_HI[kind],
-                             L, 0)
+            # the block's step and bias as _params reads them: d, and m for the affine types
+            step = _f16_at(out, r, o)
+            bias = _f16_at(out, r, o + 2) if affine else _F0
+            if step != _F0 and np.isfinite(step) and np.isfinite(bias):
+                _nearest_run(y, r, b * 32, 32, step, bias, _ZERO[kind], _CODE_LO[kind], _CODE_HI[kind], L, 0)
                 _pack(kind, out, r, o, L)
             else:
                 _simple_block(kind, x, r, b, out, out, False, True)
