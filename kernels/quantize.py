@@ -370,12 +370,15 @@ def _absmax(x, r, base):
 
 @numba.njit(**INLINE)
 def _peak(x, r, base):
-    """Signed value of the first element of largest magnitude (gguf's argmax of |x|)."""
-    amax = _absmax(x, r, base)
+    """Signed value of the first element of largest magnitude (gguf's argmax of |x|): the
+    first index whose magnitude bits are the maximum's, found as a minimum (vectorises)."""
+    top = np.uint32(0)
     for j in range(32):
-        if abs(x[r, base + j]) == amax:
-            return x[r, base + j]
-    return x[r, base]
+        top = max(top, f32_as_u32(x[r, base + j]) & np.uint32(0x7FFFFFFF))
+    first = 32
+    for j in range(32):
+        first = min(first, j if f32_as_u32(x[r, base + j]) & np.uint32(0x7FFFFFFF) == top else 32)
+    return x[r, base + first]
 
 
 @numba.njit(**INLINE)
@@ -507,13 +510,26 @@ def _simple_kernel(kind, x, ref, out, bad, frozen):
             _simple_block(kind, x, r, b, ref, out, frozen, True)
 
 
+@numba.njit(**INLINE)
+def _stamped_block(kind, y, r, b, out, o, L):
+    """Codes of y's block b rounded to nearest against the scale fields just written at o;
+    False (nothing written) where the step is zero or not finite, as _nearest_block skips it."""
+    step = _f16_at(out, r, o)  # d, and m for the affine types, as _params reads them
+    bias = _f16_at(out, r, o + 2) if kind == _Q4_1 or kind == _Q5_1 else _F0
+    if step == _F0 or not np.isfinite(step) or not np.isfinite(bias):
+        return False
+    _nearest_run(y, r, b * 32, 32, step, bias, _ZERO[kind], _CODE_LO[kind], _CODE_HI[kind], L, 0)
+    _pack(kind, out, r, o, L)
+    return True
+
+
 @numba.njit(**PARALLEL)
 def _simple_stamped(kind, x, y, out, bad):
     """The simple types' quantize_stamped: scales from x as the reference quantizer picks them,
-    codes of y rounded to nearest against them (x's own codes where the step is zero)."""
+    codes of y rounded to nearest against them (x's own codes where the step is zero). One loop
+    per family, so that each block's work is a direct call."""
     rows, cols = x.shape
     size = _TYPE_SIZE[kind]
-    affine = kind == _Q4_1 or kind == _Q5_1
     for r in numba.prange(rows):
         if not _row_finite(x, r):
             bad[r] = 1
@@ -522,17 +538,23 @@ def _simple_stamped(kind, x, y, out, bad):
             bad[r] = 2
             continue
         L = np.empty(32, dtype=np.int64)
-        for b in range(cols // 32):
-            o = b * size
-            _simple_block(kind, x, r, b, out, out, False, False)
-            # the block's step and bias as _params reads them: d, and m for the affine types
-            step = _f16_at(out, r, o)
-            bias = _f16_at(out, r, o + 2) if affine else _F0
-            if step != _F0 and np.isfinite(step) and np.isfinite(bias):
-                _nearest_run(y, r, b * 32, 32, step, bias, _ZERO[kind], _CODE_LO[kind], _CODE_HI[kind], L, 0)
-                _pack(kind, out, r, o, L)
-            else:
-                _simple_block(kind, x, r, b, out, out, False, True)
+        if kind == _Q8_0:
+            for b in range(cols // 32):
+                _q8_0_block(x, r, b, out, out, False, False)
+                if not _stamped_block(kind, y, r, b, out, b * size, L):
+                    _q8_0_block(x, r, b, out, out, False, True)
+        elif kind == _Q4_0 or kind == _Q5_0:
+            five = kind == _Q5_0
+            for b in range(cols // 32):
+                _q4_0_q5_0_block(x, r, b, out, out, False, five, False)
+                if not _stamped_block(kind, y, r, b, out, b * size, L):
+                    _q4_0_q5_0_block(x, r, b, out, out, False, five, True)
+        else:
+            five = kind == _Q5_1
+            for b in range(cols // 32):
+                _q4_1_q5_1_block(x, r, b, out, out, False, five, False)
+                if not _stamped_block(kind, y, r, b, out, b * size, L):
+                    _q4_1_q5_1_block(x, r, b, out, out, False, five, True)
 
 
 def _simple(
