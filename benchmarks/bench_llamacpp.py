@@ -16,7 +16,7 @@ c. Encoder quality on the same base weights: relative error ||w - deq(q(w))|| / 
 d. Wall time of `weightmark stamp smollm2 ... --format gguf:Q4_K_M` (after a warm-up run) against
    llama-quantize F32 GGUF -> Q4_K_M of the same model with the same thread count.
 
-    .venv/bin/python benchmarks/bench_llamacpp.py [--json PATH] [--keep]
+    .venv/bin/python benchmarks/bench_llamacpp.py [--json PATH] [--keep] [--only-stamp-time]
 """
 
 from __future__ import annotations
@@ -320,6 +320,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs in section d")
     parser.add_argument("--no-minilm", action="store_true", help="skip MiniLM in section a")
+    parser.add_argument("--only-stamp-time", action="store_true", help="run section d alone")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
@@ -332,6 +333,9 @@ def main() -> None:
     say("decoding SmolLM2 and stamping 3 licensees")
     smol = stamped_lab(work, "smollm2", smollm2_base(work))
     labs = [smol]
+    if args.only_stamp_time:
+        stamp_only(smol, binary, work, args)
+        return
     if not args.no_minilm:
         say("stamping MiniLM for 3 licensees")
         labs.append(stamped_lab(work, "minilm", minilm_base()))
@@ -395,6 +399,23 @@ def main() -> None:
           "signs a registry entry and hashes the output; theirs reads an F32 GGUF)")
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     write_json(args.json, json.loads(json.dumps(results, default=_plain)))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def stamp_only(smol: Lab, binary: Path, work: Path, args: argparse.Namespace) -> None:
+    """Section d alone (--only-stamp-time)."""
+    busy = warn_if_busy()
+    meter = CpuMeter()
+    timing = stamp_time(smol, binary, work, args.threads, args.repeats)
+    others = report_others(meter)
+    print(f"d. Stamp to gguf:Q4_K_M (CLI, warm) vs llama-quantize F32 GGUF -> Q4_K_M, "
+          f"{args.threads} threads, median of {args.repeats}:")  # fmt: skip
+    print_table(["tool", "seconds"], [["weightmark stamp", timing["ours_median_s"]],
+                                      ["llama-quantize", timing["llama_quantize_median_s"]]])  # fmt: skip
+    print(f"ratio ours / llama-quantize: {timing['ratio']:.2f}")
+    write_json(args.json, {"machine": machine_info(), "llama_cpp_python_sdist": SDIST_VERSION,
+                           "stamp_time": {**timing, "busy_before": busy, "others_during": others}})  # fmt: skip
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
