@@ -644,7 +644,7 @@ def _nearest_int(v):
 # every lane at once, which the compiler turns into SIMD. Each lane's sums still add the elements
 # in the reference's order, so every lane holds the reference's float32 for float32; the choice
 # among them is a short scalar loop in the reference's order.
-_LANES = 24
+_LANES = 24  # Q4_K's 21 steps at most, rounded up to whole 8-wide vectors
 _I64 = np.float32(9.223372036854775808e18)  # 2^63: where converting to int64 stops being exact
 # rows of the lane buffer
 _ISCALE, _SUM_L, _SUM_L2, _SUM_XL, _SCALE, _MIN, _ERROR, _DET = range(8)
@@ -654,8 +654,9 @@ _ISCALE, _SUM_L, _SUM_L2, _SUM_XL, _SCALE, _MIN, _ERROR, _DET = range(8)
 def _code_of(v, top):
     """_clamp(_nearest_int(v), 0, top) as float32, without leaving float32 (so it vectorises).
 
-    Rounds as nearest_int where that is exact (|v| < 2^22); larger finite values clamp to top,
-    and NaN, inf and values beyond int64 give 0 as the int64 conversion's INT64_MIN clamps to 0.
+    Rounds as nearest_int where that is exact (|v| < 2^22); larger finite values clamp to top;
+    negative values give 0, and so do NaN, inf and values beyond int64, whose int64 conversion
+    (INT64_MIN) clamps to 0.
     """
     if v >= _F0 and v < _EXACT:
         return min((v + _MAGIC) - _MAGIC, top)
