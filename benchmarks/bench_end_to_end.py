@@ -213,7 +213,6 @@ def profile_stamp_and_scan(home: Path, licensee_id: str, base_path: Path, out: P
         (Registry, "reserve_codeword", timed("registry", Registry.reserve_codeword)),
         (scan_mod, "identify_model", timed("open + identify + reference check", scan_mod.identify_model)),
         (scan_mod, "_same_base", timed("open + identify + reference check", scan_mod._same_base)),
-        (scan_mod, "score_codewords", timed("score codewords", scan_mod.score_codewords)),
     ]
     with open(base_path, "rb") as fh:  # the cold runs before us evicted it: warm the cache again
         while fh.read(1 << 24):
