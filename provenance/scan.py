@@ -438,8 +438,9 @@ def _extract_all(
     if cluster is not None and _sharded(suspect):
         results = cluster.carrier_sums(suspect, reference, alignment, carriers, aliases, model_key, code_lengths)
     else:
+        metas = TensorTables(suspect, reference)
         results = (_carrier_sums(suspect, reference, alignment, carrier, aliases.get(carrier.name), model_key,
-                                 code_lengths) for carrier in carriers)
+                                 code_lengths, metas) for carrier in carriers)
     used, skipped, elements, per_carrier = 0, [], 0, []
     for carrier, (problem, own_sums) in zip(carriers, results, strict=True):
         if problem is not None:
@@ -462,6 +463,16 @@ def _sharded(suspect: QuantizedModel | SafetensorsSuspect) -> bool:
     return isinstance(suspect, SafetensorsSuspect) and len(suspect.checkpoint.shards) > 1
 
 
+class TensorTables:
+    """The suspect's and the reference's tensor tables, read once per scan: readers build them
+    on every `tensors()` call, and asking once per carrier costs time quadratic in the tensors."""
+
+    def __init__(self, suspect: QuantizedModel | SafetensorsSuspect,
+                 reference: QuantizedModel | SafetensorsSuspect | None) -> None:
+        self.suspect = suspect.tensors()
+        self.reference = reference.tensors() if reference is not None else {}
+
+
 def _carrier_sums(
     suspect: QuantizedModel | SafetensorsSuspect,
     reference: QuantizedModel | SafetensorsSuspect | None,
@@ -470,11 +481,12 @@ def _carrier_sums(
     own: str | None,
     model_key: bytes,
     code_lengths: list[int],
+    metas: TensorTables,
 ) -> tuple[str | None, dict[int, tuple[np.ndarray, np.ndarray]]]:
     """One carrier's own (num, den) per code length, or why it was skipped."""
     if own is None:
         return "missing", {}
-    meta = suspect.tensors()[own]
+    meta = metas.suspect[own]
     moved = alignment is not None and not alignment.plans[carrier.name].identity
     if not moved and meta.shape != carrier.shape:
         return f"{meta.source_dtype} {list(meta.shape)} instead of {list(carrier.shape)}", {}
@@ -482,7 +494,7 @@ def _carrier_sums(
         return f"{meta.source_dtype} is not a float dtype", {}
     ref_raw, ref_kind = None, 0
     if reference is not None:
-        ref_meta = reference.tensors().get(carrier.name)
+        ref_meta = metas.reference.get(carrier.name)
         if ref_meta is None or ref_meta.shape != carrier.shape:
             return "not in the reference", {}
         ref_raw, ref_kind = _values(reference, carrier.name, ref_meta.source_dtype)
