@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..errors import FormatError, InputFileError
-from ..fsutil import fsync_dir, sha256_file, staged_output
+from ..fsutil import fsync_dir, sha256_file, staged_output, start_writeback
 
 __all__ = [
     "DTYPES",
@@ -420,6 +420,11 @@ class SafetensorsWriter:
     ) -> None:
         self._file = fileobj
         self._hash = hashlib.sha256()
+        self._written = 0  # bytes of the file so far
+        try:
+            self._fd: int | None = fileobj.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+            self._fd = None
         self._specs: list[tuple[str, str, tuple[int, ...], int]] = []
         entries: dict[str, dict[str, Any]] = {}
         offset = 0
@@ -463,12 +468,17 @@ class SafetensorsWriter:
         if len(data) < _PARALLEL_HASH_BYTES:
             self._hash.update(data)
             _write_all(self._file, data)
+            self._written += len(data)
             return
         # Hash on a second thread while this one writes: both release the GIL.
         hasher = threading.Thread(target=self._hash.update, args=(data,))
         hasher.start()
         try:
             _write_all(self._file, data)
+            if self._fd is not None:
+                self._file.flush()
+                start_writeback(self._fd, self._written, len(data))
+            self._written += len(data)
         finally:
             hasher.join()
 
