@@ -413,6 +413,7 @@ def run_all(bench: Bench, args: argparse.Namespace, busy: float) -> dict[str, An
         "targets": targets(subject.largest_tensor_bytes, m, bench.cold),
         "sanity": sanity,
         "profile": profile,
+        "in_process_ratios": in_process_ratios(m, profile),
     }
 
 
@@ -425,6 +426,19 @@ def ratios(m: dict[str, Measured], cold: bool) -> dict[str, dict[str, float | No
         out[label] = {"warm": m[a].warm_s / m[b].warm_s,
                       "cold": ca.seconds / cb.seconds if cold and ca and cb else None}
     return out
+
+
+def in_process_ratios(m: dict[str, Measured], profile: dict[str, Any] | None) -> dict[str, float] | None:
+    """Stamp and scans run inside one process (the profile's second pass, no interpreter start,
+    imports or numba cache loads) against the same baselines: what the per-byte work costs, the
+    part that grows with the model."""
+    if profile is None:
+        return None
+    phases = profile["phases"]
+    return {"stamp / cp": phases["stamp"]["total_s"] / m["cp"].warm_s,
+            "stamp / cp+sync": phases["stamp"]["total_s"] / m["cp+sync"].warm_s,
+            "scan non-blind / sha256": phases["scan non-blind"]["total_s"] / m["sha256"].warm_s,
+            "scan blind / sha256": phases["scan blind"]["total_s"] / m["sha256"].warm_s}
 
 
 def targets(largest: int, m: dict[str, Measured], cold: bool) -> dict[str, dict[str, Any]]:
@@ -497,6 +511,9 @@ def report(subject: Subject, m: dict[str, Measured], register: ProcessRun, sanit
     prow.append(["(first pass in the process: total)",
                  *[f"{profile['phases'][op]['first_pass_total_s']:.3f}" for op in ops]])
     print_table(["phase (s)", *ops], prow)
+    inner = in_process_ratios(m, profile) or {}
+    print("In-process ratios (no interpreter start-up, imports or numba cache loads): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in inner.items()))
     for op, top in profile["cprofile_top_tottime"].items():
         shown = ", ".join(f"{name} {tt:.2f}s" for name, tt, _ct in top[:3])
         print(f"cProfile {op}, top tottime: {shown}")

@@ -57,10 +57,15 @@ def rows(folder: Path) -> list[dict[str, Any]]:
         meas = (e2e or {}).get("measurements", {})
         rss = meas.get("stamp", {}).get("peak_rss_bytes")
         plus = ratios.get("stamp / cp+sync", {}).get("warm")
+        inner = (e2e or {}).get("in_process_ratios") or {}
+        stamp_note = [f"{plus:.2f}x cp+sync" if plus is not None else "",
+                      f"in-process {inner['stamp / cp']:.2f}x" if "stamp / cp" in inner else ""]
         add(f"stamp {label} / cp", ratios.get("stamp / cp", {}).get("warm"), STAMP_VS_CP, True, rss,
-            f"{plus:.2f}x cp+sync" if plus is not None else "")
+            "; ".join(n for n in stamp_note if n))
+        scan_inner = inner.get("scan non-blind / sha256")
         add(f"scan non-blind {label} / sha256", ratios.get("scan non-blind / sha256", {}).get("warm"), SCAN_VS_SHA,
-            True, meas.get("scan non-blind", {}).get("peak_rss_bytes"))
+            True, meas.get("scan non-blind", {}).get("peak_rss_bytes"),
+            f"in-process {scan_inner:.2f}x" if scan_inner is not None else "")
     kernels = load(folder, "kernels.json")
     embeds = {r["dtype"]: r for r in (kernels or {}).get("results", []) if r["op"] == "embed"}
     for dtype in ("BF16", "F16", "F32"):
