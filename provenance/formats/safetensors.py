@@ -842,7 +842,11 @@ def _write_shard(
     progress: Callable[[int], None] | None,
     out_dtype: Callable[[TensorInfo], str] | None = None,
     scratch: _ScratchBuffers | None = None,
+    syncs: tuple[ThreadPoolExecutor, list[Future[None]]] | None = None,
 ) -> str:
+    """Write one shard and return its SHA-256. The file is fsynced here, or, with `syncs`
+    (executor, futures), on the executor's thread while the caller goes on with the next shard;
+    the future is appended, and the caller must wait for it before the shard counts as written."""
     dtype_of = out_dtype or (lambda info: info.dtype)
     specs = [(info.name, dtype_of(info), info.shape) for info in shard.tensors.values()]
 
@@ -883,8 +887,22 @@ def _write_shard(
         if pending is not None:
             pending.result()
         writer.finish()
-        _fsync(fh)
+        if syncs is None:
+            _fsync(fh)
+    if syncs is not None:
+        syncer, futures = syncs
+        futures.append(syncer.submit(_fsync_path, target))
     return writer.sha256
+
+
+def _fsync_path(path: pathlib.Path) -> None:
+    # fsync through a new descriptor flushes the file's data as one through the writer's would.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 
 def write_like(
@@ -922,10 +940,16 @@ def write_like(
     if write_shards is not None:
         pairs = [(shard, staging / shard.path.name) for shard in src.shards]
         manifest.update(zip([s.path.name for s in src.shards], write_shards(pairs), strict=True))
-    for shard in src.shards if write_shards is None else ():
-        manifest[shard.path.name] = _write_shard(
-            src, shard, staging / shard.path.name, transform, progress, out_dtype, buffers
-        )
+    # Each finished shard is fsynced on a thread of its own while the next one is computed; on an
+    # error the executor still waits for those in flight before the staging folder is removed.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightmark-fsync") as syncer:
+        syncs: list[Future[None]] = []
+        for shard in src.shards if write_shards is None else ():
+            manifest[shard.path.name] = _write_shard(
+                src, shard, staging / shard.path.name, transform, progress, out_dtype, buffers, (syncer, syncs)
+            )
+        for done in syncs:  # every shard is on disk before anything counts as written
+            done.result()
     if src.index is not None:
         blob = json.dumps(src.index, indent=2).encode("utf-8")
         with open(staging / WEIGHT_INDEX, "xb") as fh:
