@@ -13,6 +13,7 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -439,8 +440,16 @@ def _extract_all(
         results = cluster.carrier_sums(suspect, reference, alignment, carriers, aliases, model_key, code_lengths)
     else:
         metas = TensorTables(suspect, reference)
-        results = (_carrier_sums(suspect, reference, alignment, carrier, aliases.get(carrier.name), model_key,
-                                 code_lengths, metas) for carrier in carriers)
+
+        def serial() -> Iterator[tuple[str | None, dict[int, tuple[np.ndarray, np.ndarray]]]]:
+            for k, carrier in enumerate(carriers):
+                if k + 1 < len(carriers):  # read the next carrier ahead from disk meanwhile
+                    _prefetch(suspect, aliases.get(carriers[k + 1].name))
+                    _prefetch(reference, carriers[k + 1].name)
+                yield _carrier_sums(suspect, reference, alignment, carrier, aliases.get(carrier.name), model_key,
+                                    code_lengths, metas)
+
+        results = serial()
     used, skipped, elements, per_carrier = 0, [], 0, []
     for carrier, (problem, own_sums) in zip(carriers, results, strict=True):
         if problem is not None:
@@ -457,6 +466,12 @@ def _extract_all(
         progress.advance(int(np.prod(carrier.shape)) * 2)
     return Extraction(sums, used, skipped, alignment.report if alignment is not None else [], elements,
                       per_carrier)
+
+
+def _prefetch(source: QuantizedModel | SafetensorsSuspect | None, name: str | None) -> None:
+    """Start reading a tensor of a safetensors suspect or reference from disk in the background."""
+    if isinstance(source, SafetensorsSuspect) and name is not None and name in source.checkpoint.tensors:
+        source.checkpoint.prefetch(name)
 
 
 def _sharded(suspect: QuantizedModel | SafetensorsSuspect) -> bool:

@@ -353,14 +353,22 @@ class SafetensorsFile:
 
     def release(self, name: str) -> None:
         """Drop the tensor's pages from memory; views stay valid and re-fault from the file."""
+        self._advise(name, "MADV_DONTNEED")
+
+    def prefetch(self, name: str) -> None:
+        """Start reading the tensor's pages from disk in the background (the kernel's readahead),
+        so they are in the page cache when the tensor is used. Maps nothing: RSS does not grow."""
+        self._advise(name, "MADV_WILLNEED")
+
+    def _advise(self, name: str, advice: str) -> None:
         info = self.info(name)
-        if self._mm is None or info.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        if self._mm is None or info.nbytes == 0 or not hasattr(mmap, advice):
             return
         page = mmap.PAGESIZE
         start = info.begin - info.begin % page
         stop = min(-(-info.end // page) * page, self._size)
         try:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            self._mm.madvise(getattr(mmap, advice), start, stop - start)
         except (OSError, ValueError):
             pass  # advisory only
 
@@ -773,6 +781,13 @@ class Checkpoint:
         unit = self._unit(name)
         shard.release(name if unit is None else unit[0])
 
+    def prefetch(self, name: str) -> None:
+        """Start reading a tensor (an expert unit: its whole fused tensor) from disk in the
+        background; see SafetensorsFile.prefetch."""
+        shard, _info = self._entry(name)
+        unit = self._unit(name)
+        shard.prefetch(name if unit is None else unit[0])
+
     def _unit(self, name: str) -> tuple[str, int] | None:
         if name in self.tensors:
             return None
@@ -862,7 +877,10 @@ def _write_shard(
         writer = SafetensorsWriter(fh, specs, shard.metadata, shard.header_order)
         pending: Future[None] | None = None
         pending_buffer: np.ndarray | None = None
-        for name, info in shard.tensors.items():
+        names = list(shard.tensors)
+        for i, (name, info) in enumerate(shard.tensors.items()):
+            if i + 1 < len(names):  # read ahead from disk while this tensor is transformed
+                shard.prefetch(names[i + 1])
             want = DTYPES[dtype_of(info)]
             if scratch is None:
                 buffer = None
