@@ -189,7 +189,7 @@ F16_ROUND_DOMAIN = _F64_INF_BITS - np.uint64(1)
 @numba.njit(**INLINE)
 def bf16_round_bits(x, draw):
     """bf16_stochastic_round's bits for x = w + delta and u = draw * 2**-31, when
-    2**-126 <= |x| < inf (outside_bf16(x) < BF16_ROUND_DOMAIN) and w is finite."""
+    2**-126 <= |x| < inf (outside_bf16(x) < BF16_ROUND_DOMAIN; w is then finite)."""
     b = f64_as_u64(x)
     a = b & _ABS64
     mag = (a >> np.uint64(45)) - np.uint64((1023 - 127) << 7)
@@ -208,7 +208,7 @@ def outside_bf16(x):
 @numba.njit(**INLINE)
 def f16_round_bits(x, draw):
     """f16_stochastic_round's bits for x = w + delta and u = draw * 2**-31, when
-    0 < |x| < inf (outside_f16(x) < F16_ROUND_DOMAIN) and w is finite."""
+    0 < |x| < inf (outside_f16(x) < F16_ROUND_DOMAIN; w is then finite)."""
     b = f64_as_u64(x)
     a = b & _ABS64
     normal_mag = (a >> np.uint64(42)) - np.uint64((1023 - 15) << 10)

@@ -33,6 +33,7 @@ from weightmark.kernels.prng import (
     element_hash,
     mix64,
     position_of,
+    short_position_of,
     uniform_of,
 )
 
@@ -50,11 +51,12 @@ def _amplitude(alpha, scale):
 
 # Each embed kernel walks a row with a running hash counter (one add per element, not a
 # multiply) and reads the codeword as float64 (a vector gather), in loops without branches so
-# they vectorise. With a finite amplitude, (amplitude * chip) * c[p] is amplitude * c[p] with
-# the chip's sign (prng.chip_times). The 16-bit grids round on the float64 bits of w + delta
-# (bits.bf16_round_bits, bits.f16_round_bits); a row with an element outside their domain (a
-# zero or tiny sum, an infinite or NaN weight) or a non-finite amplitude is done again element
-# by element with the reference rounding. Every path gives the reference bits.
+# they vectorise. The 16-bit grids round on the float64 bits of x = w + delta
+# (bits.bf16_round_bits, bits.f16_round_bits) and take delta as amplitude * c[p] with the
+# chip's sign (prng.chip_times), which is (amplitude * chip) * c[p] unless the amplitude is
+# NaN. A row with an x outside the rounding's domain (zero or tiny, infinite or NaN: a
+# non-finite weight or amplitude gives such an x) is done again element by element with the
+# reference formula. Every path gives the reference bits.
 
 
 @numba.njit(**PARALLEL)
@@ -71,7 +73,7 @@ def _embed_float(w, out, row_scale, code, seed, alpha):
         for c in range(cols):
             h = mix64(z)
             z += GOLDEN
-            delta = amplitude * chip_of(h) * code[position_of(h, code_length)]
+            delta = amplitude * chip_of(h) * code[short_position_of(h, code_length)]
             out[r, c] = np.float64(w[r, c]) + delta
 
 
@@ -85,18 +87,16 @@ def _embed_bf16(w, out, row_scale, code, seed, alpha):
             for c in range(cols):
                 out[r, c] = w[r, c]
             continue
-        outside = BF16_ROUND_DOMAIN
-        if np.isfinite(amplitude):
-            outside = np.uint64(0)
-            z = counter_of(seed, r * cols)
-            for c in range(cols):
-                h = mix64(z)
-                z += GOLDEN
-                delta = chip_times(h, amplitude * code[position_of(h, code_length)])
-                x = bf16_to_f64(w[r, c]) + delta
-                out[r, c] = bf16_round_bits(x, draw_of(h))
-                outside = max(outside, outside_bf16(x))
-        if outside >= BF16_ROUND_DOMAIN:
+        outside = np.uint64(0)
+        z = counter_of(seed, r * cols)
+        for c in range(cols):
+            h = mix64(z)
+            z += GOLDEN
+            delta = chip_times(h, amplitude * code[short_position_of(h, code_length)])
+            x = bf16_to_f64(w[r, c]) + delta
+            out[r, c] = bf16_round_bits(x, draw_of(h))
+            outside = max(outside, outside_bf16(x))
+        if outside >= BF16_ROUND_DOMAIN:  # also where the amplitude is not finite
             z = counter_of(seed, r * cols)
             for c in range(cols):
                 h = mix64(z)
@@ -115,18 +115,16 @@ def _embed_f16(w, out, row_scale, code, seed, alpha):
             for c in range(cols):
                 out[r, c] = w[r, c]
             continue
-        outside = F16_ROUND_DOMAIN
-        if np.isfinite(amplitude):
-            outside = np.uint64(0)
-            z = counter_of(seed, r * cols)
-            for c in range(cols):
-                h = mix64(z)
-                z += GOLDEN
-                delta = chip_times(h, amplitude * code[position_of(h, code_length)])
-                x = f16_to_f64(w[r, c]) + delta
-                out[r, c] = f16_round_bits(x, draw_of(h))
-                outside = max(outside, outside_f16(x))
-        if outside >= F16_ROUND_DOMAIN:
+        outside = np.uint64(0)
+        z = counter_of(seed, r * cols)
+        for c in range(cols):
+            h = mix64(z)
+            z += GOLDEN
+            delta = chip_times(h, amplitude * code[short_position_of(h, code_length)])
+            x = f16_to_f64(w[r, c]) + delta
+            out[r, c] = f16_round_bits(x, draw_of(h))
+            outside = max(outside, outside_f16(x))
+        if outside >= F16_ROUND_DOMAIN:  # also where the amplitude is not finite
             z = counter_of(seed, r * cols)
             for c in range(cols):
                 h = mix64(z)
@@ -176,6 +174,8 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
 # Row blocks of extract's partial sums (per-block buffers are L float64s each).
 EXTRACT_PARTS = 64
 _GRID_DTYPE = np.dtype(np.uint16)
+# The embed kernels take the code position as a 32 x 32-bit product (prng.short_position_of).
+_MAX_CODE_LENGTH = 2**32 - 1
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -200,6 +200,8 @@ def _check_scale_and_code(rows: int, row_scale: np.ndarray, codeword: np.ndarray
     if codeword is not None:
         if codeword.ndim != 1 or codeword.size == 0 or codeword.dtype != np.int8:
             raise ValueError("codeword must be a non-empty 1-D int8 array of +-1")
+        if codeword.size > _MAX_CODE_LENGTH:
+            raise ValueError(f"codeword of {codeword.size} entries: at most {_MAX_CODE_LENGTH}")
 
 
 def embed(
