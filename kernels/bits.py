@@ -173,14 +173,15 @@ def f16_stochastic_round(bits, delta, u):
 # Where |x| lies in a grid's normal range, its floor `lo` keeps the top bits of |x| (rebiased to
 # the grid's exponent), |x| - lo is the `shift` low bits times 2**(e - 52), hi - lo = 2**(e - 52 +
 # shift) and u = U * 2**-31, so u * (hi - lo) < |x| - lo is U * 2**(shift - 31) < low bits: the
-# same comparison of exact values, in integers. Below the smallest normal, t = |x| * 2**k is
-# exact and counts subnormal steps: lo is floor(t) steps and the comparison is u < t - floor(t)
-# scaled by 2**k. The floor clamps at the largest finite value, whose hi is inf (never taken).
+# same comparison of exact values, in integers. The floor clamps at the largest finite value,
+# whose hi is inf (never taken). The outside_* functions say where this does not hold; the
+# kernels redo such rows with the reference rounding.
 _ABS64 = np.uint64(0x7FFFFFFFFFFFFFFF)
-_U_SCALE = 1.0 / 2147483648.0  # 2**-31, as kernels/prng.py uniform_of
 _F64_INF_BITS = np.uint64(0x7FF0000000000000)
 _BF16_MIN_NORMAL_BITS = np.uint64(0x3810000000000000)  # 2**-126 as float64 bits
 _F16_MIN_NORMAL_BITS = np.uint64(0x3F10000000000000)  # 2**-14 as float64 bits
+_F16_MIN_NORMAL = 2.0**-14
+_ALL_ONES64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 # outside_* below: |x| bits minus the domain's low end (wrapping below it), against its width.
 BF16_ROUND_DOMAIN = _F64_INF_BITS - _BF16_MIN_NORMAL_BITS
 F16_ROUND_DOMAIN = _F64_INF_BITS - np.uint64(1)
@@ -206,28 +207,42 @@ def outside_bf16(x):
 
 
 @numba.njit(**INLINE)
+def _f16_rounding_bits(a):
+    """The float64 bits f16_round_bits reads: |x| itself in the normal range; below it,
+    |x| + 2**-14, whose low 42 bits are the steps of 2**-24 in |x| rounded to the nearest
+    (2**-14 + |x| is in the binade where float16's step is also 2**-24)."""
+    if a < _F16_MIN_NORMAL_BITS:
+        return f64_as_u64(u64_as_f64(a) + _F16_MIN_NORMAL)
+    return a
+
+
+@numba.njit(**INLINE)
 def f16_round_bits(x, draw):
     """f16_stochastic_round's bits for x = w + delta and u = draw * 2**-31, when
-    0 < |x| < inf (outside_f16(x) < F16_ROUND_DOMAIN; w is then finite)."""
+    outside_f16(x) < F16_ROUND_DOMAIN (0 < |x| < inf, w then finite, and no rounding doubt)."""
     b = f64_as_u64(x)
     a = b & _ABS64
-    normal_mag = (a >> np.uint64(42)) - np.uint64((1023 - 15) << 10)
-    normal_up = ((draw << np.uint64(11)) - (a & np.uint64((1 << 42) - 1))) >> np.uint64(63)
-    t = u64_as_f64(min(a, _F16_MIN_NORMAL_BITS)) * _TWO_P24  # subnormal steps, exact
-    steps = np.int64(t)
-    # u < t - steps, by the sign of the (exact) difference.
-    sub_up = f64_as_u64(np.float64(draw) * _U_SCALE - (t - np.float64(steps))) >> np.uint64(63)
-    tiny = a < _F16_MIN_NORMAL_BITS
-    mag = np.uint64(steps) if tiny else normal_mag
-    up = sub_up if tiny else normal_up
+    c = _f16_rounding_bits(a)
+    # Below 2**-14, c's pattern is one float16 binade up: 0x400 more than the subnormal's.
+    rebias = (1023 - 15) << 10
+    mag = (c >> np.uint64(42)) - np.uint64(rebias + 0x400 if a < _F16_MIN_NORMAL_BITS else rebias)
+    up = ((draw << np.uint64(11)) - (c & np.uint64((1 << 42) - 1))) >> np.uint64(63)
     mag = min(mag + up, np.uint64(_F16_MAX_BITS))
     return np.uint16(mag | ((b >> np.uint64(48)) & np.uint64(0x8000)))
 
 
 @numba.njit(**INLINE)
 def outside_f16(x):
-    """At least F16_ROUND_DOMAIN iff f16_round_bits does not apply to x."""
-    return (f64_as_u64(x) & _ABS64) - np.uint64(1)
+    """At least F16_ROUND_DOMAIN iff f16_round_bits may differ from f16_stochastic_round at x:
+    x is zero, infinite or NaN, or |x| < 2**-14 and its rounded steps c end in eleven zero bits.
+
+    Only then can rounding |x| + 2**-14 change the comparison: u * 2**31 * 2**11 is a multiple
+    of 2**11, and the true fraction and c's low bits differ by at most half a unit.
+    """
+    a = f64_as_u64(x) & _ABS64
+    if a < _F16_MIN_NORMAL_BITS and (_f16_rounding_bits(a) & np.uint64(0x7FF)) == np.uint64(0):
+        return _ALL_ONES64
+    return a - np.uint64(1)
 
 
 @numba.njit(**INLINE)
