@@ -51,12 +51,12 @@ def _amplitude(alpha, scale):
 
 # Each embed kernel walks a row with a running hash counter (one add per element, not a
 # multiply) and reads the codeword as float64 (a vector gather), in loops without branches so
-# they vectorise. The 16-bit grids round on the float64 bits of x = w + delta
-# (bits.bf16_round_bits, bits.f16_round_bits) and take delta as amplitude * c[p] with the
-# chip's sign (prng.chip_times), which is (amplitude * chip) * c[p] unless the amplitude is
-# NaN. A row with an x outside the rounding's domain (zero or tiny, infinite or NaN: a
-# non-finite weight or amplitude gives such an x) is done again element by element with the
-# reference formula. Every path gives the reference bits.
+# they vectorise. delta is amplitude * c[p] with the chip's sign (prng.chip_times), which is
+# (amplitude * chip) * c[p] for a finite amplitude. The 16-bit grids round on the float64 bits
+# of x = w + delta (bits.bf16_round_bits, bits.f16_round_bits). A row with an x outside the
+# rounding's domain (zero or tiny, infinite or NaN: a non-finite weight or amplitude gives such
+# an x) is done again element by element with the reference formula, and so is a float row
+# whose amplitude is not finite. Every path gives the reference bits.
 
 
 @numba.njit(**PARALLEL)
@@ -70,11 +70,18 @@ def _embed_float(w, out, row_scale, code, seed, alpha):
                 out[r, c] = w[r, c]
             continue
         z = counter_of(seed, r * cols)
-        for c in range(cols):
-            h = mix64(z)
-            z += GOLDEN
-            delta = amplitude * chip_of(h) * code[short_position_of(h, code_length)]
-            out[r, c] = np.float64(w[r, c]) + delta
+        if np.isfinite(amplitude):  # amplitude * c[p] is not NaN: the chip's sign is a flip
+            for c in range(cols):
+                h = mix64(z)
+                z += GOLDEN
+                delta = chip_times(h, amplitude * code[short_position_of(h, code_length)])
+                out[r, c] = np.float64(w[r, c]) + delta
+        else:
+            for c in range(cols):
+                h = mix64(z)
+                z += GOLDEN
+                delta = amplitude * chip_of(h) * code[position_of(h, code_length)]
+                out[r, c] = np.float64(w[r, c]) + delta
 
 
 @numba.njit(**PARALLEL)
