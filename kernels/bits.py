@@ -209,10 +209,11 @@ def outside_bf16(x):
 @numba.njit(**INLINE)
 def _f16_rounding_bits(a):
     """The float64 bits f16_round_bits reads: |x| itself in the normal range; below it,
-    |x| + 2**-14, whose low 42 bits are the steps of 2**-24 in |x| rounded to the nearest
-    (2**-14 + |x| is in the binade where float16's step is also 2**-24)."""
+    |x| + 2**-14 (whose binade has float16's subnormal step, 2**-24: its low 42 bits are the
+    steps of 2**-24 in |x|, rounded to the nearest) with its exponent one lower, so that the
+    normal range's rebiasing yields the subnormal pattern."""
     if a < _F16_MIN_NORMAL_BITS:
-        return f64_as_u64(u64_as_f64(a) + _F16_MIN_NORMAL)
+        return f64_as_u64(u64_as_f64(a) + _F16_MIN_NORMAL) - (np.uint64(1) << np.uint64(52))
     return a
 
 
@@ -223,9 +224,7 @@ def f16_round_bits(x, draw):
     b = f64_as_u64(x)
     a = b & _ABS64
     c = _f16_rounding_bits(a)
-    # Below 2**-14, c's pattern is one float16 binade up: 0x400 more than the subnormal's.
-    rebias = (1023 - 15) << 10
-    mag = (c >> np.uint64(42)) - np.uint64(rebias + 0x400 if a < _F16_MIN_NORMAL_BITS else rebias)
+    mag = (c >> np.uint64(42)) - np.uint64((1023 - 15) << 10)
     up = ((draw << np.uint64(11)) - (c & np.uint64((1 << 42) - 1))) >> np.uint64(63)
     mag = min(mag + up, np.uint64(_F16_MAX_BITS))
     return np.uint16(mag | ((b >> np.uint64(48)) & np.uint64(0x8000)))
