@@ -9,14 +9,33 @@ import numpy as np
 
 from weightmark.kernels.bits import (
     BF16,
+    BF16_ROUND_DOMAIN,
     F16,
+    F16_ROUND_DOMAIN,
     FLOAT,
+    bf16_round_bits,
     bf16_stochastic_round,
+    bf16_to_f64,
     decode_row,
+    f16_round_bits,
     f16_stochastic_round,
+    f16_to_f64,
+    outside_bf16,
+    outside_f16,
 )
 from weightmark.kernels.config import INLINE, PARALLEL
-from weightmark.kernels.prng import chip_of, element_hash, position_of, uniform_of
+from weightmark.kernels.prng import (
+    GOLDEN,
+    chip_of,
+    chip_times,
+    counter_of,
+    draw_of,
+    element_hash,
+    mix64,
+    position_of,
+    short_position_of,
+    uniform_of,
+)
 
 __all__ = ["FLOAT", "BF16", "F16", "embed", "extract"]
 
@@ -30,55 +49,95 @@ def _amplitude(alpha, scale):
     return 0.0
 
 
+# Each embed kernel walks a row with a running hash counter (one add per element, not a
+# multiply) and reads the codeword as float64 (a vector gather), in loops without branches so
+# they vectorise. delta is amplitude * c[p] with the chip's sign (prng.chip_times), which is
+# (amplitude * chip) * c[p] for a finite amplitude. The 16-bit grids round on the float64 bits
+# of x = w + delta (bits.bf16_round_bits, bits.f16_round_bits). A row with an x outside the
+# rounding's domain (zero or tiny, infinite or NaN: a non-finite weight or amplitude gives such
+# an x) is done again element by element with the reference formula, and so is a float row
+# whose amplitude is not finite. Every path gives the reference bits.
+
+
 @numba.njit(**PARALLEL)
-def _embed_float(w, out, row_scale, codeword, seed, alpha):
+def _embed_float(w, out, row_scale, code, seed, alpha):
     rows, cols = w.shape
-    code_length = codeword.shape[0]
+    code_length = code.shape[0]
     for r in numba.prange(rows):
         amplitude = _amplitude(alpha, row_scale[r])
-        base = r * cols
         if amplitude == 0.0:
             for c in range(cols):
                 out[r, c] = w[r, c]
             continue
-        for c in range(cols):
-            h = element_hash(seed, base + c)
-            delta = amplitude * chip_of(h) * np.float64(codeword[position_of(h, code_length)])
-            out[r, c] = np.float64(w[r, c]) + delta
+        z = counter_of(seed, r * cols)
+        if np.isfinite(amplitude):  # amplitude * c[p] is not NaN: the chip's sign is a flip
+            for c in range(cols):
+                h = mix64(z)
+                z += GOLDEN
+                delta = chip_times(h, amplitude * code[short_position_of(h, code_length)])
+                out[r, c] = np.float64(w[r, c]) + delta
+        else:
+            for c in range(cols):
+                h = mix64(z)
+                z += GOLDEN
+                delta = amplitude * chip_of(h) * code[position_of(h, code_length)]
+                out[r, c] = np.float64(w[r, c]) + delta
 
 
 @numba.njit(**PARALLEL)
-def _embed_bf16(w, out, row_scale, codeword, seed, alpha):
+def _embed_bf16(w, out, row_scale, code, seed, alpha):
     rows, cols = w.shape
-    code_length = codeword.shape[0]
+    code_length = code.shape[0]
     for r in numba.prange(rows):
         amplitude = _amplitude(alpha, row_scale[r])
-        base = r * cols
         if amplitude == 0.0:
             for c in range(cols):
                 out[r, c] = w[r, c]
             continue
+        outside = np.uint64(0)
+        z = counter_of(seed, r * cols)
         for c in range(cols):
-            h = element_hash(seed, base + c)
-            delta = amplitude * chip_of(h) * np.float64(codeword[position_of(h, code_length)])
-            out[r, c] = bf16_stochastic_round(w[r, c], delta, uniform_of(h))
+            h = mix64(z)
+            z += GOLDEN
+            delta = chip_times(h, amplitude * code[short_position_of(h, code_length)])
+            x = bf16_to_f64(w[r, c]) + delta
+            out[r, c] = bf16_round_bits(x, draw_of(h))
+            outside = max(outside, outside_bf16(x))
+        if outside >= BF16_ROUND_DOMAIN:  # also where the amplitude is not finite
+            z = counter_of(seed, r * cols)
+            for c in range(cols):
+                h = mix64(z)
+                z += GOLDEN
+                delta = amplitude * chip_of(h) * code[position_of(h, code_length)]
+                out[r, c] = bf16_stochastic_round(w[r, c], delta, uniform_of(h))
 
 
 @numba.njit(**PARALLEL)
-def _embed_f16(w, out, row_scale, codeword, seed, alpha):
+def _embed_f16(w, out, row_scale, code, seed, alpha):
     rows, cols = w.shape
-    code_length = codeword.shape[0]
+    code_length = code.shape[0]
     for r in numba.prange(rows):
         amplitude = _amplitude(alpha, row_scale[r])
-        base = r * cols
         if amplitude == 0.0:
             for c in range(cols):
                 out[r, c] = w[r, c]
             continue
+        outside = np.uint64(0)
+        z = counter_of(seed, r * cols)
         for c in range(cols):
-            h = element_hash(seed, base + c)
-            delta = amplitude * chip_of(h) * np.float64(codeword[position_of(h, code_length)])
-            out[r, c] = f16_stochastic_round(w[r, c], delta, uniform_of(h))
+            h = mix64(z)
+            z += GOLDEN
+            delta = chip_times(h, amplitude * code[short_position_of(h, code_length)])
+            x = f16_to_f64(w[r, c]) + delta
+            out[r, c] = f16_round_bits(x, draw_of(h))
+            outside = max(outside, outside_f16(x))
+        if outside >= F16_ROUND_DOMAIN:  # also where the amplitude is not finite
+            z = counter_of(seed, r * cols)
+            for c in range(cols):
+                h = mix64(z)
+                z += GOLDEN
+                delta = amplitude * chip_of(h) * code[position_of(h, code_length)]
+                out[r, c] = f16_stochastic_round(w[r, c], delta, uniform_of(h))
 
 
 @numba.njit(**PARALLEL)
@@ -122,6 +181,8 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
 # Row blocks of extract's partial sums (per-block buffers are L float64s each).
 EXTRACT_PARTS = 64
 _GRID_DTYPE = np.dtype(np.uint16)
+# The embed kernels take the code position as a 32 x 32-bit product (prng.short_position_of).
+_MAX_CODE_LENGTH = 2**32 - 1
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -146,6 +207,8 @@ def _check_scale_and_code(rows: int, row_scale: np.ndarray, codeword: np.ndarray
     if codeword is not None:
         if codeword.ndim != 1 or codeword.size == 0 or codeword.dtype != np.int8:
             raise ValueError("codeword must be a non-empty 1-D int8 array of +-1")
+        if codeword.size > _MAX_CODE_LENGTH:
+            raise ValueError(f"codeword of {codeword.size} entries: at most {_MAX_CODE_LENGTH}")
 
 
 def embed(
@@ -171,12 +234,13 @@ def embed(
     if weights.size == 0:
         return out
     seed64 = np.uint64(seed)
+    code = codeword.astype(np.float64)  # exact; the kernels gather float64s
     if kind == FLOAT:
-        _embed_float(weights, out, row_scale, codeword, seed64, float(alpha))
+        _embed_float(weights, out, row_scale, code, seed64, float(alpha))
     elif kind == BF16:
-        _embed_bf16(weights, out, row_scale, codeword, seed64, float(alpha))
+        _embed_bf16(weights, out, row_scale, code, seed64, float(alpha))
     else:
-        _embed_f16(weights, out, row_scale, codeword, seed64, float(alpha))
+        _embed_f16(weights, out, row_scale, code, seed64, float(alpha))
     return out
 
 
