@@ -814,6 +814,29 @@ def _tensor_info_bytes(name: str, shape: Sequence[int], type_id: int, offset: in
                      *(_U64.pack(int(d)) for d in reversed(shape)), _U32.pack(type_id), _U64.pack(offset)))
 
 
+class _Writer(gguf.GGUFWriter):
+    """gguf's writer, packing a typed metadata array of strings or numbers in one go: item by
+    item, a donor's vocabulary (~10^5 strings and as many token types) took ~0.1 s of every
+    GGUF copy. The bytes are those of GGUFWriter._pack_val; anything else goes to it."""
+
+    def _pack_val(self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool,
+                  sub_type: gguf.GGUFValueType | None = None) -> bytes:
+        simple = self._simple_value_packing.get(sub_type) if sub_type is not None else None
+        if (vtype != gguf.GGUFValueType.ARRAY or self.endianess != gguf.GGUFEndian.LITTLE
+                or not isinstance(val, Sequence) or not val or sub_type == gguf.GGUFValueType.BOOL
+                or (sub_type != gguf.GGUFValueType.STRING and simple is None)):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        parts = [_U32.pack(vtype)] if add_vtype else []
+        parts += [_U32.pack(sub_type), _U64.pack(len(val))]
+        if simple is not None:
+            parts.append(struct.pack(f"<{len(val)}{simple}", *val))
+        else:
+            for item in val:
+                encoded = item.encode("utf-8") if isinstance(item, str) else item
+                parts += [_U64.pack(len(encoded)), encoded]
+        return b"".join(parts)
+
+
 def _pad(n: int, alignment: int) -> int:
     return (alignment - n % alignment) % alignment
 
@@ -901,7 +924,7 @@ def write_gguf(
     final = Path(path)
     temp = final.parent / f".{final.name}.tmp-{os.urandom(6).hex()}"
     # gguf's writer lays out the header, the key/values and (placeholder) tensor infos.
-    writer = gguf.GGUFWriter(temp, arch)
+    writer = _Writer(temp, arch)
     try:
         for gguf_name, _, _, source in mapped:
             writer.add_tensor_info(gguf_name, tuple(source.shape), np.dtype(np.float32), 0,

@@ -140,3 +140,28 @@ def test_a_failure_leaves_nothing_under_the_name(tmp_path: Path, tensors) -> Non
     with pytest.raises(RuntimeError, match="encoder failed"):
         write_gguf(target, "llama", tensors, "F32", LLAMA_META, encode=broken)
     assert target.read_bytes() == b"earlier" and os.listdir(tmp_path) == ["out.gguf"]
+
+
+def test_typed_metadata_arrays_pack_as_gguf_packs_them() -> None:
+    """Typed arrays (a donor GGUF's vocabulary) are packed in one go: the bytes of gguf's own
+    item-by-item packing, for strings (non-ASCII, empty, bytes), every numeric type and the
+    cases left to gguf (bool items, untyped lists, an empty array it refuses)."""
+    import gguf
+
+    from weightmark.formats.gguf import _Writer
+
+    T = gguf.GGUFValueType
+    ours, theirs = _Writer(None, "llama"), gguf.GGUFWriter(None, "llama")
+    cases = [
+        (["<s>", "", "Ġthe", "\u00e9t\u00e9", "\u2581x", b"raw"], T.STRING),
+        ([1, 2, 3, -4], T.INT32), ([0, 255], T.UINT8), ([2**40, 7], T.UINT64), ([-(2**40)], T.INT64),
+        ([0.5, -1e-30, 3.4e38], T.FLOAT32), ([1e300], T.FLOAT64), ([1, -2], T.INT16), ([7], T.UINT16),
+        ([-1], T.INT8), ([True, False], T.BOOL), (["a", "b"], None),
+    ]  # fmt: skip
+    for values, sub_type in cases:
+        for add_vtype in (True, False):
+            want = theirs._pack_val(values, T.ARRAY, add_vtype, sub_type)
+            assert ours._pack_val(values, T.ARRAY, add_vtype, sub_type) == want, (values, sub_type)
+    assert ours._pack_val("key", T.STRING, False) == theirs._pack_val("key", T.STRING, False)
+    with pytest.raises(ValueError, match="Empty array"):
+        ours._pack_val([], T.ARRAY, True, T.STRING)
