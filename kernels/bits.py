@@ -46,6 +46,18 @@ def f32_as_u32(typingctx, value):
     return types.uint32(types.float32), codegen
 
 
+@intrinsic
+def u64_as_f64(typingctx, bits):
+    """Reinterpret a uint64 as float64 (no conversion)."""
+    if bits != types.uint64:
+        raise TypingError("u64_as_f64 takes a uint64")
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float64))
+
+    return types.float64(types.uint64), codegen
+
+
 _SIGN16 = np.uint16(0x8000)
 _TWO_P24 = 2.0**24
 _F16_MIN_NORMAL = 2.0**-14
@@ -198,3 +210,34 @@ def _decode_row_overload(array, r, kind, out):
 
         return impl_bits
     raise TypingError(f"decode_row: unsupported element type {array.dtype}")
+
+
+def decode_span(array, r, start, n, kind, out):
+    """out[:n] = values of row r, columns start..start+n-1 (as decode_row, on a part of the row)."""
+
+
+@overload(decode_span)
+def _decode_span_overload(array, r, start, n, kind, out):
+    # The loops index a view of the span by their own counter (never negative), so there is no
+    # wrap-around test per element and they vectorise.
+    if isinstance(array.dtype, types.Float):
+
+        def impl_float(array, r, start, n, kind, out):
+            span = array[r, start : start + n]
+            for c in range(n):
+                out[c] = np.float64(span[c])
+
+        return impl_float
+    if array.dtype == types.uint16:
+
+        def impl_bits(array, r, start, n, kind, out):
+            span = array[r, start : start + n]
+            if kind == BF16:
+                for c in range(n):
+                    out[c] = bf16_to_f64(span[c])
+            else:
+                for c in range(n):
+                    out[c] = f16_to_f64(span[c])
+
+        return impl_bits
+    raise TypingError(f"decode_span: unsupported element type {array.dtype}")

@@ -6,17 +6,31 @@ hash h = H(seed, j), chip r_j = +-1 and code position p_j; its amplitude is alph
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core.errors import TypingError
+from numba.extending import intrinsic
 
 from weightmark.kernels.bits import (
     BF16,
     F16,
     FLOAT,
     bf16_stochastic_round,
-    decode_row,
+    decode_span,
     f16_stochastic_round,
 )
-from weightmark.kernels.config import INLINE, PARALLEL
-from weightmark.kernels.prng import chip_of, element_hash, position_of, uniform_of
+from weightmark.kernels.config import INLINE, PARALLEL, SERIAL
+from weightmark.kernels.prng import (
+    GOLDEN,
+    chip_from_bits,
+    chip_of,
+    element_hash,
+    hash_key,
+    mix64,
+    position_of,
+    position_of_u32,
+    uniform_of,
+)
 
 __all__ = ["FLOAT", "BF16", "F16", "embed", "extract"]
 
@@ -81,42 +95,104 @@ def _embed_f16(w, out, row_scale, codeword, seed, alpha):
             out[r, c] = f16_stochastic_round(w[r, c], delta, uniform_of(h))
 
 
+# Elements per step of extraction: a tile's positions and terms stay in L1 between the
+# vectorised map (decode, hash, weigh) and the scatter into the sums.
+TILE = 512
+
+
+@numba.njit(**INLINE)
+def weigh_tile(d, n, key, inv, code_length, position, terms):
+    """Map of extraction over d[:n], the differences of n consecutive elements whose first has
+    hash key `key` (seed + (j + 1) * GOLDEN): position[i] = p_j, terms[i] = (r_j e_j, e_j^2) with
+    e_j = d_j / s (non-finite differences weigh nothing). code_length is a uint32, so the
+    position's multiply-high is 32 x 32 -> 64 bits (the same integer as position_of)."""
+    for i in range(n):
+        x = d[i]
+        # Zero differences add nothing; non-finite ones are dropped.
+        e = x * inv if np.isfinite(x) else 0.0
+        h = mix64(key + np.uint64(i) * GOLDEN)
+        position[i] = position_of_u32(h, code_length)
+        terms[i, 0] = chip_from_bits(h) * e
+        terms[i, 1] = e * e
+
+
+@intrinsic
+def _add_pair(typingctx, sums, k, a, b):
+    """sums[k] += a and sums[k + 1] += b (a C-contiguous float64 vector, k in range, unchecked)
+    as one two-lane load, add and store: each lane the same IEEE addition as the scalar one."""
+    if not (isinstance(sums, types.Array) and sums.dtype == types.float64 and sums.ndim == 1
+            and sums.layout == "C"):  # fmt: skip
+        raise TypingError("_add_pair takes a C-contiguous 1-D float64 array")
+    if not isinstance(k, types.Integer) or a != types.float64 or b != types.float64:
+        raise TypingError("_add_pair takes an integer index and two float64 terms")
+
+    def codegen(context, builder, signature, args):
+        array, index, x, y = args
+        data = context.make_array(signature.args[0])(context, builder, array).data
+        pair_type = ir.VectorType(ir.DoubleType(), 2)
+        index = context.cast(builder, index, signature.args[1], types.intp)
+        slot = builder.bitcast(builder.gep(data, [index]), pair_type.as_pointer())
+        term = builder.insert_element(ir.Constant(pair_type, None), x, ir.Constant(ir.IntType(32), 0))
+        term = builder.insert_element(term, y, ir.Constant(ir.IntType(32), 1))
+        total = builder.fadd(builder.load(slot, align=8), term)
+        builder.store(total, slot, align=8)
+        return context.get_dummy_value()
+
+    return types.void(sums, k, a, b), codegen
+
+
+@numba.njit(**INLINE)
+def scatter_tile(n, position, terms, sums):
+    """sums[2p] += r e and sums[2p + 1] += e^2 for each of the tile's n elements, in order
+    (num and den of a position side by side: one cache line per element). sums is one block's
+    [2 L] vector; positions are below L by construction, so no bounds are checked."""
+    for i in range(n):
+        _add_pair(sums, np.intp(position[i]) * 2, terms[i, 0], terms[i, 1])
+
+
 @numba.njit(**PARALLEL)
-def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, row_scale, seed, num, den):
+def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, row_scale, seed, sums):
     rows, cols = suspect.shape
-    threads, code_length = num.shape
+    threads, code_length = sums.shape[0], np.uint32(sums.shape[1])
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
-        # Per row: decode, then hash and weigh every element (vectorisable maps), then
-        # scatter into this thread's own sums (the only part with random access).
-        d = np.empty(cols)
-        ref = np.empty(cols)
-        weighted = np.empty(cols)
-        squared = np.empty(cols)
-        position = np.empty(cols, dtype=np.int64)
+        # Per tile of a row: decode, then hash and weigh every element (vectorisable maps),
+        # then scatter into this block's own sums (the only part with random access).
+        d = np.empty(TILE)
+        ref = np.empty(TILE)
+        terms = np.empty((TILE, 2))
+        position = np.empty(TILE, dtype=np.int32)
+        part = sums[t].reshape(2 * sums.shape[1])
         stop = min(rows, (t + 1) * chunk)
         for r in range(t * chunk, stop):
             scale = np.float64(row_scale[r])
             if not scale > 0.0 or not np.isfinite(scale):
                 continue
             inv = 1.0 / scale
-            base = r * cols
-            decode_row(suspect, r, suspect_kind, d)
-            if has_reference:
-                decode_row(reference, r, reference_kind, ref)
-                for c in range(cols):
-                    d[c] -= ref[c]
-            for c in range(cols):
-                # Zero differences add nothing; non-finite ones are dropped.
-                e = d[c] * inv if np.isfinite(d[c]) else 0.0
-                h = element_hash(seed, base + c)
-                position[c] = position_of(h, code_length)
-                weighted[c] = chip_of(h) * e
-                squared[c] = e * e
-            for c in range(cols):
-                p = position[c]
-                num[t, p] += weighted[c]
-                den[t, p] += squared[c]
+            for c0 in range(0, cols, TILE):
+                n = min(TILE, cols - c0)
+                decode_span(suspect, r, c0, n, suspect_kind, d)
+                if has_reference:
+                    decode_span(reference, r, c0, n, reference_kind, ref)
+                    for i in range(n):
+                        d[i] -= ref[i]
+                weigh_tile(d, n, hash_key(seed, r * cols + c0), inv, code_length, position, terms)
+                scatter_tile(n, position, terms, part)
+
+
+@numba.njit(**SERIAL)
+def _fold_parts(sums, num, den):
+    """num += the blocks' num summed, den likewise: from 0.0, blocks in order (numpy's sum over
+    axis 0), then added to what num holds."""
+    parts, length = sums.shape[0], sums.shape[1]
+    for i in range(length):
+        a = 0.0
+        b = 0.0
+        for t in range(parts):
+            a += sums[t, i, 0]
+            b += sums[t, i, 1]
+        num[i] += a
+        den[i] += b
 
 
 # Row blocks of extract's partial sums (per-block buffers are L float64s each).
@@ -209,8 +285,7 @@ def extract(
     # A fixed number of row blocks whatever the thread count: the sums are then bit-identical
     # on 1 thread or 64 (a scan on cluster workers with fewer threads agrees with a serial one).
     parts = max(1, min(EXTRACT_PARTS, suspect.shape[0]))
-    part_num = np.zeros((parts, num.shape[0]))
-    part_den = np.zeros((parts, num.shape[0]))
+    sums = np.zeros((parts, num.shape[0], 2))
     has_reference = reference is not None
     _extract(
         suspect,
@@ -220,8 +295,6 @@ def extract(
         has_reference,
         row_scale,
         np.uint64(seed),
-        part_num,
-        part_den,
+        sums,
     )
-    num += part_num.sum(axis=0)
-    den += part_den.sum(axis=0)
+    _fold_parts(sums, num, den)

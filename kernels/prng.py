@@ -3,6 +3,7 @@
 import numba
 import numpy as np
 
+from weightmark.kernels.bits import u64_as_f64
 from weightmark.kernels.config import INLINE, SERIAL
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -15,6 +16,8 @@ _S32 = np.uint64(32)
 _S63 = np.uint64(63)
 _ONE = np.uint64(1)
 _LOW32 = np.uint64(0xFFFFFFFF)
+_TOP = np.uint64(1 << 63)
+_ONE_BITS = np.uint64(0x3FF0000000000000)  # 1.0
 _LOW31 = np.uint64(0x7FFFFFFF)
 # 2**-31: bits 32..62 of the hash give the stochastic-rounding uniform in [0, 1).
 _U_SCALE = 1.0 / 2147483648.0
@@ -35,15 +38,36 @@ def element_hash(seed, j):
 
 
 @numba.njit(**INLINE)
+def hash_key(seed, j):
+    """mix64's input for element j: element_hash(seed, j) == mix64(hash_key(seed, j)), and element
+    j + i's key is hash_key(seed, j) + i * GOLDEN (a running addition over consecutive elements)."""
+    return seed + (np.uint64(j) + _ONE) * GOLDEN
+
+
+@numba.njit(**INLINE)
 def chip_of(h):
     """Chip in {-1, +1} from the top bit."""
     return 1.0 - 2.0 * np.float64(h >> _S63)
 
 
 @numba.njit(**INLINE)
+def chip_from_bits(h):
+    """chip_of(h) built from its bits (the sign bit of 1.0 set from h's top bit): the same
+    +-1.0, with two bit operations in place of a shift, a conversion and a subtraction."""
+    return u64_as_f64((h & _TOP) | _ONE_BITS)
+
+
+@numba.njit(**INLINE)
 def position_of(h, code_length):
     """Code position in [0, code_length) by multiply-high of the low 32 bits (no modulo bias)."""
     return np.int64(((h & _LOW32) * np.uint64(code_length)) >> _S32)
+
+
+@numba.njit(**INLINE)
+def position_of_u32(h, code_length):
+    """position_of for a uint32 code_length, as an int32: the same integer, but the multiply is
+    32 x 32 -> 64 bits, which vectorises to one instruction where a 64-bit multiply does not."""
+    return np.int32(((h & _LOW32) * np.uint64(np.uint32(code_length))) >> _S32)
 
 
 @numba.njit(**INLINE)
