@@ -103,7 +103,7 @@ TILE = 512
 @numba.njit(**INLINE)
 def weigh_tile(d, n, key, inv, code_length, position, terms):
     """Map of extraction over d[:n], the differences of n consecutive elements whose first has
-    hash key `key` (seed + (j + 1) * GOLDEN): position[i] = p_j, terms[i] = (r_j e_j, e_j^2) with
+    hash key `key` (seed + (j + 1) * GOLDEN): position[i] = p_j, terms[2i:2i + 2] = (r_j e_j, e_j^2) with
     e_j = d_j / s (non-finite differences weigh nothing). code_length is a uint32, so the
     position's multiply-high is 32 x 32 -> 64 bits (the same integer as position_of)."""
     for i in range(n):
@@ -112,8 +112,8 @@ def weigh_tile(d, n, key, inv, code_length, position, terms):
         e = x * inv if np.isfinite(x) else 0.0
         h = mix64(key + np.uint64(i) * GOLDEN)
         position[i] = position_of_u32(h, code_length)
-        terms[i, 0] = chip_from_bits(h) * e
-        terms[i, 1] = e * e
+        terms[2 * i] = chip_from_bits(h) * e
+        terms[2 * i + 1] = e * e
 
 
 @intrinsic
@@ -147,7 +147,7 @@ def scatter_tile(n, position, terms, sums):
     (num and den of a position side by side: one cache line per element). sums is one block's
     [2 L] vector; positions are below L by construction, so no bounds are checked."""
     for i in range(n):
-        _add_pair(sums, np.intp(position[i]) * 2, terms[i, 0], terms[i, 1])
+        _add_pair(sums, np.intp(position[i]) * 2, terms[2 * i], terms[2 * i + 1])
 
 
 @numba.njit(**PARALLEL)
@@ -160,7 +160,7 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
         # then scatter into this block's own sums (the only part with random access).
         d = np.empty(TILE)
         ref = np.empty(TILE)
-        terms = np.empty((TILE, 2))
+        terms = np.empty(2 * TILE)
         position = np.empty(TILE, dtype=np.int32)
         part = sums[t].reshape(2 * sums.shape[1])
         stop = min(rows, (t + 1) * chunk)
@@ -181,7 +181,7 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
 
 
 @numba.njit(**SERIAL)
-def _fold_parts(sums, num, den):
+def fold_parts(sums, num, den):
     """num += the blocks' num summed, den likewise: from 0.0, blocks in order (numpy's sum over
     axis 0), then added to what num holds."""
     parts, length = sums.shape[0], sums.shape[1]
@@ -297,4 +297,4 @@ def extract(
         np.uint64(seed),
         sums,
     )
-    _fold_parts(sums, num, den)
+    fold_parts(sums, num, den)

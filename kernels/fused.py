@@ -16,10 +16,10 @@ along the input axis, per-group zeros and scales, any group index) and bitsandby
 import numba
 import numpy as np
 
-from weightmark.kernels.bits import BF16, F16, FLOAT, decode_row
+from weightmark.kernels.bits import BF16, F16, FLOAT, decode_span
 from weightmark.kernels.config import INLINE, PARALLEL
-from weightmark.kernels.dense import EXTRACT_PARTS
-from weightmark.kernels.prng import chip_of, element_hash, position_of
+from weightmark.kernels.dense import EXTRACT_PARTS, TILE, fold_parts, scatter_tile, weigh_tile
+from weightmark.kernels.prng import hash_key
 from weightmark.kernels.quant import (
     BLOCK_LAYOUTS,
     _q4_0_row,
@@ -57,41 +57,33 @@ def _row_scale_inverse(row_scale, r):
 
 
 @numba.njit(**INLINE)
-def _accumulate_row(
-    d, r, inv, reference, reference_kind, has_reference, ref, seed, t, num, den, position, weighted, squared
-):
-    """num[t] and den[t] += row r's terms, d holding the suspect's decoded row (as `extract`)."""
+def _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, sums, position, terms):
+    """A block's sums (its [2 L] vector) += row r's terms, d holding the suspect's decoded row
+    (as `extract`: tile by tile, in column order)."""
     cols = d.shape[0]
-    code_length = num.shape[1]
-    base = r * cols
-    if has_reference:
-        decode_row(reference, r, reference_kind, ref)
-        for c in range(cols):
-            d[c] -= ref[c]
-    for c in range(cols):
-        # Zero differences add nothing; non-finite ones are dropped.
-        e = d[c] * inv if np.isfinite(d[c]) else 0.0
-        h = element_hash(seed, base + c)
-        position[c] = position_of(h, code_length)
-        weighted[c] = chip_of(h) * e
-        squared[c] = e * e
-    for c in range(cols):
-        p = position[c]
-        num[t, p] += weighted[c]
-        den[t, p] += squared[c]
+    code_length = np.uint32(sums.shape[0] // 2)
+    for c0 in range(0, cols, TILE):
+        n = min(TILE, cols - c0)
+        tile = d[c0 : c0 + n]
+        if has_reference:
+            decode_span(reference, r, c0, n, reference_kind, ref)
+            for i in range(n):
+                tile[i] -= ref[i]
+        weigh_tile(tile, n, hash_key(seed, r * cols + c0), inv, code_length, position, terms)
+        scatter_tile(n, position, terms, sums)
 
 
 @numba.njit(**PARALLEL)
-def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_reference, row_scale, seed, num, den):
+def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_reference, row_scale, seed, sums):
     rows = row_map.shape[0]
-    threads = num.shape[0]
+    threads = sums.shape[0]
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         d = np.empty(cols)
-        ref = np.empty(cols)
-        weighted = np.empty(cols)
-        squared = np.empty(cols)
-        position = np.empty(cols, dtype=np.int64)
+        ref = np.empty(TILE)
+        terms = np.empty(2 * TILE)
+        position = np.empty(TILE, dtype=np.int32)
+        part = sums[t].reshape(2 * sums.shape[1])
         for r in range(t * chunk, min(rows, (t + 1) * chunk)):
             inv = _row_scale_inverse(row_scale, r)
             if inv == 0.0:
@@ -113,25 +105,24 @@ def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_refe
                 _q5_k_row(raw, stored, d)
             else:
                 _q6_k_row(raw, stored, d)
-            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, t, num, den,
-                            position, weighted, squared)  # fmt: skip
+            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, part, position, terms)
 
 
 @numba.njit(**PARALLEL)
 def _extract_gptq(qweight, bits, zeros, scales, g_idx, reference, reference_kind, has_reference, row_scale,
-                  seed, num, den):  # fmt: skip
+                  seed, sums):  # fmt: skip
     rows, groups = scales.shape
     cols = g_idx.shape[0]
     per = 32 // bits
     mask = np.uint32((1 << bits) - 1)
-    threads = num.shape[0]
+    threads = sums.shape[0]
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         d = np.empty(cols)
-        ref = np.empty(cols)
-        weighted = np.empty(cols)
-        squared = np.empty(cols)
-        position = np.empty(cols, dtype=np.int64)
+        ref = np.empty(TILE)
+        terms = np.empty(2 * TILE)
+        position = np.empty(TILE, dtype=np.int32)
+        part = sums[t].reshape(2 * sums.shape[1])
         for r in range(t * chunk, min(rows, (t + 1) * chunk)):
             inv = _row_scale_inverse(row_scale, r)
             if inv == 0.0:
@@ -144,21 +135,20 @@ def _extract_gptq(qweight, bits, zeros, scales, g_idx, reference, reference_kind
                     g = g_idx[i]
                     q = np.float32((word >> np.uint32(k * bits)) & mask)
                     d[i] = (q - zeros[r, g]) * scales[r, g]
-            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, t, num, den,
-                            position, weighted, squared)  # fmt: skip
+            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, part, position, terms)
 
 
 @numba.njit(**PARALLEL)
 def _extract_bnb4(data, code, absmax, blocksize, rows, cols, reference, reference_kind, has_reference,
-                  row_scale, seed, num, den):  # fmt: skip
-    threads = num.shape[0]
+                  row_scale, seed, sums):  # fmt: skip
+    threads = sums.shape[0]
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         d = np.empty(cols)
-        ref = np.empty(cols)
-        weighted = np.empty(cols)
-        squared = np.empty(cols)
-        position = np.empty(cols, dtype=np.int64)
+        ref = np.empty(TILE)
+        terms = np.empty(2 * TILE)
+        position = np.empty(TILE, dtype=np.int32)
+        part = sums[t].reshape(2 * sums.shape[1])
         for r in range(t * chunk, min(rows, (t + 1) * chunk)):
             inv = _row_scale_inverse(row_scale, r)
             if inv == 0.0:
@@ -176,8 +166,7 @@ def _extract_bnb4(data, code, absmax, blocksize, rows, cols, reference, referenc
                     q = (byte >> 4) if (jj & 1) == 0 else (byte & 15)
                     d[cc] = code[q] * scale
                 c = stop
-            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, t, num, den,
-                            position, weighted, squared)  # fmt: skip
+            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, part, position, terms)
 
 
 # ------------------------------------------------------------------------------ checking wrappers
@@ -223,15 +212,13 @@ def _run(kernel, args: tuple, rows: int, cols: int, reference: np.ndarray | None
     if rows == 0 or cols == 0:
         return
     parts = max(1, min(EXTRACT_PARTS, rows))
-    part_num = np.zeros((parts, num.shape[0]))
-    part_den = np.zeros((parts, num.shape[0]))
+    sums = np.zeros((parts, num.shape[0], 2))
     has_reference = reference is not None
     # Without a reference the kernel is given a dummy of the right type (it is never read).
     ref = reference if has_reference else np.empty((1, 1), dtype=np.float32)
     kernel(*args, ref, reference_kind if has_reference else FLOAT, has_reference, row_scale,
-           np.uint64(seed), part_num, part_den)  # fmt: skip
-    num += part_num.sum(axis=0)
-    den += part_den.sum(axis=0)
+           np.uint64(seed), sums)  # fmt: skip
+    fold_parts(sums, num, den)
 
 
 def extract_ggml(
