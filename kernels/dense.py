@@ -247,9 +247,7 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
 
 
 @numba.njit(**SERIAL)
-def fold_parts(sums, num, den):
-    """num += the blocks' num summed, den likewise: from 0.0, blocks in order (numpy's sum over
-    axis 0), then added to what num holds."""
+def _fold_columns(sums, num, den):
     parts, length = sums.shape[0], sums.shape[1]
     for i in range(length):
         a = 0.0
@@ -259,6 +257,17 @@ def fold_parts(sums, num, den):
             b += sums[t, i, 1]
         num[i] += a
         den[i] += b
+
+
+def fold_parts(sums: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
+    """num += the blocks' num sums added up, den likewise ([blocks, L, 2] sums), in numpy's order
+    for a [blocks, L] array summed over axis 0: from 0.0, block after block, for L > 1; a single
+    column (L = 1) is one contiguous run, which numpy sums pairwise, so numpy sums it here."""
+    if sums.shape[1] == 1:
+        num += np.ascontiguousarray(sums[:, :, 0]).sum(axis=0)
+        den += np.ascontiguousarray(sums[:, :, 1]).sum(axis=0)
+    else:
+        _fold_columns(sums, num, den)
 
 
 # Row blocks of extract's partial sums (per-block buffers are L float64s each).

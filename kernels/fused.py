@@ -30,9 +30,13 @@ from weightmark.kernels.quant import (
     _q5_k_row,
     _q6_k_row,
     _q8_0_row,
+    nibbles_high_first,
+    nibbles_low_first,
 )
 
 __all__ = ["FUSED_GGML", "extract_bnb4", "extract_ggml", "extract_gptq"]
+
+_NO_SCALE = np.float32(0.0)  # the unused float arguments of the nibble unpackers
 
 # GGML block type -> the number the kernel branches on.
 FUSED_GGML: dict[str, int] = {
@@ -108,17 +112,53 @@ def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_refe
             _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, part, position, terms)
 
 
-@numba.njit(**PARALLEL)
-def _extract_gptq(qweight, bits, zeros, scales, g_idx, reference, reference_kind, has_reference, row_scale,
-                  seed, sums):  # fmt: skip
-    rows, groups = scales.shape
-    cols = g_idx.shape[0]
+@numba.njit(**INLINE)
+def _gptq_row(qweight, bits, zeros, scales, g_idx, runs, r, words, nibbles, out):
+    """Row r of a GPTQ weight into out: w[r, i] = (q[i, r] - zero[r, g(i)]) * scale[r, g(i)], each
+    step rounded to float32. 4-bit rows are unpacked 32 fields at a time and then weighed run by
+    run of inputs sharing a group (runs: where g_idx changes, then cols); others field by field."""
+    cols = out.shape[0]
     per = 32 // bits
-    mask = np.uint32((1 << bits) - 1)
+    if bits != 4:
+        mask = np.uint32((1 << bits) - 1)
+        for w in range(cols // per):
+            word = qweight[w, r]
+            for k in range(per):
+                i = w * per + k
+                g = g_idx[i]
+                q = np.float32((word >> np.uint32(k * bits)) & mask)
+                out[i] = (q - zeros[r, g]) * scales[r, g]
+        return
+    for w in range(cols // 8):
+        words[w] = qweight[w, r]
+    fields = words.view(np.uint8)  # little-endian words: field i is byte i // 2, low nibble first
+    full = cols - cols % 32
+    for c in range(0, full, 32):
+        nibbles_low_first(fields, c // 2, nibbles, c, _NO_SCALE, _NO_SCALE)
+    for c in range(full, cols):
+        nibbles[c] = np.int32((words[c // 8] >> np.uint32(4 * (c % 8))) & np.uint32(15))
+    for k in range(runs.shape[0] - 1):
+        g = g_idx[runs[k]]
+        zero = zeros[r, g]
+        scale = scales[r, g]
+        # Views indexed from 0: no wrap-around test per element, so the loop vectorises.
+        run_out = out[runs[k] : runs[k + 1]]
+        run_nibbles = nibbles[runs[k] : runs[k + 1]]
+        for i in range(run_out.shape[0]):
+            run_out[i] = (np.float32(run_nibbles[i]) - zero) * scale
+
+
+@numba.njit(**PARALLEL)
+def _extract_gptq(qweight, bits, zeros, scales, g_idx, runs, reference, reference_kind, has_reference, row_scale,
+                  seed, sums):  # fmt: skip
+    rows = scales.shape[0]
+    cols = g_idx.shape[0]
     threads = sums.shape[0]
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         d = np.empty(cols)
+        words = np.empty(qweight.shape[0], dtype=np.uint32)
+        nibbles = np.empty(cols, dtype=np.int32)
         ref = np.empty(TILE)
         terms = np.empty(2 * TILE)
         position = np.empty(TILE, dtype=np.int32)
@@ -127,15 +167,33 @@ def _extract_gptq(qweight, bits, zeros, scales, g_idx, reference, reference_kind
             inv = _row_scale_inverse(row_scale, r)
             if inv == 0.0:
                 continue
-            # w[r, i] = (q[i, r] - zero[r, g(i)]) * scale[r, g(i)], each step rounded to float32
-            for w in range(cols // per):
-                word = qweight[w, r]
-                for k in range(per):
-                    i = w * per + k
-                    g = g_idx[i]
-                    q = np.float32((word >> np.uint32(k * bits)) & mask)
-                    d[i] = (q - zeros[r, g]) * scales[r, g]
+            _gptq_row(qweight, bits, zeros, scales, g_idx, runs, r, words, nibbles, d)
             _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, part, position, terms)
+
+
+@numba.njit(**INLINE)
+def _bnb4_row(data, code, absmax, blocksize, r, nibbles, out):
+    """Row r of the flat bitsandbytes tensor into out: flat element j = r * cols + c is
+    code[nibble] * absmax[j // blocksize], its nibble in byte j // 2, high nibble first. Rows that
+    start on a byte are unpacked 32 nibbles at a time, then weighed block by block."""
+    cols = out.shape[0]
+    start = r * cols
+    full = cols - cols % 32 if start % 2 == 0 else 0
+    for c in range(0, full, 32):
+        nibbles_high_first(data, (start + c) // 2, nibbles, c, _NO_SCALE, _NO_SCALE)
+    for c in range(full, cols):
+        byte = np.int32(data[(start + c) >> 1])
+        nibbles[c] = (byte >> 4) if ((start + c) & 1) == 0 else (byte & 15)
+    c = 0
+    while c < cols:
+        block = (start + c) // blocksize
+        stop = min(cols, (block + 1) * blocksize - start)
+        scale = absmax[block]
+        block_out = out[c:stop]
+        block_nibbles = nibbles[c:stop]
+        for i in range(block_out.shape[0]):
+            block_out[i] = code[block_nibbles[i] & 15] * scale
+        c = stop
 
 
 @numba.njit(**PARALLEL)
@@ -145,6 +203,7 @@ def _extract_bnb4(data, code, absmax, blocksize, rows, cols, reference, referenc
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         d = np.empty(cols)
+        nibbles = np.empty(cols, dtype=np.int32)
         ref = np.empty(TILE)
         terms = np.empty(2 * TILE)
         position = np.empty(TILE, dtype=np.int32)
@@ -153,19 +212,7 @@ def _extract_bnb4(data, code, absmax, blocksize, rows, cols, reference, referenc
             inv = _row_scale_inverse(row_scale, r)
             if inv == 0.0:
                 continue
-            # flat element j = r * cols + c: byte j // 2, high nibble first; block j // blocksize
-            c = 0
-            while c < cols:
-                j = r * cols + c
-                block = j // blocksize
-                stop = min(cols, (block + 1) * blocksize - r * cols)
-                scale = absmax[block]
-                for cc in range(c, stop):
-                    jj = j + cc - c
-                    byte = np.int32(data[jj >> 1])
-                    q = (byte >> 4) if (jj & 1) == 0 else (byte & 15)
-                    d[cc] = code[q] * scale
-                c = stop
+            _bnb4_row(data, code, absmax, blocksize, r, nibbles, d)
             _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, part, position, terms)
 
 
@@ -296,7 +343,10 @@ def extract_gptq(
     if cols and (int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[1]):
         raise ValueError(f"g_idx points outside the {scales.shape[1]} groups")
     _check_common(rows, cols, reference, reference_kind, row_scale, num, den)
-    args = (qweight, bits, np.ascontiguousarray(zeros), np.ascontiguousarray(scales), g_idx)
+    # Where the group changes along the inputs (plus both ends): runs share a zero and a scale.
+    runs = np.concatenate(([0], np.flatnonzero(np.diff(g_idx)) + 1, [cols])).astype(np.int64)
+    args = (np.ascontiguousarray(qweight), bits, np.ascontiguousarray(zeros), np.ascontiguousarray(scales),
+            np.ascontiguousarray(g_idx), runs)  # fmt: skip
     _run(_extract_gptq, args, rows, cols, reference, reference_kind, row_scale, seed, num, den)
 
 
@@ -327,5 +377,5 @@ def extract_bnb4(
     if blocksize <= 0 or absmax.dtype != np.float32 or absmax.ndim != 1 or absmax.size < -(-numel // blocksize):
         raise ValueError(f"absmax must be float32 with one scale per block of {blocksize}")
     _check_common(rows, cols, reference, reference_kind, row_scale, num, den)
-    args = (data, code, absmax, np.int64(blocksize), np.int64(rows), np.int64(cols))
+    args = (np.ascontiguousarray(data), code, absmax, np.int64(blocksize), np.int64(rows), np.int64(cols))
     _run(_extract_bnb4, args, rows, cols, reference, reference_kind, row_scale, seed, num, den)

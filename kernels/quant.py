@@ -14,6 +14,10 @@ against gguf's dequantizer bit for bit.
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core.errors import TypingError
+from numba.extending import intrinsic
 
 from weightmark.kernels.bits import f16_to_f64
 from weightmark.kernels.config import INLINE, PARALLEL
@@ -85,6 +89,79 @@ def _u32(raw, r, offset):
     )
 
 
+# How unpack_nibbles orders the 32 nibbles of 16 bytes: GGML blocks put byte j's low nibble at
+# element j and its high one at j + 16; GPTQ's little-endian words put the low nibble first;
+# bitsandbytes puts the high nibble first.
+SPLIT, LOW_FIRST, HIGH_FIRST = 0, 1, 2
+# What unpack_nibbles makes of each nibble q (a, b: float32): Q4_0's a * float32(q - 8),
+# Q4_1's a * float32(q) + b (both widened to float64), or q itself as an int32.
+_Q4_0_FORM, _Q4_1_FORM, _INT_FORM = 0, 1, 2
+
+
+def _nibble_unpacker(order: int, form: int):
+    """An intrinsic (src, offset, out, at, a, b): the 16 bytes src[offset:offset + 16] as 32
+    nibbles, in `order`, made into values by `form` and stored at out[at:at + 32] (in range,
+    unchecked). Written as explicit vector operations: a loop over a block's 16 bytes is fully
+    unrolled by LLVM and then left scalar. Each value takes the same float32 steps as the
+    scalar decoders, so the results are the same bits."""
+
+    @intrinsic
+    def unpack(typingctx, src, offset, out, at, a, b):
+        if not (isinstance(src, types.Array) and src.dtype == types.uint8 and src.ndim == 1 and src.layout == "C"):
+            raise TypingError("unpack_nibbles reads a C-contiguous 1-D uint8 array")
+        wanted = types.int32 if form == _INT_FORM else types.float64
+        if out != types.Array(wanted, 1, "C") or a != types.float32 or b != types.float32:
+            raise TypingError(f"unpack_nibbles writes a C-contiguous 1-D {wanted} array, a and b float32")
+
+        def codegen(context, builder, signature, args):
+            src_arg, offset_arg, out_arg, at_arg, a_arg, b_arg = args
+            i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+            v16, v32 = ir.VectorType(i32, 16), ir.VectorType(i32, 32)
+
+            def address(arg, index_arg, position, element):
+                array = context.make_array(signature.args[position])(context, builder, arg)
+                index = context.cast(builder, index_arg, signature.args[position + 1], types.intp)
+                return builder.bitcast(builder.gep(array.data, [index]), element.as_pointer())
+
+            def splat(value, vector_type):
+                lanes = builder.insert_element(ir.Constant(vector_type, None), value, ir.Constant(i32, 0))
+                return builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(i32, vector_type.count),
+                                                                        [0] * vector_type.count))  # fmt: skip
+
+            raw = builder.load(address(src_arg, offset_arg, 0, ir.VectorType(i8, 16)), align=1)
+            wide = builder.zext(raw, v16)
+            low = builder.and_(wide, ir.Constant(v16, [15] * 16))
+            high = builder.lshr(wide, ir.Constant(v16, [4] * 16))
+            if order == SPLIT:
+                first, second, mask = low, high, list(range(32))
+            else:
+                first, second = (low, high) if order == LOW_FIRST else (high, low)
+                mask = [k // 2 + (k % 2) * 16 for k in range(32)]
+            q = builder.shuffle_vector(first, second, ir.Constant(v32, mask))
+            if form == _INT_FORM:
+                builder.store(q, address(out_arg, at_arg, 2, v32), align=4)
+                return context.get_dummy_value()
+            v32f = ir.VectorType(f32, 32)
+            if form == _Q4_0_FORM:
+                value = builder.fmul(splat(a_arg, v32f), builder.sitofp(builder.sub(q, ir.Constant(v32, [8] * 32)), v32f))
+            else:
+                value = builder.fadd(builder.fmul(splat(a_arg, v32f), builder.uitofp(q, v32f)), splat(b_arg, v32f))
+            wide_value = builder.fpext(value, ir.VectorType(ir.DoubleType(), 32))
+            builder.store(wide_value, address(out_arg, at_arg, 2, wide_value.type), align=8)
+            return context.get_dummy_value()
+
+        return types.void(src, offset, out, at, a, b), codegen
+
+    return unpack
+
+
+_q4_0_block = _nibble_unpacker(SPLIT, _Q4_0_FORM)
+_q4_1_block = _nibble_unpacker(SPLIT, _Q4_1_FORM)
+nibbles_low_first = _nibble_unpacker(LOW_FIRST, _INT_FORM)
+nibbles_high_first = _nibble_unpacker(HIGH_FIRST, _INT_FORM)
+_NO_OFFSET = np.float32(0.0)
+
+
 @numba.njit(**INLINE)
 def _q8_0_row(raw, r, out):
     """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
@@ -112,15 +189,9 @@ def _q8_0(raw, out):
 @numba.njit(**INLINE)
 def _q4_0_row(raw, r, out):
     """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
-    cols = out.shape[0]
-    for b in range(cols // 32):
-        o = b * 18
-        d = _f16(raw, r, o)
-        base = b * 32
-        for j in range(16):
-            q = np.int32(raw[r, o + 2 + j])
-            out[base + j] = d * np.float32((q & 15) - 8)
-            out[base + j + 16] = d * np.float32((q >> 4) - 8)
+    row = raw[r]
+    for b in range(out.shape[0] // 32):
+        _q4_0_block(row, b * 18 + 2, out, b * 32, _f16(raw, r, b * 18), _NO_OFFSET)
 
 
 @numba.njit(**PARALLEL)
@@ -140,16 +211,9 @@ def _q4_0(raw, out):
 @numba.njit(**INLINE)
 def _q4_1_row(raw, r, out):
     """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
-    cols = out.shape[0]
-    for b in range(cols // 32):
-        o = b * 20
-        d = _f16(raw, r, o)
-        m = _f16(raw, r, o + 2)
-        base = b * 32
-        for j in range(16):
-            q = np.int32(raw[r, o + 4 + j])
-            out[base + j] = d * np.float32(q & 15) + m
-            out[base + j + 16] = d * np.float32(q >> 4) + m
+    row = raw[r]
+    for b in range(out.shape[0] // 32):
+        _q4_1_block(row, b * 20 + 4, out, b * 32, _f16(raw, r, b * 20), _f16(raw, r, b * 20 + 2))
 
 
 @numba.njit(**PARALLEL)
