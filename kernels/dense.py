@@ -216,6 +216,15 @@ def scatter_tile(n, position, terms, sums):
         _add_pair(sums, np.intp(position[i]) * 2, terms[2 * i], terms[2 * i + 1])
 
 
+@numba.njit(**INLINE)
+def block_sums(sums, t):
+    """Block t's [2 L] slice of the [blocks, L, 2] sums, zeroed by the thread that adds into it
+    (allocated empty: its pages are first touched here, and its lines are warm for the scatter)."""
+    part = sums[t].reshape(2 * sums.shape[1])
+    part[:] = 0.0
+    return part
+
+
 @numba.njit(**PARALLEL)
 def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, row_scale, seed, sums):
     rows, cols = suspect.shape
@@ -228,7 +237,7 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
         ref = np.empty(TILE)
         terms = np.empty(2 * TILE)
         position = np.empty(TILE, dtype=np.int32)
-        part = sums[t].reshape(2 * sums.shape[1])
+        part = block_sums(sums, t)
         stop = min(rows, (t + 1) * chunk)
         for r in range(t * chunk, stop):
             scale = np.float64(row_scale[r])
@@ -249,14 +258,16 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
 @numba.njit(**SERIAL)
 def _fold_columns(sums, num, den):
     parts, length = sums.shape[0], sums.shape[1]
+    flat = sums.reshape(parts, 2 * length)
+    total = np.zeros(2 * length)
+    # Block after block, each a contiguous sweep (every position's additions stay in block order).
+    for t in range(parts):
+        row = flat[t]
+        for k in range(2 * length):
+            total[k] += row[k]
     for i in range(length):
-        a = 0.0
-        b = 0.0
-        for t in range(parts):
-            a += sums[t, i, 0]
-            b += sums[t, i, 1]
-        num[i] += a
-        den[i] += b
+        num[i] += total[2 * i]
+        den[i] += total[2 * i + 1]
 
 
 def fold_parts(sums: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
@@ -360,7 +371,7 @@ def extract(
     # A fixed number of row blocks whatever the thread count: the sums are then bit-identical
     # on 1 thread or 64 (a scan on cluster workers with fewer threads agrees with a serial one).
     parts = max(1, min(EXTRACT_PARTS, suspect.shape[0]))
-    sums = np.zeros((parts, num.shape[0], 2))
+    sums = np.empty((parts, num.shape[0], 2))
     has_reference = reference is not None
     _extract(
         suspect,

@@ -18,7 +18,14 @@ import numpy as np
 
 from weightmark.kernels.bits import BF16, F16, FLOAT, decode_span
 from weightmark.kernels.config import INLINE, PARALLEL
-from weightmark.kernels.dense import EXTRACT_PARTS, TILE, fold_parts, scatter_tile, weigh_tile
+from weightmark.kernels.dense import (
+    EXTRACT_PARTS,
+    TILE,
+    block_sums,
+    fold_parts,
+    scatter_tile,
+    weigh_tile,
+)
 from weightmark.kernels.prng import hash_key
 from weightmark.kernels.quant import (
     BLOCK_LAYOUTS,
@@ -87,7 +94,7 @@ def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_refe
         ref = np.empty(TILE)
         terms = np.empty(2 * TILE)
         position = np.empty(TILE, dtype=np.int32)
-        part = sums[t].reshape(2 * sums.shape[1])
+        part = block_sums(sums, t)
         for r in range(t * chunk, min(rows, (t + 1) * chunk)):
             inv = _row_scale_inverse(row_scale, r)
             if inv == 0.0:
@@ -162,7 +169,7 @@ def _extract_gptq(qweight, bits, zeros, scales, g_idx, runs, reference, referenc
         ref = np.empty(TILE)
         terms = np.empty(2 * TILE)
         position = np.empty(TILE, dtype=np.int32)
-        part = sums[t].reshape(2 * sums.shape[1])
+        part = block_sums(sums, t)
         for r in range(t * chunk, min(rows, (t + 1) * chunk)):
             inv = _row_scale_inverse(row_scale, r)
             if inv == 0.0:
@@ -207,7 +214,7 @@ def _extract_bnb4(data, code, absmax, blocksize, rows, cols, reference, referenc
         ref = np.empty(TILE)
         terms = np.empty(2 * TILE)
         position = np.empty(TILE, dtype=np.int32)
-        part = sums[t].reshape(2 * sums.shape[1])
+        part = block_sums(sums, t)
         for r in range(t * chunk, min(rows, (t + 1) * chunk)):
             inv = _row_scale_inverse(row_scale, r)
             if inv == 0.0:
@@ -259,7 +266,7 @@ def _run(kernel, args: tuple, rows: int, cols: int, reference: np.ndarray | None
     if rows == 0 or cols == 0:
         return
     parts = max(1, min(EXTRACT_PARTS, rows))
-    sums = np.zeros((parts, num.shape[0], 2))
+    sums = np.empty((parts, num.shape[0], 2))
     has_reference = reference is not None
     # Without a reference the kernel is given a dummy of the right type (it is never read).
     ref = reference if has_reference else np.empty((1, 1), dtype=np.float32)
