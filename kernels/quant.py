@@ -89,18 +89,19 @@ def _u32(raw, r, offset):
     )
 
 
-# How unpack_nibbles orders the 32 nibbles of 16 bytes: GGML blocks put byte j's low nibble at
-# element j and its high one at j + 16; GPTQ's little-endian words put the low nibble first;
-# bitsandbytes puts the high nibble first.
-SPLIT, LOW_FIRST, HIGH_FIRST = 0, 1, 2
-# What unpack_nibbles makes of each nibble q (a, b: float32): Q4_0's a * float32(q - 8),
-# Q4_1's a * float32(q) + b (both widened to float64), or q itself as an int32.
-_Q4_0_FORM, _Q4_1_FORM, _INT_FORM = 0, 1, 2
+# Which 32 nibbles an unpacker takes, in what order: of 16 bytes, GGML's Q4_0/Q4_1 order (byte
+# j's low nibble at element j, its high one at j + 16), GPTQ's little-endian words (low nibble
+# first) or bitsandbytes' (high nibble first); or of 32 bytes, only the low or only the high
+# nibbles (Q4_K).
+SPLIT, LOW_FIRST, HIGH_FIRST, LOW_ONLY, HIGH_ONLY = 0, 1, 2, 3, 4
+# What it makes of each nibble q (a, b: float32): Q4_0's a * float32(q - 8), Q4_1's
+# a * float32(q) + b, Q4_K's a * float32(q) - b (all widened to float64), or q as an int32.
+_Q4_0_FORM, _Q4_1_FORM, _INT_FORM, _Q4_K_FORM = 0, 1, 2, 3
 
 
 def _nibble_unpacker(order: int, form: int):
-    """An intrinsic (src, offset, out, at, a, b): the 16 bytes src[offset:offset + 16] as 32
-    nibbles, in `order`, made into values by `form` and stored at out[at:at + 32] (in range,
+    """An intrinsic (src, offset, out, at, a, b): 32 nibbles of the bytes at src[offset:], taken
+    and ordered by `order`, made into values by `form` and stored at out[at:at + 32] (in range,
     unchecked). Written as explicit vector operations: a loop over a block's 16 bytes is fully
     unrolled by LLVM and then left scalar. Each value takes the same float32 steps as the
     scalar decoders, so the results are the same bits."""
@@ -128,24 +129,34 @@ def _nibble_unpacker(order: int, form: int):
                 return builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(i32, vector_type.count),
                                                                         [0] * vector_type.count))  # fmt: skip
 
-            raw = builder.load(address(src_arg, offset_arg, 0, ir.VectorType(i8, 16)), align=1)
-            wide = builder.zext(raw, v16)
-            low = builder.and_(wide, ir.Constant(v16, [15] * 16))
-            high = builder.lshr(wide, ir.Constant(v16, [4] * 16))
-            if order == SPLIT:
-                first, second, mask = low, high, list(range(32))
+            if order in (LOW_ONLY, HIGH_ONLY):
+                raw = builder.load(address(src_arg, offset_arg, 0, ir.VectorType(i8, 32)), align=1)
+                wide = builder.zext(raw, v32)
+                if order == LOW_ONLY:
+                    q = builder.and_(wide, ir.Constant(v32, [15] * 32))
+                else:
+                    q = builder.lshr(wide, ir.Constant(v32, [4] * 32))
             else:
-                first, second = (low, high) if order == LOW_FIRST else (high, low)
-                mask = [k // 2 + (k % 2) * 16 for k in range(32)]
-            q = builder.shuffle_vector(first, second, ir.Constant(v32, mask))
+                raw = builder.load(address(src_arg, offset_arg, 0, ir.VectorType(i8, 16)), align=1)
+                wide = builder.zext(raw, v16)
+                low = builder.and_(wide, ir.Constant(v16, [15] * 16))
+                high = builder.lshr(wide, ir.Constant(v16, [4] * 16))
+                if order == SPLIT:
+                    first, second, mask = low, high, list(range(32))
+                else:
+                    first, second = (low, high) if order == LOW_FIRST else (high, low)
+                    mask = [k // 2 + (k % 2) * 16 for k in range(32)]
+                q = builder.shuffle_vector(first, second, ir.Constant(v32, mask))
             if form == _INT_FORM:
                 builder.store(q, address(out_arg, at_arg, 2, v32), align=4)
                 return context.get_dummy_value()
             v32f = ir.VectorType(f32, 32)
             if form == _Q4_0_FORM:
                 value = builder.fmul(splat(a_arg, v32f), builder.sitofp(builder.sub(q, ir.Constant(v32, [8] * 32)), v32f))
-            else:
+            elif form == _Q4_1_FORM:
                 value = builder.fadd(builder.fmul(splat(a_arg, v32f), builder.uitofp(q, v32f)), splat(b_arg, v32f))
+            else:
+                value = builder.fsub(builder.fmul(splat(a_arg, v32f), builder.uitofp(q, v32f)), splat(b_arg, v32f))
             wide_value = builder.fpext(value, ir.VectorType(ir.DoubleType(), 32))
             builder.store(wide_value, address(out_arg, at_arg, 2, wide_value.type), align=8)
             return context.get_dummy_value()
@@ -157,6 +168,8 @@ def _nibble_unpacker(order: int, form: int):
 
 _q4_0_block = _nibble_unpacker(SPLIT, _Q4_0_FORM)
 _q4_1_block = _nibble_unpacker(SPLIT, _Q4_1_FORM)
+_q4_k_low = _nibble_unpacker(LOW_ONLY, _Q4_K_FORM)
+_q4_k_high = _nibble_unpacker(HIGH_ONLY, _Q4_K_FORM)
 nibbles_low_first = _nibble_unpacker(LOW_FIRST, _INT_FORM)
 nibbles_high_first = _nibble_unpacker(HIGH_FIRST, _INT_FORM)
 _NO_OFFSET = np.float32(0.0)
@@ -317,25 +330,17 @@ def _scale_min_k4(raw, r, offset, j):
 @numba.njit(**INLINE)
 def _q4_k_row(raw, r, out):
     """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
-    cols = out.shape[0]
-    for b in range(cols // QK_K):
+    row = raw[r]
+    for b in range(out.shape[0] // QK_K):
         o = b * 144
         d = _f16(raw, r, o)
         dmin = _f16(raw, r, o + 2)
-        qs = o + 16
-        base = b * QK_K
         for c in range(4):  # 64 elements per chunk: 32 low nibbles, then 32 high nibbles
             sc1, m1 = _scale_min_k4(raw, r, o + 4, 2 * c)
             sc2, m2 = _scale_min_k4(raw, r, o + 4, 2 * c + 1)
-            d1 = d * sc1
-            d2 = d * sc2
-            min1 = dmin * m1
-            min2 = dmin * m2
-            y = base + 64 * c
-            for j in range(32):
-                q = np.int32(raw[r, qs + 32 * c + j])
-                out[y + j] = d1 * np.float32(q & 15) - min1
-                out[y + 32 + j] = d2 * np.float32(q >> 4) - min2
+            y = b * QK_K + 64 * c
+            _q4_k_low(row, o + 16 + 32 * c, out, y, d * sc1, dmin * m1)
+            _q4_k_high(row, o + 16 + 32 * c, out, y + 32, d * sc2, dmin * m2)
 
 
 @numba.njit(**PARALLEL)
