@@ -37,7 +37,7 @@ from weightmark.kernels.quant import (
     _q5_k_row,
     _q6_k_row,
     _q8_0_row,
-    nibbles_high_first,
+    bnb4_lanes,
     nibbles_low_first,
 )
 
@@ -179,28 +179,31 @@ def _extract_gptq(qweight, bits, zeros, scales, g_idx, runs, reference, referenc
 
 
 @numba.njit(**INLINE)
-def _bnb4_row(data, code, absmax, blocksize, r, nibbles, out):
+def _bnb4_row(data, code, absmax, blocksize, r, out):
     """Row r of the flat bitsandbytes tensor into out: flat element j = r * cols + c is
-    code[nibble] * absmax[j // blocksize], its nibble in byte j // 2, high nibble first. Rows that
-    start on a byte are unpacked 32 nibbles at a time, then weighed block by block."""
+    code[nibble] * absmax[j // blocksize], its nibble in byte j // 2, high nibble first. Runs of
+    32 that start on a byte and lie in one block are decoded as vectors; the rest one by one."""
     cols = out.shape[0]
     start = r * cols
     full = cols - cols % 32 if start % 2 == 0 else 0
     for c in range(0, full, 32):
-        nibbles_high_first(data, (start + c) // 2, nibbles, c, _NO_SCALE, _NO_SCALE)
-    for c in range(full, cols):
-        byte = np.int32(data[(start + c) >> 1])
-        nibbles[c] = (byte >> 4) if ((start + c) & 1) == 0 else (byte & 15)
-    c = 0
-    while c < cols:
-        block = (start + c) // blocksize
-        stop = min(cols, (block + 1) * blocksize - start)
-        scale = absmax[block]
-        block_out = out[c:stop]
-        block_nibbles = nibbles[c:stop]
-        for i in range(block_out.shape[0]):
-            block_out[i] = code[block_nibbles[i] & 15] * scale
-        c = stop
+        j = start + c
+        block = j // blocksize
+        if (j + 31) // blocksize == block:
+            bnb4_lanes(data, j // 2, code, out, c, absmax[block])
+        else:
+            _bnb4_elements(data, code, absmax, blocksize, start, c, c + 32, out)
+    _bnb4_elements(data, code, absmax, blocksize, start, full, cols, out)
+
+
+@numba.njit(**INLINE)
+def _bnb4_elements(data, code, absmax, blocksize, start, first, stop, out):
+    """out[c] for c in first..stop-1, one element at a time (flat element start + c)."""
+    for c in range(first, stop):
+        j = start + c
+        byte = np.int32(data[j >> 1])
+        q = (byte >> 4) if (j & 1) == 0 else (byte & 15)
+        out[c] = code[q] * absmax[j // blocksize]
 
 
 @numba.njit(**PARALLEL)
@@ -210,7 +213,6 @@ def _extract_bnb4(data, code, absmax, blocksize, rows, cols, reference, referenc
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         d = np.empty(cols)
-        nibbles = np.empty(cols, dtype=np.int32)
         ref = np.empty(TILE)
         terms = np.empty(2 * TILE)
         position = np.empty(TILE, dtype=np.int32)
@@ -219,7 +221,7 @@ def _extract_bnb4(data, code, absmax, blocksize, rows, cols, reference, referenc
             inv = _row_scale_inverse(row_scale, r)
             if inv == 0.0:
                 continue
-            _bnb4_row(data, code, absmax, blocksize, r, nibbles, d)
+            _bnb4_row(data, code, absmax, blocksize, r, d)
             _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, part, position, terms)
 
 
@@ -384,5 +386,5 @@ def extract_bnb4(
     if blocksize <= 0 or absmax.dtype != np.float32 or absmax.ndim != 1 or absmax.size < -(-numel // blocksize):
         raise ValueError(f"absmax must be float32 with one scale per block of {blocksize}")
     _check_common(rows, cols, reference, reference_kind, row_scale, num, den)
-    args = (np.ascontiguousarray(data), code, absmax, np.int64(blocksize), np.int64(rows), np.int64(cols))
+    args = (np.ascontiguousarray(data), np.ascontiguousarray(code), absmax, np.int64(blocksize), np.int64(rows), np.int64(cols))
     _run(_extract_bnb4, args, rows, cols, reference, reference_kind, row_scale, seed, num, den)

@@ -90,10 +90,9 @@ def _u32(raw, r, offset):
 
 
 # Which 32 nibbles an unpacker takes, in what order: of 16 bytes, GGML's Q4_0/Q4_1 order (byte
-# j's low nibble at element j, its high one at j + 16), GPTQ's little-endian words (low nibble
-# first) or bitsandbytes' (high nibble first); or of 32 bytes, only the low or only the high
-# nibbles (Q4_K).
-SPLIT, LOW_FIRST, HIGH_FIRST, LOW_ONLY, HIGH_ONLY = 0, 1, 2, 3, 4
+# j's low nibble at element j, its high one at j + 16) or GPTQ's little-endian words (low nibble
+# first); or of 32 bytes, only the low or only the high nibbles (Q4_K).
+SPLIT, LOW_FIRST, LOW_ONLY, HIGH_ONLY = 0, 1, 2, 3
 # What it makes of each nibble q (a, b: float32): Q4_0's a * float32(q - 8), Q4_1's
 # a * float32(q) + b, Q4_K's a * float32(q) - b (all widened to float64), or q as an int32.
 _Q4_0_FORM, _Q4_1_FORM, _INT_FORM, _Q4_K_FORM = 0, 1, 2, 3
@@ -141,12 +140,8 @@ def _nibble_unpacker(order: int, form: int):
                 wide = builder.zext(raw, v16)
                 low = builder.and_(wide, ir.Constant(v16, [15] * 16))
                 high = builder.lshr(wide, ir.Constant(v16, [4] * 16))
-                if order == SPLIT:
-                    first, second, mask = low, high, list(range(32))
-                else:
-                    first, second = (low, high) if order == LOW_FIRST else (high, low)
-                    mask = [k // 2 + (k % 2) * 16 for k in range(32)]
-                q = builder.shuffle_vector(first, second, ir.Constant(v32, mask))
+                mask = list(range(32)) if order == SPLIT else [k // 2 + (k % 2) * 16 for k in range(32)]
+                q = builder.shuffle_vector(low, high, ir.Constant(v32, mask))
             if form == _INT_FORM:
                 builder.store(q, address(out_arg, at_arg, 2, v32), align=4)
                 return context.get_dummy_value()
@@ -166,12 +161,56 @@ def _nibble_unpacker(order: int, form: int):
     return unpack
 
 
+@intrinsic
+def bnb4_lanes(typingctx, src, offset, code, out, at, scale):
+    """out[at:at + 32] = code[q] * scale (float32, widened) for the 32 nibbles of the bytes
+    src[offset:offset + 16], high nibble first (bitsandbytes' order), in range, unchecked. The
+    16-entry look-up is a tree of selects on the nibble's bits (exact: it picks, it does not
+    compute), then one float32 multiply per value, as code[q] * scale."""
+    if not (isinstance(src, types.Array) and src.dtype == types.uint8 and src.ndim == 1 and src.layout == "C"):
+        raise TypingError("bnb4_lanes reads a C-contiguous 1-D uint8 array")
+    if not (isinstance(code, types.Array) and code.dtype == types.float32 and code.ndim == 1 and code.layout == "C"):
+        raise TypingError("bnb4_lanes takes the code book as a C-contiguous float32 array of 16")
+    if out != types.Array(types.float64, 1, "C") or scale != types.float32:
+        raise TypingError("bnb4_lanes writes a C-contiguous float64 array and takes a float32 scale")
+
+    def codegen(context, builder, signature, args):
+        src_arg, offset_arg, code_arg, out_arg, at_arg, scale_arg = args
+        i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+        v16, v32, v32f = ir.VectorType(i32, 16), ir.VectorType(i32, 32), ir.VectorType(f32, 32)
+
+        def address(arg, position, index_arg, index_position, element):
+            array = context.make_array(signature.args[position])(context, builder, arg)
+            index = context.cast(builder, index_arg, signature.args[index_position], types.intp)
+            return builder.bitcast(builder.gep(array.data, [index]), element.as_pointer())
+
+        raw = builder.load(address(src_arg, 0, offset_arg, 1, ir.VectorType(i8, 16)), align=1)
+        wide = builder.zext(raw, v16)
+        low = builder.and_(wide, ir.Constant(v16, [15] * 16))
+        high = builder.lshr(wide, ir.Constant(v16, [4] * 16))
+        q = builder.shuffle_vector(high, low, ir.Constant(v32, [k // 2 + (k % 2) * 16 for k in range(32)]))
+        book = context.make_array(signature.args[2])(context, builder, code_arg).data
+        table = builder.load(builder.bitcast(book, ir.VectorType(f32, 16).as_pointer()), align=4)
+        candidates = [builder.shuffle_vector(table, table, ir.Constant(v32, [k] * 32)) for k in range(16)]
+        for bit in range(4):
+            taken = builder.icmp_unsigned("!=", builder.and_(q, ir.Constant(v32, [1 << bit] * 32)),
+                                          ir.Constant(v32, [0] * 32))  # fmt: skip
+            candidates = [builder.select(taken, candidates[2 * k + 1], candidates[2 * k])
+                          for k in range(len(candidates) // 2)]  # fmt: skip
+        lanes = builder.insert_element(ir.Constant(v32f, None), scale_arg, ir.Constant(i32, 0))
+        scales = builder.shuffle_vector(lanes, lanes, ir.Constant(v32, [0] * 32))
+        value = builder.fpext(builder.fmul(candidates[0], scales), ir.VectorType(ir.DoubleType(), 32))
+        builder.store(value, address(out_arg, 3, at_arg, 4, value.type), align=8)
+        return context.get_dummy_value()
+
+    return types.void(src, offset, code, out, at, scale), codegen
+
+
 _q4_0_block = _nibble_unpacker(SPLIT, _Q4_0_FORM)
 _q4_1_block = _nibble_unpacker(SPLIT, _Q4_1_FORM)
 _q4_k_low = _nibble_unpacker(LOW_ONLY, _Q4_K_FORM)
 _q4_k_high = _nibble_unpacker(HIGH_ONLY, _Q4_K_FORM)
 nibbles_low_first = _nibble_unpacker(LOW_FIRST, _INT_FORM)
-nibbles_high_first = _nibble_unpacker(HIGH_FIRST, _INT_FORM)
 _NO_OFFSET = np.float32(0.0)
 
 
