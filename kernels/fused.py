@@ -43,7 +43,8 @@ from weightmark.kernels.quant import (
 
 __all__ = ["FUSED_GGML", "extract_bnb4", "extract_ggml", "extract_gptq"]
 
-_NO_SCALE = np.float32(0.0)  # the unused float arguments of the nibble unpackers
+_NO_SCALE = np.float32(0.0)
+_ROW_GROUP = 16  # GPTQ rows whose packed words are copied out together (a 64-byte line of uint32)  # the unused float arguments of the nibble unpackers
 
 # GGML block type -> the number the kernel branches on.
 FUSED_GGML: dict[str, int] = {
@@ -122,8 +123,9 @@ def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_refe
 @numba.njit(**INLINE)
 def _gptq_row(qweight, bits, zeros, scales, g_idx, runs, r, words, nibbles, out):
     """Row r of a GPTQ weight into out: w[r, i] = (q[i, r] - zero[r, g(i)]) * scale[r, g(i)], each
-    step rounded to float32. 4-bit rows are unpacked 32 fields at a time and then weighed run by
-    run of inputs sharing a group (runs: where g_idx changes, then cols); others field by field."""
+    step rounded to float32. 4-bit rows (their words already copied to `words`) are unpacked 32
+    fields at a time, then weighed run by run of inputs sharing a group (runs: where g_idx
+    changes, then cols); other widths field by field."""
     cols = out.shape[0]
     per = 32 // bits
     if bits != 4:
@@ -136,8 +138,6 @@ def _gptq_row(qweight, bits, zeros, scales, g_idx, runs, r, words, nibbles, out)
                 q = np.float32((word >> np.uint32(k * bits)) & mask)
                 out[i] = (q - zeros[r, g]) * scales[r, g]
         return
-    for w in range(cols // 8):
-        words[w] = qweight[w, r]
     fields = words.view(np.uint8)  # little-endian words: field i is byte i // 2, low nibble first
     full = cols - cols % 32
     for c in range(0, full, 32):
@@ -164,18 +164,31 @@ def _extract_gptq(qweight, bits, zeros, scales, g_idx, runs, reference, referenc
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         d = np.empty(cols)
-        words = np.empty(qweight.shape[0], dtype=np.uint32)
+        words = np.empty((_ROW_GROUP, qweight.shape[0]), dtype=np.uint32)
         nibbles = np.empty(cols, dtype=np.int32)
         ref = np.empty(TILE)
         terms = np.empty(2 * TILE)
         position = np.empty(TILE, dtype=np.int32)
         part = block_sums(sums, t)
-        for r in range(t * chunk, min(rows, (t + 1) * chunk)):
-            inv = _row_scale_inverse(row_scale, r)
-            if inv == 0.0:
-                continue
-            _gptq_row(qweight, bits, zeros, scales, g_idx, runs, r, words, nibbles, d)
-            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, part, position, terms)
+        stop = min(rows, (t + 1) * chunk)
+        for first in range(t * chunk, stop, _ROW_GROUP):
+            group = min(_ROW_GROUP, stop - first)
+            if bits == 4:
+                # qweight is [words, rows]: one cache line holds a word of 16 neighbouring rows, so
+                # a group's words are copied out together (one row at a time, every line was
+                # fetched 16 times, at a stride that defeats the cache).
+                for w in range(qweight.shape[0]):
+                    line = qweight[w, first : first + group]
+                    for k in range(group):
+                        words[k, w] = line[k]
+            for k in range(group):
+                r = first + k
+                inv = _row_scale_inverse(row_scale, r)
+                if inv == 0.0:
+                    continue
+                _gptq_row(qweight, bits, zeros, scales, g_idx, runs, r, words[k], nibbles, d)
+                _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, part, position,
+                                terms)  # fmt: skip
 
 
 @numba.njit(**INLINE)
