@@ -111,10 +111,12 @@ def test_ggml_rows_longer_than_a_tile(qtype: str, mode: str) -> None:
 
 
 @pytest.mark.parametrize("shuffled", [False, True])
-@pytest.mark.parametrize("cols", [1032, 1024])
-def test_gptq_4bit_rows_longer_than_a_tile(shuffled: bool, cols: int) -> None:
+@pytest.mark.parametrize(("rows", "cols"), [(70, 1032), (70, 1024), (64 * 17 + 5, 40)])
+def test_gptq_4bit_rows_longer_than_a_tile(shuffled: bool, rows: int, cols: int) -> None:
+    """Long rows; and 1093 rows, 18 to a block, so a block's rows are read in a group of 16 and
+    one of 2."""
     rng = np.random.default_rng(cols + shuffled)
-    rows, groups = 70, 8
+    groups = 8
     qweight = rng.integers(0, 2**32, size=(cols // 8, rows), dtype=np.uint32)
     zeros = rng.integers(0, 16, size=(rows, groups)).astype(np.float32)
     scales = (rng.standard_normal((rows, groups)) * 0.01).astype(np.float32)
