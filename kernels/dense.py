@@ -281,6 +281,8 @@ def fold_parts(sums: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
         _fold_columns(sums, num, den)
 
 
+# Code positions are int32s in the kernels (found by a 32 x 32-bit multiply-high).
+MAX_CODE_LENGTH = 2**31 - 1
 # Row blocks of extract's partial sums (per-block buffers are L float64s each).
 EXTRACT_PARTS = 64
 _GRID_DTYPE = np.dtype(np.uint16)
@@ -366,6 +368,8 @@ def extract(
             raise ValueError(f"reference shape {reference.shape} != suspect shape {suspect.shape}")
     if num.shape != den.shape or num.ndim != 1 or num.dtype != np.float64 or den.dtype != np.float64:
         raise ValueError("num and den must be float64 vectors of the code length")
+    if num.shape[0] > MAX_CODE_LENGTH:
+        raise ValueError(f"code length {num.shape[0]} is above {MAX_CODE_LENGTH} (positions are int32)")
     if suspect.size == 0:
         return
     # A fixed number of row blocks whatever the thread count: the sums are then bit-identical

@@ -12,7 +12,7 @@ import pytest
 from tests.kernels import twins
 from tests.kernels.test_fused import NF4, reference_for, row_scales
 from weightmark.kernels import BF16, F16, FLOAT, extract
-from weightmark.kernels.dense import EXTRACT_PARTS, TILE
+from weightmark.kernels.dense import EXTRACT_PARTS, MAX_CODE_LENGTH, TILE
 from weightmark.kernels.fused import extract_bnb4, extract_ggml, extract_gptq
 from weightmark.kernels.quant import dequantize
 from weightmark.kernels.quantize import quantize
@@ -142,3 +142,14 @@ def test_bnb4_rows_longer_than_a_tile(cols: int, blocksize: int) -> None:
     got = kernel_sums(lambda n, d: extract_bnb4(data, NF4, absmax, blocksize, rows, cols, None, FLOAT, scale, 3,
                                                 n, d), 4096)  # fmt: skip
     assert_bits_equal(got, ordered_sums(values, FLOAT, None, FLOAT, scale, 3, 4096))
+
+
+def test_code_lengths_beyond_int32_positions_are_refused() -> None:
+    """Positions are int32s in the kernels: a longer code is refused before anything runs (the
+    sums here are zero-stride views, so no memory is spent on them)."""
+    huge = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(MAX_CODE_LENGTH + 1,), strides=(0,))
+    ones = np.ones(2, dtype=np.float32)
+    with pytest.raises(ValueError, match="code length"):
+        extract(np.zeros((2, 4), dtype=np.float32), FLOAT, None, FLOAT, ones, 1, huge, huge)
+    with pytest.raises(ValueError, match="code length"):
+        extract_ggml("Q4_0", np.zeros(2 * 18, dtype=np.uint8), 2, 32, None, None, FLOAT, ones, 1, huge, huge)
