@@ -16,6 +16,7 @@ from weightmark.kernels.bits import (
     F16,
     FLOAT,
     bf16_stochastic_round,
+    decode_difference,
     decode_span,
     f16_stochastic_round,
 )
@@ -234,7 +235,6 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
         # Per tile of a row: decode, then hash and weigh every element (vectorisable maps),
         # then scatter into this block's own sums (the only part with random access).
         d = np.empty(TILE)
-        ref = np.empty(TILE)
         terms = np.empty(2 * TILE)
         position = np.empty(TILE, dtype=np.int32)
         part = block_sums(sums, t)
@@ -246,11 +246,10 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
             inv = 1.0 / scale
             for c0 in range(0, cols, TILE):
                 n = min(TILE, cols - c0)
-                decode_span(suspect, r, c0, n, suspect_kind, d)
                 if has_reference:
-                    decode_span(reference, r, c0, n, reference_kind, ref)
-                    for i in range(n):
-                        d[i] -= ref[i]
+                    decode_difference(suspect, suspect_kind, reference, reference_kind, r, c0, n, d)
+                else:
+                    decode_span(suspect, r, c0, n, suspect_kind, d)
                 weigh_tile(d, n, hash_key(seed, r * cols + c0), inv, code_length, position, terms)
                 scatter_tile(n, position, terms, part)
 
