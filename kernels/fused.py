@@ -39,7 +39,7 @@ from weightmark.kernels.quant import (
     _q6_k_row,
     _q8_0_row,
     bnb4_lanes,
-    nibbles_low_first,
+    gptq4_lanes,
 )
 
 __all__ = ["FUSED_GGML", "extract_bnb4", "extract_ggml", "extract_gptq"]
@@ -122,11 +122,11 @@ def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_refe
 
 
 @numba.njit(**INLINE)
-def _gptq_row(qweight, bits, zeros, scales, g_idx, runs, r, words, nibbles, out):
+def _gptq_row(qweight, bits, zeros, scales, g_idx, runs, r, words, out):
     """Row r of a GPTQ weight into out: w[r, i] = (q[i, r] - zero[r, g(i)]) * scale[r, g(i)], each
-    step rounded to float32. 4-bit rows (their words already copied to `words`) are unpacked 32
-    fields at a time, then weighed run by run of inputs sharing a group (runs: where g_idx
-    changes, then cols); other widths field by field."""
+    step rounded to float32. 4-bit rows (their words already copied to `words`) go run by run of
+    inputs sharing a group (runs: where g_idx changes, then cols), 32 fields at a time where a
+    run allows; other widths field by field."""
     cols = out.shape[0]
     per = 32 // bits
     if bits != 4:
@@ -140,20 +140,17 @@ def _gptq_row(qweight, bits, zeros, scales, g_idx, runs, r, words, nibbles, out)
                 out[i] = (q - zeros[r, g]) * scales[r, g]
         return
     fields = words.view(np.uint8)  # little-endian words: field i is byte i // 2, low nibble first
-    full = cols - cols % 32
-    for c in range(0, full, 32):
-        nibbles_low_first(fields, c // 2, nibbles, c, _NO_SCALE, _NO_SCALE)
-    for c in range(full, cols):
-        nibbles[c] = np.int32((words[c // 8] >> np.uint32(4 * (c % 8))) & np.uint32(15))
     for k in range(runs.shape[0] - 1):
-        g = g_idx[runs[k]]
+        first, stop = runs[k], runs[k + 1]
+        g = g_idx[first]
         zero = zeros[r, g]
         scale = scales[r, g]
-        # Views indexed from 0: no wrap-around test per element, so the loop vectorises.
-        run_out = out[runs[k] : runs[k + 1]]
-        run_nibbles = nibbles[runs[k] : runs[k + 1]]
-        for i in range(run_out.shape[0]):
-            run_out[i] = (np.float32(run_nibbles[i]) - zero) * scale
+        vector_stop = first + (stop - first) // 32 * 32 if first % 32 == 0 else first
+        for c in range(first, vector_stop, 32):
+            gptq4_lanes(fields, c // 2, out, c, zero, scale)
+        for c in range(vector_stop, stop):
+            q = np.float32((words[c // 8] >> np.uint32(4 * (c % 8))) & np.uint32(15))
+            out[c] = (q - zero) * scale
 
 
 @numba.njit(**PARALLEL)
@@ -166,7 +163,6 @@ def _extract_gptq(qweight, bits, zeros, scales, g_idx, runs, reference, referenc
     for t in numba.prange(threads):
         d = np.empty(cols)
         words = np.empty((_ROW_GROUP, qweight.shape[0]), dtype=np.uint32)
-        nibbles = np.empty(cols, dtype=np.int32)
         ref = np.empty(TILE)
         terms = np.empty(2 * TILE)
         position = np.empty(TILE, dtype=np.int32)
@@ -187,7 +183,7 @@ def _extract_gptq(qweight, bits, zeros, scales, g_idx, runs, reference, referenc
                 inv = _row_scale_inverse(row_scale, r)
                 if inv == 0.0:
                     continue
-                _gptq_row(qweight, bits, zeros, scales, g_idx, runs, r, words[k], nibbles, d)
+                _gptq_row(qweight, bits, zeros, scales, g_idx, runs, r, words[k], d)
                 _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, part, position,
                                 terms)  # fmt: skip
 

@@ -93,9 +93,10 @@ def _u32(raw, r, offset):
 # j's low nibble at element j, its high one at j + 16) or GPTQ's little-endian words (low nibble
 # first); or of 32 bytes, only the low or only the high nibbles (Q4_K).
 SPLIT, LOW_FIRST, LOW_ONLY, HIGH_ONLY = 0, 1, 2, 3
-# What it makes of each nibble q (a, b: float32): Q4_0's a * float32(q - 8), Q4_1's
-# a * float32(q) + b, Q4_K's a * float32(q) - b (all widened to float64), or q as an int32.
-_Q4_0_FORM, _Q4_1_FORM, _INT_FORM, _Q4_K_FORM = 0, 1, 2, 3
+# What it makes of each nibble q (a, b: float32; the value widened to float64): Q4_0's
+# a * float32(q - 8), Q4_1's a * float32(q) + b, Q4_K's a * float32(q) - b, GPTQ's
+# (float32(q) - a) * b.
+_Q4_0_FORM, _Q4_1_FORM, _Q4_K_FORM, _GPTQ_FORM = 0, 1, 2, 3
 
 
 def _nibble_unpacker(order: int, form: int):
@@ -108,10 +109,9 @@ def _nibble_unpacker(order: int, form: int):
     @intrinsic
     def unpack(typingctx, src, offset, out, at, a, b):
         if not (isinstance(src, types.Array) and src.dtype == types.uint8 and src.ndim == 1 and src.layout == "C"):
-            raise TypingError("unpack_nibbles reads a C-contiguous 1-D uint8 array")
-        wanted = types.int32 if form == _INT_FORM else types.float64
-        if out != types.Array(wanted, 1, "C") or a != types.float32 or b != types.float32:
-            raise TypingError(f"unpack_nibbles writes a C-contiguous 1-D {wanted} array, a and b float32")
+            raise TypingError("a nibble unpacker reads a C-contiguous 1-D uint8 array")
+        if out != types.Array(types.float64, 1, "C") or a != types.float32 or b != types.float32:
+            raise TypingError("a nibble unpacker writes a C-contiguous 1-D float64 array, a and b float32")
 
         def codegen(context, builder, signature, args):
             src_arg, offset_arg, out_arg, at_arg, a_arg, b_arg = args
@@ -142,12 +142,11 @@ def _nibble_unpacker(order: int, form: int):
                 high = builder.lshr(wide, ir.Constant(v16, [4] * 16))
                 mask = list(range(32)) if order == SPLIT else [k // 2 + (k % 2) * 16 for k in range(32)]
                 q = builder.shuffle_vector(low, high, ir.Constant(v32, mask))
-            if form == _INT_FORM:
-                builder.store(q, address(out_arg, at_arg, 2, v32), align=4)
-                return context.get_dummy_value()
             v32f = ir.VectorType(f32, 32)
             if form == _Q4_0_FORM:
                 value = builder.fmul(splat(a_arg, v32f), builder.sitofp(builder.sub(q, ir.Constant(v32, [8] * 32)), v32f))
+            elif form == _GPTQ_FORM:
+                value = builder.fmul(builder.fsub(builder.uitofp(q, v32f), splat(a_arg, v32f)), splat(b_arg, v32f))
             elif form == _Q4_1_FORM:
                 value = builder.fadd(builder.fmul(splat(a_arg, v32f), builder.uitofp(q, v32f)), splat(b_arg, v32f))
             else:
@@ -210,7 +209,7 @@ _q4_0_block = _nibble_unpacker(SPLIT, _Q4_0_FORM)
 _q4_1_block = _nibble_unpacker(SPLIT, _Q4_1_FORM)
 _q4_k_low = _nibble_unpacker(LOW_ONLY, _Q4_K_FORM)
 _q4_k_high = _nibble_unpacker(HIGH_ONLY, _Q4_K_FORM)
-nibbles_low_first = _nibble_unpacker(LOW_FIRST, _INT_FORM)
+gptq4_lanes = _nibble_unpacker(LOW_FIRST, _GPTQ_FORM)
 _NO_OFFSET = np.float32(0.0)
 
 
