@@ -14,8 +14,10 @@ against gguf's dequantizer bit for bit.
 
 import numba
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import types
+from numba.core import cgutils
+from numba.core import config as numba_config
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
@@ -160,12 +162,22 @@ def _nibble_unpacker(order: int, form: int):
     return unpack
 
 
+# AVX-512's 16-lane permute, where numba targets this very machine (its cache is keyed by the CPU,
+# so code compiled here is not loaded on another) and the machine has it.
+_PERMUTE_16 = (
+    numba_config.CPU_NAME is None
+    and numba_config.CPU_FEATURES is None
+    and bool(binding.get_host_cpu_features().get("avx512f"))
+)
+
+
 @intrinsic
 def bnb4_lanes(typingctx, src, offset, code, out, at, scale):
     """out[at:at + 32] = code[q] * scale (float32, widened) for the 32 nibbles of the bytes
     src[offset:offset + 16], high nibble first (bitsandbytes' order), in range, unchecked. The
-    16-entry look-up is a tree of selects on the nibble's bits (exact: it picks, it does not
-    compute), then one float32 multiply per value, as code[q] * scale."""
+    16-entry look-up is one AVX-512 permute per 16 values where numba compiles for this machine
+    and it has AVX-512, else a tree of selects on the nibble's bits (either way it picks, it does
+    not compute), then one float32 multiply per value, as code[q] * scale."""
     if not (isinstance(src, types.Array) and src.dtype == types.uint8 and src.ndim == 1 and src.layout == "C"):
         raise TypingError("bnb4_lanes reads a C-contiguous 1-D uint8 array")
     if not (isinstance(code, types.Array) and code.dtype == types.float32 and code.ndim == 1 and code.layout == "C"):
@@ -190,15 +202,25 @@ def bnb4_lanes(typingctx, src, offset, code, out, at, scale):
         q = builder.shuffle_vector(high, low, ir.Constant(v32, [k // 2 + (k % 2) * 16 for k in range(32)]))
         book = context.make_array(signature.args[2])(context, builder, code_arg).data
         table = builder.load(builder.bitcast(book, ir.VectorType(f32, 16).as_pointer()), align=4)
-        candidates = [builder.shuffle_vector(table, table, ir.Constant(v32, [k] * 32)) for k in range(16)]
-        for bit in range(4):
-            taken = builder.icmp_unsigned("!=", builder.and_(q, ir.Constant(v32, [1 << bit] * 32)),
-                                          ir.Constant(v32, [0] * 32))  # fmt: skip
-            candidates = [builder.select(taken, candidates[2 * k + 1], candidates[2 * k])
-                          for k in range(len(candidates) // 2)]  # fmt: skip
+        if _PERMUTE_16:
+            # one vpermps per 16 lanes
+            v16f = ir.VectorType(f32, 16)
+            permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16]),
+                                                     "llvm.x86.avx512.permvar.sf.512")  # fmt: skip
+            halves = [builder.call(permute, [table, builder.shuffle_vector(q, q, ir.Constant(v16, list(range(h, h + 16))))])
+                      for h in (0, 16)]  # fmt: skip
+            looked_up = builder.shuffle_vector(halves[0], halves[1], ir.Constant(v32, list(range(32))))
+        else:
+            candidates = [builder.shuffle_vector(table, table, ir.Constant(v32, [k] * 32)) for k in range(16)]
+            for bit in range(4):
+                taken = builder.icmp_unsigned("!=", builder.and_(q, ir.Constant(v32, [1 << bit] * 32)),
+                                              ir.Constant(v32, [0] * 32))  # fmt: skip
+                candidates = [builder.select(taken, candidates[2 * k + 1], candidates[2 * k])
+                              for k in range(len(candidates) // 2)]  # fmt: skip
+            looked_up = candidates[0]
         lanes = builder.insert_element(ir.Constant(v32f, None), scale_arg, ir.Constant(i32, 0))
         scales = builder.shuffle_vector(lanes, lanes, ir.Constant(v32, [0] * 32))
-        value = builder.fpext(builder.fmul(candidates[0], scales), ir.VectorType(ir.DoubleType(), 32))
+        value = builder.fpext(builder.fmul(looked_up, scales), ir.VectorType(ir.DoubleType(), 32))
         builder.store(value, address(out_arg, 3, at_arg, 4, value.type), align=8)
         return context.get_dummy_value()
 

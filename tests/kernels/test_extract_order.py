@@ -153,3 +153,32 @@ def test_code_lengths_beyond_int32_positions_are_refused() -> None:
         extract(np.zeros((2, 4), dtype=np.float32), FLOAT, None, FLOAT, ones, 1, huge, huge)
     with pytest.raises(ValueError, match="code length"):
         extract_ggml("Q4_0", np.zeros(2 * 18, dtype=np.uint8), 2, 32, None, None, FLOAT, ones, 1, huge, huge)
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_both_bnb4_lookups_give_the_code_book_values(monkeypatch: pytest.MonkeyPatch, permute: bool) -> None:
+    """bnb4_lanes picks code[q] with an AVX-512 permute on machines that have one, else with a tree
+    of selects; each must give float32(code[q] * scale), high nibble first, bit for bit."""
+    import numba
+
+    from weightmark.kernels import quant
+
+    if permute and not quant._PERMUTE_16:
+        pytest.skip("this machine (or numba's target) has no AVX-512")
+    monkeypatch.setattr(quant, "_PERMUTE_16", permute)
+
+    @numba.njit(cache=False)  # compiled here, under the patched choice
+    def decode(data, code, scale, out):
+        for k in range(data.shape[0] // 16):
+            quant.bnb4_lanes(data, 16 * k, code, out, 32 * k, scale)
+
+    rng = np.random.default_rng(17)
+    data = rng.integers(0, 256, size=64, dtype=np.uint8)
+    code = rng.standard_normal(16).astype(np.float32)
+    code[3] = -0.0
+    out = np.empty(128)
+    scale = np.float32(0.37)
+    decode(data, code, scale, out)
+    nibbles = np.stack([data >> 4, data & 15], axis=1).ravel()
+    want = (code[nibbles] * scale).astype(np.float64)
+    assert out.tobytes() == want.tobytes()
