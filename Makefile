@@ -31,11 +31,17 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check provenance kernels cli tests benchmarks demo
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_kernels.py
-	$(BIN)/python benchmarks/bench_end_to_end.py
+# Speed: each script prints its ratios against a baseline measured in the same run and writes
+# JSON to benchmarks/out/; speed_summary.py then prints every target in one table. The
+# llama.cpp comparison builds llama-quantize once (minutes) and caches it.
+bench: $(STAMP) llamacpp
+	$(BIN)/python benchmarks/bench_kernels.py --json benchmarks/out/kernels.json
+	$(BIN)/python benchmarks/bench_end_to_end.py --model synth --json benchmarks/out/e2e-synth.json
+	$(BIN)/python benchmarks/bench_end_to_end.py --model smollm2 --json benchmarks/out/e2e-smollm2.json
+	$(BIN)/python benchmarks/bench_dequant_extract.py --json benchmarks/out/dequant-extract.json
+	$(BIN)/python benchmarks/bench_llamacpp.py --json benchmarks/out/llamacpp.json
 	$(BIN)/python benchmarks/bench_fidelity.py
-	$(BIN)/python benchmarks/bench_dequant_extract.py
+	$(BIN)/python benchmarks/speed_summary.py --json benchmarks/out/speed.json
 
 # The registry on SQLite and on a throwaway PostgreSQL cluster: appends/s, verify of 100,000
 # entries, proofs at 10^6 entries (several minutes; needs PostgreSQL's server binaries).

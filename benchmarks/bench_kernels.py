@@ -83,9 +83,30 @@ def _bf16_stochastic_round(bits: np.ndarray, delta: np.ndarray, u: np.ndarray) -
     return np.where(np.isfinite(w), rounded.astype(np.uint16), bits)
 
 
+_F16_MAX_BITS = np.uint32(0x7BFF)
+
+
+def _f16_value(bits: np.ndarray) -> np.ndarray:
+    return bits.astype(np.uint16).view(np.float16).astype(np.float64)
+
+
+def _f16_stochastic_round(bits: np.ndarray, delta: np.ndarray, u: np.ndarray) -> np.ndarray:
+    w = _f16_value(bits)
+    x = w + delta
+    a = np.abs(x)
+    clamped = np.minimum(a, 65504.0)
+    mag = clamped.astype(np.float16).view(np.uint16).astype(np.uint32)
+    mag -= (_f16_value(mag) > clamped).astype(np.uint32)  # nearest went up: one step down
+    lo = _f16_value(mag)
+    hi = _f16_value(mag + np.uint32(1))
+    step_up = (u * (hi - lo) < a - lo) & (hi < np.inf)
+    rounded = (mag + step_up.astype(np.uint32)) | ((x < 0.0).astype(np.uint32) << np.uint32(15))
+    return np.where(np.isfinite(w), rounded.astype(np.uint16), bits)
+
+
 def twin_embed(
     weights: np.ndarray,
-    bf16: bool,
+    grid: str,
     row_scale: np.ndarray,
     codeword: np.ndarray,
     seed: int,
@@ -93,7 +114,7 @@ def twin_embed(
     out: np.ndarray,
     block_rows: int = 128,
 ) -> np.ndarray:
-    """numpy embed in row blocks: float32 adds the perturbation, bf16 rounds stochastically."""
+    """numpy embed in row blocks: float32 adds the perturbation, "bf16"/"f16" round stochastically."""
     rows, cols = weights.shape
     code = codeword.astype(np.float64)
     for r0 in range(0, rows, block_rows):
@@ -102,9 +123,10 @@ def twin_embed(
         chip, pos = twin_chip_pos(h, code.shape[0])
         amplitude = alpha * row_scale[r0:r1].astype(np.float64)
         delta = (amplitude[:, None] * chip) * code[pos]
-        if bf16:
+        if grid != "f32":
             u = ((h >> np.uint64(32)) & _LOW31).astype(np.float64) * (1.0 / 2147483648.0)
-            out[r0:r1] = _bf16_stochastic_round(weights[r0:r1], delta, u)
+            rounding = _bf16_stochastic_round if grid == "bf16" else _f16_stochastic_round
+            out[r0:r1] = rounding(weights[r0:r1], delta, u)
         else:
             out[r0:r1] = weights[r0:r1].astype(np.float64) + delta
     return out
@@ -166,7 +188,7 @@ def row_rms32(values: np.ndarray) -> np.ndarray:
 def compile_probe() -> dict[str, Any]:
     """First-call times on tiny arrays: JIT compile (or cache load) of every kernel signature."""
     start = time.perf_counter()
-    from weightmark.kernels import BF16, FLOAT, dense, embed, extract
+    from weightmark.kernels import BF16, F16, FLOAT, dense, embed, extract
 
     import_s = time.perf_counter() - start
     rng = np.random.default_rng(1)
@@ -178,6 +200,7 @@ def compile_probe() -> dict[str, Any]:
     calls: dict[str, Callable[[], object]] = {
         "embed F32": lambda: embed(w32, FLOAT, scale, code, 1, ALPHA),
         "embed BF16": lambda: embed(w16, BF16, scale, code, 1, ALPHA),
+        "embed F16": lambda: embed(w16, F16, scale, code, 1, ALPHA),
         "extract F32": lambda: extract(w32, FLOAT, w32, FLOAT, scale, 1, num, den),
         "extract BF16": lambda: extract(w16, BF16, w16, BF16, scale, 1, num, den),
     }
@@ -188,7 +211,7 @@ def compile_probe() -> dict[str, Any]:
         first[label] = time.perf_counter() - t0
     hits = sum(
         sum(getattr(dense, k).stats.cache_hits.values())
-        for k in ("_embed_float", "_embed_bf16", "_extract")
+        for k in ("_embed_float", "_embed_bf16", "_embed_f16", "_extract")
     )
     return {"import_s": import_s, "first_call_s": first, "cache_hits": hits}
 
@@ -207,17 +230,19 @@ def run_compile_probe_subprocess() -> dict[str, Any] | None:
 
 def build_cases(rows: int, cols: int) -> tuple[list[Case], dict[str, bool]]:
     """Data, kernel calls and twin calls for every row of the table; checks twin == kernel."""
-    from weightmark.kernels import BF16, FLOAT, embed, extract
+    from weightmark.kernels import BF16, F16, FLOAT, embed, extract
 
     rng = np.random.default_rng(7)
     w32 = rng.standard_normal((rows, cols), dtype=np.float32)
     w32 *= np.float32(0.02)
     w16 = f32_to_bf16_bits(w32)
+    wf16 = w32.astype(np.float16).view(np.uint16)
     scale32 = row_rms32(w32)
     scale16 = row_rms32(_bf16_value(w16))
+    scalef16 = row_rms32(_f16_value(wf16))
     code = (rng.integers(0, 2, CODE_LENGTH, dtype=np.int8) * 2 - 1).astype(np.int8)
-    out32, out16 = np.empty_like(w32), np.empty_like(w16)
-    twin32, twin16 = np.empty_like(w32), np.empty_like(w16)
+    out32, out16, outf16 = np.empty_like(w32), np.empty_like(w16), np.empty_like(wf16)
+    twin32, twin16, twinf16 = np.empty_like(w32), np.empty_like(w16), np.empty_like(wf16)
 
     # Stamped copies to extract from (computed once, outside any timing).
     sus32 = embed(w32, FLOAT, scale32, code, SEED, ALPHA)
@@ -232,10 +257,13 @@ def build_cases(rows: int, cols: int) -> tuple[list[Case], dict[str, bool]]:
     cases = [
         Case("embed", "F32", "-", [w32],
              lambda: embed(w32, FLOAT, scale32, code, SEED, ALPHA, out=out32),
-             lambda: twin_embed(w32, False, scale32, code, SEED, ALPHA, twin32), True),
+             lambda: twin_embed(w32, "f32", scale32, code, SEED, ALPHA, twin32), True),
         Case("embed", "BF16", "-", [w16],
              lambda: embed(w16, BF16, scale16, code, SEED, ALPHA, out=out16),
-             lambda: twin_embed(w16, True, scale16, code, SEED, ALPHA, twin16), True),
+             lambda: twin_embed(w16, "bf16", scale16, code, SEED, ALPHA, twin16), True),
+        Case("embed", "F16", "-", [wf16],
+             lambda: embed(wf16, F16, scalef16, code, SEED, ALPHA, out=outf16),
+             lambda: twin_embed(wf16, "f16", scalef16, code, SEED, ALPHA, twinf16), True),
     ]
     for dtype, kind, sus, ref, scale in (
         ("F32", FLOAT, sus32, w32, scale32),
@@ -258,11 +286,14 @@ def build_cases(rows: int, cols: int) -> tuple[list[Case], dict[str, bool]]:
     # Honesty check: the twin computes what the kernel computes.
     checks: dict[str, bool] = {}
     embed(w32, FLOAT, scale32, code, SEED, ALPHA, out=out32)
-    twin_embed(w32, False, scale32, code, SEED, ALPHA, twin32)
+    twin_embed(w32, "f32", scale32, code, SEED, ALPHA, twin32)
     checks["embed F32 twin == kernel (bitwise)"] = bool(np.array_equal(out32.view(np.uint32), twin32.view(np.uint32)))
     embed(w16, BF16, scale16, code, SEED, ALPHA, out=out16)
-    twin_embed(w16, True, scale16, code, SEED, ALPHA, twin16)
+    twin_embed(w16, "bf16", scale16, code, SEED, ALPHA, twin16)
     checks["embed BF16 twin == kernel (bitwise)"] = bool(np.array_equal(out16, twin16))
+    embed(wf16, F16, scalef16, code, SEED, ALPHA, out=outf16)
+    twin_embed(wf16, "f16", scalef16, code, SEED, ALPHA, twinf16)
+    checks["embed F16 twin == kernel (bitwise)"] = bool(np.array_equal(outf16, twinf16))
     for label, sus, ref, kind, scale in (
         ("extract F32 non-blind", sus32, w32, FLOAT, scale32),
         ("extract F32 blind", sus32, None, FLOAT, scale32),

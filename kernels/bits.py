@@ -47,6 +47,18 @@ def f32_as_u32(typingctx, value):
 
 
 @intrinsic
+def f64_as_u64(typingctx, value):
+    """Reinterpret a float64 as uint64 (no conversion)."""
+    if value != types.float64:
+        raise TypingError("f64_as_u64 takes a float64")
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint64))
+
+    return types.uint64(types.float64), codegen
+
+
+@intrinsic
 def u64_as_f64(typingctx, bits):
     """Reinterpret a uint64 as float64 (no conversion)."""
     if bits != types.uint64:
@@ -155,6 +167,81 @@ def f16_stochastic_round(bits, delta, u):
     lo = f16_to_f64(mag)
     hi = f16_to_f64(mag + np.uint32(1))
     return _round_magnitude(x, lo, hi, mag, u, bits, w)
+
+
+# The same rounding read off the float64 bits of x = w + delta, in integer lanes that vectorise.
+# Where |x| lies in a grid's normal range, its floor `lo` keeps the top bits of |x| (rebiased to
+# the grid's exponent), |x| - lo is the `shift` low bits times 2**(e - 52), hi - lo = 2**(e - 52 +
+# shift) and u = U * 2**-31, so u * (hi - lo) < |x| - lo is U * 2**(shift - 31) < low bits: the
+# same comparison of exact values, in integers. The floor clamps at the largest finite value,
+# whose hi is inf (never taken). The outside_* functions say where this does not hold; the
+# kernels redo such rows with the reference rounding.
+_ABS64 = np.uint64(0x7FFFFFFFFFFFFFFF)
+_F64_INF_BITS = np.uint64(0x7FF0000000000000)
+_BF16_MIN_NORMAL_BITS = np.uint64(0x3810000000000000)  # 2**-126 as float64 bits
+_F16_MIN_NORMAL_BITS = np.uint64(0x3F10000000000000)  # 2**-14 as float64 bits
+_F16_MIN_NORMAL = 2.0**-14
+_ALL_ONES64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+# outside_* below: |x| bits minus the domain's low end (wrapping below it), against its width.
+BF16_ROUND_DOMAIN = _F64_INF_BITS - _BF16_MIN_NORMAL_BITS
+F16_ROUND_DOMAIN = _F64_INF_BITS - np.uint64(1)
+
+
+@numba.njit(**INLINE)
+def bf16_round_bits(x, draw):
+    """bf16_stochastic_round's bits for x = w + delta and u = draw * 2**-31, when
+    2**-126 <= |x| < inf (outside_bf16(x) < BF16_ROUND_DOMAIN; w is then finite)."""
+    b = f64_as_u64(x)
+    a = b & _ABS64
+    mag = (a >> np.uint64(45)) - np.uint64((1023 - 127) << 7)
+    up = ((draw << np.uint64(14)) - (a & np.uint64((1 << 45) - 1))) >> np.uint64(63)
+    mag = min(mag + up, np.uint64(_BF16_MAX_BITS))
+    # x is neither -0.0 nor NaN here, so its sign bit says x < 0.
+    return np.uint16(mag | ((b >> np.uint64(48)) & np.uint64(0x8000)))
+
+
+@numba.njit(**INLINE)
+def outside_bf16(x):
+    """At least BF16_ROUND_DOMAIN iff bf16_round_bits does not apply to x."""
+    return (f64_as_u64(x) & _ABS64) - _BF16_MIN_NORMAL_BITS
+
+
+@numba.njit(**INLINE)
+def _f16_rounding_bits(a):
+    """The float64 bits f16_round_bits reads: |x| itself in the normal range; below it,
+    |x| + 2**-14 (whose binade has float16's subnormal step, 2**-24: its low 42 bits are the
+    steps of 2**-24 in |x|, rounded to the nearest) with its exponent one lower, so that the
+    normal range's rebiasing yields the subnormal pattern."""
+    if a < _F16_MIN_NORMAL_BITS:
+        return f64_as_u64(u64_as_f64(a) + _F16_MIN_NORMAL) - (np.uint64(1) << np.uint64(52))
+    return a
+
+
+@numba.njit(**INLINE)
+def f16_round_bits(x, draw):
+    """f16_stochastic_round's bits for x = w + delta and u = draw * 2**-31, when
+    outside_f16(x) < F16_ROUND_DOMAIN (0 < |x| < inf, w then finite, and no rounding doubt)."""
+    b = f64_as_u64(x)
+    a = b & _ABS64
+    c = _f16_rounding_bits(a)
+    mag = (c >> np.uint64(42)) - np.uint64((1023 - 15) << 10)
+    up = ((draw << np.uint64(11)) - (c & np.uint64((1 << 42) - 1))) >> np.uint64(63)
+    mag = min(mag + up, np.uint64(_F16_MAX_BITS))
+    return np.uint16(mag | ((b >> np.uint64(48)) & np.uint64(0x8000)))
+
+
+@numba.njit(**INLINE)
+def outside_f16(x):
+    """At least F16_ROUND_DOMAIN iff f16_round_bits may differ from f16_stochastic_round at x:
+    x is zero, infinite or NaN, or |x| < 2**-14 and its rounded steps c end in eleven zero bits.
+
+    Only then can rounding |x| + 2**-14 change the comparison: u * 2**31 * 2**11 is a multiple
+    of 2**11, and the true fraction and c's low bits differ by at most half a unit.
+    """
+    a = f64_as_u64(x) & _ABS64
+    if a < _F16_MIN_NORMAL_BITS and (_f16_rounding_bits(a) & np.uint64(0x7FF)) == np.uint64(0):
+        return _ALL_ONES64
+    return a - np.uint64(1)
 
 
 @numba.njit(**INLINE)

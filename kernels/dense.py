@@ -13,23 +13,32 @@ from numba.extending import intrinsic
 
 from weightmark.kernels.bits import (
     BF16,
+    BF16_ROUND_DOMAIN,
     F16,
+    F16_ROUND_DOMAIN,
     FLOAT,
+    bf16_round_bits,
     bf16_stochastic_round,
+    bf16_to_f64,
     decode_difference,
     decode_span,
+    f16_round_bits,
     f16_stochastic_round,
+    f16_to_f64,
+    outside_bf16,
+    outside_f16,
 )
 from weightmark.kernels.config import INLINE, PARALLEL, SERIAL
 from weightmark.kernels.prng import (
     GOLDEN,
     chip_from_bits,
     chip_of,
-    element_hash,
-    hash_key,
+    chip_times,
+    counter_of,
+    draw_of,
     mix64,
     position_of,
-    position_of_u32,
+    short_position_of,
     uniform_of,
 )
 
@@ -45,55 +54,95 @@ def _amplitude(alpha, scale):
     return 0.0
 
 
+# Each embed kernel walks a row with a running hash counter (one add per element, not a
+# multiply) and reads the codeword as float64 (a vector gather), in loops without branches so
+# they vectorise. delta is amplitude * c[p] with the chip's sign (prng.chip_times), which is
+# (amplitude * chip) * c[p] for a finite amplitude. The 16-bit grids round on the float64 bits
+# of x = w + delta (bits.bf16_round_bits, bits.f16_round_bits). A row with an x outside the
+# rounding's domain (zero or tiny, infinite or NaN: a non-finite weight or amplitude gives such
+# an x) is done again element by element with the reference formula, and so is a float row
+# whose amplitude is not finite. Every path gives the reference bits.
+
+
 @numba.njit(**PARALLEL)
-def _embed_float(w, out, row_scale, codeword, seed, alpha):
+def _embed_float(w, out, row_scale, code, seed, alpha):
     rows, cols = w.shape
-    code_length = codeword.shape[0]
+    code_length = code.shape[0]
     for r in numba.prange(rows):
         amplitude = _amplitude(alpha, row_scale[r])
-        base = r * cols
         if amplitude == 0.0:
             for c in range(cols):
                 out[r, c] = w[r, c]
             continue
-        for c in range(cols):
-            h = element_hash(seed, base + c)
-            delta = amplitude * chip_of(h) * np.float64(codeword[position_of(h, code_length)])
-            out[r, c] = np.float64(w[r, c]) + delta
+        z = counter_of(seed, r * cols)
+        if np.isfinite(amplitude):  # amplitude * c[p] is not NaN: the chip's sign is a flip
+            for c in range(cols):
+                h = mix64(z)
+                z += GOLDEN
+                delta = chip_times(h, amplitude * code[short_position_of(h, code_length)])
+                out[r, c] = np.float64(w[r, c]) + delta
+        else:
+            for c in range(cols):
+                h = mix64(z)
+                z += GOLDEN
+                delta = amplitude * chip_of(h) * code[position_of(h, code_length)]
+                out[r, c] = np.float64(w[r, c]) + delta
 
 
 @numba.njit(**PARALLEL)
-def _embed_bf16(w, out, row_scale, codeword, seed, alpha):
+def _embed_bf16(w, out, row_scale, code, seed, alpha):
     rows, cols = w.shape
-    code_length = codeword.shape[0]
+    code_length = code.shape[0]
     for r in numba.prange(rows):
         amplitude = _amplitude(alpha, row_scale[r])
-        base = r * cols
         if amplitude == 0.0:
             for c in range(cols):
                 out[r, c] = w[r, c]
             continue
+        outside = np.uint64(0)
+        z = counter_of(seed, r * cols)
         for c in range(cols):
-            h = element_hash(seed, base + c)
-            delta = amplitude * chip_of(h) * np.float64(codeword[position_of(h, code_length)])
-            out[r, c] = bf16_stochastic_round(w[r, c], delta, uniform_of(h))
+            h = mix64(z)
+            z += GOLDEN
+            delta = chip_times(h, amplitude * code[short_position_of(h, code_length)])
+            x = bf16_to_f64(w[r, c]) + delta
+            out[r, c] = bf16_round_bits(x, draw_of(h))
+            outside = max(outside, outside_bf16(x))
+        if outside >= BF16_ROUND_DOMAIN:  # also where the amplitude is not finite
+            z = counter_of(seed, r * cols)
+            for c in range(cols):
+                h = mix64(z)
+                z += GOLDEN
+                delta = amplitude * chip_of(h) * code[position_of(h, code_length)]
+                out[r, c] = bf16_stochastic_round(w[r, c], delta, uniform_of(h))
 
 
 @numba.njit(**PARALLEL)
-def _embed_f16(w, out, row_scale, codeword, seed, alpha):
+def _embed_f16(w, out, row_scale, code, seed, alpha):
     rows, cols = w.shape
-    code_length = codeword.shape[0]
+    code_length = code.shape[0]
     for r in numba.prange(rows):
         amplitude = _amplitude(alpha, row_scale[r])
-        base = r * cols
         if amplitude == 0.0:
             for c in range(cols):
                 out[r, c] = w[r, c]
             continue
+        outside = np.uint64(0)
+        z = counter_of(seed, r * cols)
         for c in range(cols):
-            h = element_hash(seed, base + c)
-            delta = amplitude * chip_of(h) * np.float64(codeword[position_of(h, code_length)])
-            out[r, c] = f16_stochastic_round(w[r, c], delta, uniform_of(h))
+            h = mix64(z)
+            z += GOLDEN
+            delta = chip_times(h, amplitude * code[short_position_of(h, code_length)])
+            x = f16_to_f64(w[r, c]) + delta
+            out[r, c] = f16_round_bits(x, draw_of(h))
+            outside = max(outside, outside_f16(x))
+        if outside >= F16_ROUND_DOMAIN:  # also where the amplitude is not finite
+            z = counter_of(seed, r * cols)
+            for c in range(cols):
+                h = mix64(z)
+                z += GOLDEN
+                delta = amplitude * chip_of(h) * code[position_of(h, code_length)]
+                out[r, c] = f16_stochastic_round(w[r, c], delta, uniform_of(h))
 
 
 # Elements per step of extraction: a tile's positions and terms stay in L1 between the
@@ -116,8 +165,8 @@ def _weigh_lanes(typingctx, d, i, key, inv, code_length, position, terms):
     multiplies of each hash cost as much per 512-bit vector as per 256-bit one. Lane by lane the
     same integer and IEEE operations, in the same order, as the scalar loop."""
     f64_vector = types.Array(types.float64, 1, "C")
-    if d != f64_vector or terms != f64_vector or position != types.Array(types.int32, 1, "C"):
-        raise TypingError("_weigh_lanes takes C-contiguous float64 d and terms and int32 position")
+    if d != f64_vector or terms != f64_vector or position != types.Array(types.uint32, 1, "C"):
+        raise TypingError("_weigh_lanes takes C-contiguous float64 d and terms and uint32 position")
     if key != types.uint64 or inv != types.float64 or code_length != types.uint32:
         raise TypingError("_weigh_lanes takes a uint64 key, a float64 inverse and a uint32 length")
 
@@ -178,7 +227,7 @@ def weigh_tile(d, n, key, inv, code_length, position, terms):
         # Zero differences add nothing; non-finite ones are dropped.
         e = x * inv if np.isfinite(x) else 0.0
         h = mix64(key + np.uint64(i) * GOLDEN)
-        position[i] = position_of_u32(h, code_length)
+        position[i] = np.uint32(short_position_of(h, code_length))
         terms[2 * i] = chip_from_bits(h) * e
         terms[2 * i + 1] = e * e
 
@@ -236,7 +285,7 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
         # then scatter into this block's own sums (the only part with random access).
         d = np.empty(TILE)
         terms = np.empty(2 * TILE)
-        position = np.empty(TILE, dtype=np.int32)
+        position = np.empty(TILE, dtype=np.uint32)
         part = block_sums(sums, t)
         stop = min(rows, (t + 1) * chunk)
         for r in range(t * chunk, stop):
@@ -250,7 +299,7 @@ def _extract(suspect, suspect_kind, reference, reference_kind, has_reference, ro
                     decode_difference(suspect, suspect_kind, reference, reference_kind, r, c0, n, d)
                 else:
                     decode_span(suspect, r, c0, n, suspect_kind, d)
-                weigh_tile(d, n, hash_key(seed, r * cols + c0), inv, code_length, position, terms)
+                weigh_tile(d, n, counter_of(seed, r * cols + c0), inv, code_length, position, terms)
                 scatter_tile(n, position, terms, part)
 
 
@@ -280,11 +329,13 @@ def fold_parts(sums: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
         _fold_columns(sums, num, den)
 
 
-# Code positions are int32s in the kernels (found by a 32 x 32-bit multiply-high).
-MAX_CODE_LENGTH = 2**31 - 1
+# Extraction keeps code positions as uint32s (found by a 32 x 32-bit multiply-high).
+MAX_CODE_LENGTH = 2**32 - 1
 # Row blocks of extract's partial sums (per-block buffers are L float64s each).
 EXTRACT_PARTS = 64
 _GRID_DTYPE = np.dtype(np.uint16)
+# The embed kernels take the code position as a 32 x 32-bit product (prng.short_position_of).
+_MAX_CODE_LENGTH = 2**32 - 1
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -309,6 +360,8 @@ def _check_scale_and_code(rows: int, row_scale: np.ndarray, codeword: np.ndarray
     if codeword is not None:
         if codeword.ndim != 1 or codeword.size == 0 or codeword.dtype != np.int8:
             raise ValueError("codeword must be a non-empty 1-D int8 array of +-1")
+        if codeword.size > _MAX_CODE_LENGTH:
+            raise ValueError(f"codeword of {codeword.size} entries: at most {_MAX_CODE_LENGTH}")
 
 
 def embed(
@@ -334,12 +387,13 @@ def embed(
     if weights.size == 0:
         return out
     seed64 = np.uint64(seed)
+    code = codeword.astype(np.float64)  # exact; the kernels gather float64s
     if kind == FLOAT:
-        _embed_float(weights, out, row_scale, codeword, seed64, float(alpha))
+        _embed_float(weights, out, row_scale, code, seed64, float(alpha))
     elif kind == BF16:
-        _embed_bf16(weights, out, row_scale, codeword, seed64, float(alpha))
+        _embed_bf16(weights, out, row_scale, code, seed64, float(alpha))
     else:
-        _embed_f16(weights, out, row_scale, codeword, seed64, float(alpha))
+        _embed_f16(weights, out, row_scale, code, seed64, float(alpha))
     return out
 
 
@@ -368,7 +422,7 @@ def extract(
     if num.shape != den.shape or num.ndim != 1 or num.dtype != np.float64 or den.dtype != np.float64:
         raise ValueError("num and den must be float64 vectors of the code length")
     if num.shape[0] > MAX_CODE_LENGTH:
-        raise ValueError(f"code length {num.shape[0]} is above {MAX_CODE_LENGTH} (positions are int32)")
+        raise ValueError(f"code length {num.shape[0]} is above {MAX_CODE_LENGTH} (positions are uint32)")
     if suspect.size == 0:
         return
     # A fixed number of row blocks whatever the thread count: the sums are then bit-identical

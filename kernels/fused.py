@@ -27,7 +27,7 @@ from weightmark.kernels.dense import (
     scatter_tile,
     weigh_tile,
 )
-from weightmark.kernels.prng import hash_key
+from weightmark.kernels.prng import counter_of
 from weightmark.kernels.quant import (
     BLOCK_LAYOUTS,
     _q4_0_row,
@@ -82,7 +82,7 @@ def _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, se
             decode_span(reference, r, c0, n, reference_kind, ref)
             for i in range(n):
                 tile[i] -= ref[i]
-        weigh_tile(tile, n, hash_key(seed, r * cols + c0), inv, code_length, position, terms)
+        weigh_tile(tile, n, counter_of(seed, r * cols + c0), inv, code_length, position, terms)
         scatter_tile(n, position, terms, sums)
 
 
@@ -95,7 +95,7 @@ def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_refe
         d = np.empty(cols)
         ref = np.empty(TILE)
         terms = np.empty(2 * TILE)
-        position = np.empty(TILE, dtype=np.int32)
+        position = np.empty(TILE, dtype=np.uint32)
         part = block_sums(sums, t)
         for r in range(t * chunk, min(rows, (t + 1) * chunk)):
             inv = _row_scale_inverse(row_scale, r)
@@ -165,7 +165,7 @@ def _extract_gptq(qweight, bits, zeros, scales, g_idx, runs, reference, referenc
         words = np.empty((_ROW_GROUP, qweight.shape[0]), dtype=np.uint32)
         ref = np.empty(TILE)
         terms = np.empty(2 * TILE)
-        position = np.empty(TILE, dtype=np.int32)
+        position = np.empty(TILE, dtype=np.uint32)
         part = block_sums(sums, t)
         stop = min(rows, (t + 1) * chunk)
         for first in range(t * chunk, stop, _ROW_GROUP):
@@ -225,7 +225,7 @@ def _extract_bnb4(data, code, absmax, blocksize, rows, cols, reference, referenc
         d = np.empty(cols)
         ref = np.empty(TILE)
         terms = np.empty(2 * TILE)
-        position = np.empty(TILE, dtype=np.int32)
+        position = np.empty(TILE, dtype=np.uint32)
         part = block_sums(sums, t)
         for r in range(t * chunk, min(rows, (t + 1) * chunk)):
             inv = _row_scale_inverse(row_scale, r)
@@ -254,7 +254,7 @@ def _check_common(
     if num.shape != den.shape or num.ndim != 1 or num.dtype != np.float64 or den.dtype != np.float64:
         raise ValueError("num and den must be float64 vectors of the code length")
     if num.shape[0] > MAX_CODE_LENGTH:
-        raise ValueError(f"code length {num.shape[0]} is above {MAX_CODE_LENGTH} (positions are int32)")
+        raise ValueError(f"code length {num.shape[0]} is above {MAX_CODE_LENGTH} (positions are uint32)")
     if num.shape[0] == 0:
         raise ValueError("num and den must not be empty")
     if reference is None:

@@ -3,7 +3,7 @@
 import numba
 import numpy as np
 
-from weightmark.kernels.bits import u64_as_f64
+from weightmark.kernels.bits import f64_as_u64, u64_as_f64
 from weightmark.kernels.config import INLINE, SERIAL
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -16,9 +16,9 @@ _S32 = np.uint64(32)
 _S63 = np.uint64(63)
 _ONE = np.uint64(1)
 _LOW32 = np.uint64(0xFFFFFFFF)
-_TOP = np.uint64(1 << 63)
 _ONE_BITS = np.uint64(0x3FF0000000000000)  # 1.0
 _LOW31 = np.uint64(0x7FFFFFFF)
+_SIGN64 = np.uint64(1) << np.uint64(63)
 # 2**-31: bits 32..62 of the hash give the stochastic-rounding uniform in [0, 1).
 _U_SCALE = 1.0 / 2147483648.0
 
@@ -38,9 +38,11 @@ def element_hash(seed, j):
 
 
 @numba.njit(**INLINE)
-def hash_key(seed, j):
-    """mix64's input for element j: element_hash(seed, j) == mix64(hash_key(seed, j)), and element
-    j + i's key is hash_key(seed, j) + i * GOLDEN (a running addition over consecutive elements)."""
+def counter_of(seed, j):
+    """The mix64 input of element j: element_hash(seed, j) == mix64(counter_of(seed, j)).
+
+    Element j + 1's counter is element j's plus GOLDEN, so a row's hashes need no multiply.
+    """
     return seed + (np.uint64(j) + _ONE) * GOLDEN
 
 
@@ -54,7 +56,13 @@ def chip_of(h):
 def chip_from_bits(h):
     """chip_of(h) built from its bits (the sign bit of 1.0 set from h's top bit): the same
     +-1.0, with two bit operations in place of a shift, a conversion and a subtraction."""
-    return u64_as_f64((h & _TOP) | _ONE_BITS)
+    return u64_as_f64((h & _SIGN64) | _ONE_BITS)
+
+
+@numba.njit(**INLINE)
+def chip_times(h, value):
+    """chip_of(h) * value, as a sign flip (the same float for every value but NaN)."""
+    return u64_as_f64(f64_as_u64(value) ^ (h & _SIGN64))
 
 
 @numba.njit(**INLINE)
@@ -64,16 +72,24 @@ def position_of(h, code_length):
 
 
 @numba.njit(**INLINE)
-def position_of_u32(h, code_length):
-    """position_of for a uint32 code_length, as an int32: the same integer, but the multiply is
-    32 x 32 -> 64 bits, which vectorises to one instruction where a 64-bit multiply does not."""
-    return np.int32(((h & _LOW32) * np.uint64(np.uint32(code_length))) >> _S32)
+def short_position_of(h, code_length):
+    """position_of(h, code_length) for code lengths below 2**32.
+
+    Masking the length too lets LLVM see a 32 x 32-bit product (one vpmuludq on x86).
+    """
+    return np.int64(((h & _LOW32) * (np.uint64(code_length) & _LOW32)) >> _S32)
 
 
 @numba.njit(**INLINE)
 def uniform_of(h):
     """Uniform in [0, 1) from bits 32..62, independent of the chip and position bits."""
     return np.float64((h >> _S32) & _LOW31) * _U_SCALE
+
+
+@numba.njit(**INLINE)
+def draw_of(h):
+    """The 31-bit integer behind the uniform: uniform_of(h) == draw_of(h) * 2**-31."""
+    return (h >> _S32) & _LOW31
 
 
 @numba.njit(**SERIAL)

@@ -17,8 +17,6 @@ Example::
     print([(c.name, c.jurisdiction, c.log10_family_wise_p) for c in report.accused])
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from weightmark.errors import (
     FormatError,
     InputFileError,
@@ -32,13 +30,20 @@ from weightmark.errors import (
 from weightmark.lab import Lab
 from weightmark.scheme import SchemeParams
 
-try:
-    __version__ = version("weightmark")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
-    __version__ = "0+unknown"
+
+def _version() -> str:
+    # importlib.metadata costs tens of milliseconds of every command's start-up: read it on demand.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("weightmark")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+        return "0+unknown"
 
 
 def __getattr__(name: str) -> object:
+    if name == "__version__":
+        return _version()
     # The scan types pull in the numba kernels: import them only when asked for.
     if name in ("ScanReport", "Candidate"):
         from weightmark import scan

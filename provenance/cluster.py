@@ -132,14 +132,15 @@ def _carrier_sums_task(suspect_path: str, reference_path: str | None, items: lis
     read through the alignment the coordinator estimated (its plans for these carriers)."""
     from weightmark.align import Alignment
     from weightmark.formats import open_suspect
-    from weightmark.scan import _carrier_sums
+    from weightmark.scan import TensorTables, _carrier_sums
 
     _numba_threads()
     suspect = open_suspect(suspect_path)
     reference = open_suspect(reference_path) if reference_path is not None else None
     try:
         alignment = Alignment(suspect, {c.name: plan for c, _, plan in items}) if aligned else None
-        return [_carrier_sums(suspect, reference, alignment, carrier, own, model_key, code_lengths)
+        metas = TensorTables(suspect, reference)
+        return [_carrier_sums(suspect, reference, alignment, carrier, own, model_key, code_lengths, metas)
                 for carrier, own, _ in items]
     finally:
         suspect.close()

@@ -13,6 +13,7 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -438,8 +439,17 @@ def _extract_all(
     if cluster is not None and _sharded(suspect):
         results = cluster.carrier_sums(suspect, reference, alignment, carriers, aliases, model_key, code_lengths)
     else:
-        results = (_carrier_sums(suspect, reference, alignment, carrier, aliases.get(carrier.name), model_key,
-                                 code_lengths) for carrier in carriers)
+        metas = TensorTables(suspect, reference)
+
+        def serial() -> Iterator[tuple[str | None, dict[int, tuple[np.ndarray, np.ndarray]]]]:
+            for k, carrier in enumerate(carriers):
+                if k + 1 < len(carriers):  # read the next carrier ahead from disk meanwhile
+                    _prefetch(suspect, aliases.get(carriers[k + 1].name))
+                    _prefetch(reference, carriers[k + 1].name)
+                yield _carrier_sums(suspect, reference, alignment, carrier, aliases.get(carrier.name), model_key,
+                                    code_lengths, metas)
+
+        results = serial()
     used, skipped, elements, per_carrier = 0, [], 0, []
     for carrier, (problem, own_sums) in zip(carriers, results, strict=True):
         if problem is not None:
@@ -458,8 +468,24 @@ def _extract_all(
                       per_carrier)
 
 
+def _prefetch(source: QuantizedModel | SafetensorsSuspect | None, name: str | None) -> None:
+    """Start reading a tensor of a safetensors suspect or reference from disk in the background."""
+    if isinstance(source, SafetensorsSuspect) and name is not None and name in source.checkpoint.tensors:
+        source.checkpoint.prefetch(name)
+
+
 def _sharded(suspect: QuantizedModel | SafetensorsSuspect) -> bool:
     return isinstance(suspect, SafetensorsSuspect) and len(suspect.checkpoint.shards) > 1
+
+
+class TensorTables:
+    """The suspect's and the reference's tensor tables, read once per scan: readers build them
+    on every `tensors()` call, and asking once per carrier costs time quadratic in the tensors."""
+
+    def __init__(self, suspect: QuantizedModel | SafetensorsSuspect,
+                 reference: QuantizedModel | SafetensorsSuspect | None) -> None:
+        self.suspect = suspect.tensors()
+        self.reference = reference.tensors() if reference is not None else {}
 
 
 def _carrier_sums(
@@ -470,11 +496,12 @@ def _carrier_sums(
     own: str | None,
     model_key: bytes,
     code_lengths: list[int],
+    metas: TensorTables,
 ) -> tuple[str | None, dict[int, tuple[np.ndarray, np.ndarray]]]:
     """One carrier's own (num, den) per code length, or why it was skipped."""
     if own is None:
         return "missing", {}
-    meta = suspect.tensors()[own]
+    meta = metas.suspect[own]
     moved = alignment is not None and not alignment.plans[carrier.name].identity
     if not moved and meta.shape != carrier.shape:
         return f"{meta.source_dtype} {list(meta.shape)} instead of {list(carrier.shape)}", {}
@@ -482,7 +509,7 @@ def _carrier_sums(
         return f"{meta.source_dtype} is not a float dtype", {}
     ref_raw, ref_kind = None, 0
     if reference is not None:
-        ref_meta = reference.tensors().get(carrier.name)
+        ref_meta = metas.reference.get(carrier.name)
         if ref_meta is None or ref_meta.shape != carrier.shape:
             return "not in the reference", {}
         ref_raw, ref_kind = _values(reference, carrier.name, ref_meta.source_dtype)

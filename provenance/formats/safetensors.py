@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..errors import FormatError, InputFileError
-from ..fsutil import fsync_dir, sha256_file, staged_output
+from ..fsutil import fsync_dir, sha256_file, staged_output, start_writeback
 
 __all__ = [
     "DTYPES",
@@ -353,14 +353,22 @@ class SafetensorsFile:
 
     def release(self, name: str) -> None:
         """Drop the tensor's pages from memory; views stay valid and re-fault from the file."""
+        self._advise(name, "MADV_DONTNEED")
+
+    def prefetch(self, name: str) -> None:
+        """Start reading the tensor's pages from disk in the background (the kernel's readahead),
+        so they are in the page cache when the tensor is used. Maps nothing: RSS does not grow."""
+        self._advise(name, "MADV_WILLNEED")
+
+    def _advise(self, name: str, advice: str) -> None:
         info = self.info(name)
-        if self._mm is None or info.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        if self._mm is None or info.nbytes == 0 or not hasattr(mmap, advice):
             return
         page = mmap.PAGESIZE
         start = info.begin - info.begin % page
         stop = min(-(-info.end // page) * page, self._size)
         try:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            self._mm.madvise(getattr(mmap, advice), start, stop - start)
         except (OSError, ValueError):
             pass  # advisory only
 
@@ -420,6 +428,11 @@ class SafetensorsWriter:
     ) -> None:
         self._file = fileobj
         self._hash = hashlib.sha256()
+        self._written = 0  # bytes of the file so far
+        try:
+            self._fd: int | None = fileobj.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+            self._fd = None
         self._specs: list[tuple[str, str, tuple[int, ...], int]] = []
         entries: dict[str, dict[str, Any]] = {}
         offset = 0
@@ -463,12 +476,17 @@ class SafetensorsWriter:
         if len(data) < _PARALLEL_HASH_BYTES:
             self._hash.update(data)
             _write_all(self._file, data)
+            self._written += len(data)
             return
         # Hash on a second thread while this one writes: both release the GIL.
         hasher = threading.Thread(target=self._hash.update, args=(data,))
         hasher.start()
         try:
             _write_all(self._file, data)
+            if self._fd is not None:
+                self._file.flush()
+                start_writeback(self._fd, self._written, len(data))
+            self._written += len(data)
         finally:
             hasher.join()
 
@@ -763,6 +781,13 @@ class Checkpoint:
         unit = self._unit(name)
         shard.release(name if unit is None else unit[0])
 
+    def prefetch(self, name: str) -> None:
+        """Start reading a tensor (an expert unit: its whole fused tensor) from disk in the
+        background; see SafetensorsFile.prefetch."""
+        shard, _info = self._entry(name)
+        unit = self._unit(name)
+        shard.prefetch(name if unit is None else unit[0])
+
     def _unit(self, name: str) -> tuple[str, int] | None:
         if name in self.tensors:
             return None
@@ -832,7 +857,11 @@ def _write_shard(
     progress: Callable[[int], None] | None,
     out_dtype: Callable[[TensorInfo], str] | None = None,
     scratch: _ScratchBuffers | None = None,
+    syncs: tuple[ThreadPoolExecutor, list[Future[None]]] | None = None,
 ) -> str:
+    """Write one shard and return its SHA-256. The file is fsynced here, or, with `syncs`
+    (executor, futures), on the executor's thread while the caller goes on with the next shard;
+    the future is appended, and the caller must wait for it before the shard counts as written."""
     dtype_of = out_dtype or (lambda info: info.dtype)
     specs = [(info.name, dtype_of(info), info.shape) for info in shard.tensors.values()]
 
@@ -848,7 +877,10 @@ def _write_shard(
         writer = SafetensorsWriter(fh, specs, shard.metadata, shard.header_order)
         pending: Future[None] | None = None
         pending_buffer: np.ndarray | None = None
-        for name, info in shard.tensors.items():
+        names = list(shard.tensors)
+        for i, (name, info) in enumerate(shard.tensors.items()):
+            if i + 1 < len(names):  # read ahead from disk while this tensor is transformed
+                shard.prefetch(names[i + 1])
             want = DTYPES[dtype_of(info)]
             if scratch is None:
                 buffer = None
@@ -873,8 +905,22 @@ def _write_shard(
         if pending is not None:
             pending.result()
         writer.finish()
-        _fsync(fh)
+        if syncs is None:
+            _fsync(fh)
+    if syncs is not None:
+        syncer, futures = syncs
+        futures.append(syncer.submit(_fsync_path, target))
     return writer.sha256
+
+
+def _fsync_path(path: pathlib.Path) -> None:
+    # fsync through a new descriptor flushes the file's data as one through the writer's would.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 
 def write_like(
@@ -912,10 +958,16 @@ def write_like(
     if write_shards is not None:
         pairs = [(shard, staging / shard.path.name) for shard in src.shards]
         manifest.update(zip([s.path.name for s in src.shards], write_shards(pairs), strict=True))
-    for shard in src.shards if write_shards is None else ():
-        manifest[shard.path.name] = _write_shard(
-            src, shard, staging / shard.path.name, transform, progress, out_dtype, buffers
-        )
+    # Each finished shard is fsynced on a thread of its own while the next one is computed; on an
+    # error the executor still waits for those in flight before the staging folder is removed.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightmark-fsync") as syncer:
+        syncs: list[Future[None]] = []
+        for shard in src.shards if write_shards is None else ():
+            manifest[shard.path.name] = _write_shard(
+                src, shard, staging / shard.path.name, transform, progress, out_dtype, buffers, (syncer, syncs)
+            )
+        for done in syncs:  # every shard is on disk before anything counts as written
+            done.result()
     if src.index is not None:
         blob = json.dumps(src.index, indent=2).encode("utf-8")
         with open(staging / WEIGHT_INDEX, "xb") as fh:

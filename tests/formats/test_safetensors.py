@@ -479,6 +479,29 @@ def test_sharded_folder_read_and_identity_copy(tmp_path: pathlib.Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_write_like_syncs_every_shard_before_returning(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """Shards are fsynced on a thread of their own while the next one is written; all of them
+    must be on disk (fsync returned) by the time write_like returns its manifest."""
+    src_dir = tmp_path / "model"
+    _make_sharded(src_dir)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with Checkpoint.open(src_dir) as ckpt:
+        shards = [s.path.name for s in ckpt.shards]
+        assert len(shards) > 1
+        manifest = write_like(ckpt, tmp_path / "copy", lambda n, i, a: a)
+        done = list(synced)
+    assert set(shards) <= set(manifest)
+    assert all(done.count(name) == 1 for name in shards), done
+
+
 def test_write_like_transform_and_checks(tmp_path: pathlib.Path) -> None:
     src = tmp_path / "one.safetensors"
     save_file(src, {"w": np.ones((2, 2), np.float32), "i": np.arange(3, dtype=np.int64)})

@@ -144,8 +144,8 @@ def test_bnb4_rows_longer_than_a_tile(cols: int, blocksize: int) -> None:
     assert_bits_equal(got, ordered_sums(values, FLOAT, None, FLOAT, scale, 3, 4096))
 
 
-def test_code_lengths_beyond_int32_positions_are_refused() -> None:
-    """Positions are int32s in the kernels: a longer code is refused before anything runs (the
+def test_code_lengths_beyond_uint32_positions_are_refused() -> None:
+    """Positions are uint32s in the kernels: a longer code is refused before anything runs (the
     sums here are zero-stride views, so no memory is spent on them)."""
     huge = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(MAX_CODE_LENGTH + 1,), strides=(0,))
     ones = np.ones(2, dtype=np.float32)
