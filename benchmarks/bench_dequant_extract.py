@@ -13,7 +13,10 @@ per-tensor work). Then, page cache warm, in the same run and the same process:
 - `load+extract`: the same plus extract(values, FLOAT, None, ...) into L = 4096 sums, i.e. the
   per-carrier work of _extract_all in a blind scan before the fused kernels;
 - `fused`: the reader's `extract_into` (weightmark.kernels.fused: decode and accumulate row by
-  row from the packed blocks, no float32 tensor), what a blind scan does now.
+  row from the packed blocks, no float32 tensor), what a blind scan does now;
+- `core`: the same fused pass on one numba thread, in process CPU seconds, set against sha256's
+  CPU seconds: the per-core ratio, which other processes on a shared machine barely move (the
+  wall-clock columns they do); two idle cores would give up to twice it.
 
 MB/s is file bytes / median seconds; `x sha256` is that rate over sha256's. Peak RSS is one
 child process per pass (python + numba + the pass; `idle` opens the model and does nothing), so
@@ -155,6 +158,32 @@ def scan_pass(path: Path, extract_too: bool, fused: bool = False) -> int:
     return seen
 
 
+def cpu_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Least process CPU seconds of `repeats` calls of fn after one untimed call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def one_core_ratio(path: Path, files: list[Path], repeats: int) -> tuple[float, float]:
+    """sha256's CPU seconds over the fused pass's on one numba thread, and the fused pass's CPU
+    seconds (each the least of `repeats` timed calls)."""
+    import numba
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        fused = cpu_seconds(lambda: scan_pass(path, True, fused=True), repeats)
+    finally:
+        numba.set_num_threads(threads)
+    sha = cpu_seconds(lambda: read_all(files, hashlib.sha256), repeats)
+    return sha / fused, fused
+
+
 def first_call_seconds(fmt: str, folder: Path) -> float:
     """Load + extract on a one-matrix model of this format: JIT compile (or numba cache load)."""
     names = layer_names(1)
@@ -235,27 +264,32 @@ def main() -> None:
         mbps = {k: size / MIB / t.median for k, t in
                 (("read", read), ("sha256", sha), ("load", load), ("load+extract", both),
                  ("fused", fused))}  # fmt: skip
+        core_ratio, core_seconds = one_core_ratio(paths[fmt], files, args.repeats)
         rss = peak_rss(paths[fmt])
         rows.append([fmt, size / MIB, mbps["read"], mbps["sha256"], mbps["load"],
                      mbps["load+extract"], mbps["fused"], params / fused.median / 1e6,
                      mbps["load+extract"] / mbps["sha256"], mbps["fused"] / mbps["sha256"],
+                     core_seconds / params * 1e9, core_ratio,
                      *(rss[k] / MIB for k in PASSES), compile_s[fmt]])  # fmt: skip
         results[fmt] = {"file_bytes": size, "parameters": params, "first_call_s": compile_s[fmt],
                         "mb_per_s": mbps, "read": read.to_json(), "sha256": sha.to_json(),
                         "load": load.to_json(), "load_extract": both.to_json(), "fused": fused.to_json(),
+                        "fused_one_thread_cpu_s": core_seconds, "one_core_x_sha256": core_ratio,
                         "peak_rss_bytes": rss}  # fmt: skip
 
     print(f"Scan work per carrier on {args.matrices} x [{args.rows}, {args.cols}] weights "
           f"({params / 1e6:.0f} M parameters), median of {args.repeats}, page cache warm:")  # fmt: skip
     print_table(
         ["format", "MiB", "read MB/s", "sha256 MB/s", "load MB/s", "load+extract MB/s", "fused MB/s",
-         "fused Mparam/s", "load+extract x sha256", "fused x sha256", "RSS idle MiB",
+         "fused Mparam/s", "load+extract x sha256", "fused x sha256", "core ns/param",
+         "core x sha256", "RSS idle MiB",
          "RSS load+extract MiB", "RSS fused MiB", "1st call s"],
         rows,
     )  # fmt: skip
     print("MB/s = file MiB / median seconds. load = reader .load (dequantize to float32); "
           "load+extract adds the blind extract kernel (L = 4096); fused = the reader's extract_into "
-          "(target >= 0.5x sha256). RSS = peak of one child process per pass. 1st call = a 256x256 "
+          "(target >= 0.5x sha256). core = the fused pass on one thread in CPU ns per parameter, and "
+          "sha256's CPU time over its (per core; 2 idle cores give up to 2x). RSS = peak of one child process per pass. 1st call = a 256x256 "
           "model's first passes in this process (JIT compile or numba cache load).")  # fmt: skip
     others = report_others(meter)
     write_json(args.json, {"machine": machine_info(), "busy_before": busy, "others_during": others,

@@ -297,3 +297,80 @@ def _decode_row_overload(array, r, kind, out):
 
         return impl_bits
     raise TypingError(f"decode_row: unsupported element type {array.dtype}")
+
+
+def decode_span(array, r, start, n, kind, out):
+    """out[:n] = values of row r, columns start..start+n-1 (as decode_row, on a part of the row)."""
+
+
+@overload(decode_span)
+def _decode_span_overload(array, r, start, n, kind, out):
+    # The loops index a view of the span by their own counter (never negative), so there is no
+    # wrap-around test per element and they vectorise.
+    if isinstance(array.dtype, types.Float):
+
+        def impl_float(array, r, start, n, kind, out):
+            span = array[r, start : start + n]
+            for c in range(n):
+                out[c] = np.float64(span[c])
+
+        return impl_float
+    if array.dtype == types.uint16:
+
+        def impl_bits(array, r, start, n, kind, out):
+            span = array[r, start : start + n]
+            if kind == BF16:
+                for c in range(n):
+                    out[c] = bf16_to_f64(span[c])
+            else:
+                for c in range(n):
+                    out[c] = f16_to_f64(span[c])
+
+        return impl_bits
+    raise TypingError(f"decode_span: unsupported element type {array.dtype}")
+
+
+@numba.njit(**INLINE)
+def _float_value(x):
+    """A float element's value as float64."""
+    return np.float64(x)
+
+
+def _span_decoder(dtype):
+    """Per element type, the decoders a span loop picks from by kind: float values as they are;
+    uint16 patterns as bfloat16 (BF16) or float16."""
+    if isinstance(dtype, types.Float):
+        return _float_value, _float_value
+    if dtype == types.uint16:
+        return bf16_to_f64, f16_to_f64
+    raise TypingError(f"decode_difference: unsupported element type {dtype}")
+
+
+def decode_difference(a, a_kind, b, b_kind, r, start, n, out):
+    """out[:n] = row r of a minus row r of b over columns start..start+n-1, each decoded as
+    decode_span does and subtracted in float64 (one pass, no second buffer)."""
+
+
+@overload(decode_difference)
+def _decode_difference_overload(a, a_kind, b, b_kind, r, start, n, out):
+    a_first, a_second = _span_decoder(a.dtype)
+    b_first, b_second = _span_decoder(b.dtype)
+
+    def impl(a, a_kind, b, b_kind, r, start, n, out):
+        x = a[r, start : start + n]
+        y = b[r, start : start + n]
+        # One loop per pair of kinds, each a plain vectorisable map (the kind tests stay outside).
+        if a_kind == BF16 and b_kind == BF16:
+            for c in range(n):
+                out[c] = a_first(x[c]) - b_first(y[c])
+        elif a_kind == BF16:
+            for c in range(n):
+                out[c] = a_first(x[c]) - b_second(y[c])
+        elif b_kind == BF16:
+            for c in range(n):
+                out[c] = a_second(x[c]) - b_first(y[c])
+        else:
+            for c in range(n):
+                out[c] = a_second(x[c]) - b_second(y[c])
+
+    return impl

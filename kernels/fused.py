@@ -16,10 +16,18 @@ along the input axis, per-group zeros and scales, any group index) and bitsandby
 import numba
 import numpy as np
 
-from weightmark.kernels.bits import BF16, F16, FLOAT, decode_row
+from weightmark.kernels.bits import BF16, F16, FLOAT, decode_span
 from weightmark.kernels.config import INLINE, PARALLEL
-from weightmark.kernels.dense import EXTRACT_PARTS
-from weightmark.kernels.prng import chip_of, element_hash, position_of
+from weightmark.kernels.dense import (
+    EXTRACT_PARTS,
+    MAX_CODE_LENGTH,
+    TILE,
+    block_sums,
+    fold_parts,
+    scatter_tile,
+    weigh_tile,
+)
+from weightmark.kernels.prng import counter_of
 from weightmark.kernels.quant import (
     BLOCK_LAYOUTS,
     _q4_0_row,
@@ -30,9 +38,14 @@ from weightmark.kernels.quant import (
     _q5_k_row,
     _q6_k_row,
     _q8_0_row,
+    bnb4_lanes,
+    gptq4_lanes,
 )
 
 __all__ = ["FUSED_GGML", "extract_bnb4", "extract_ggml", "extract_gptq"]
+
+_NO_SCALE = np.float32(0.0)
+_ROW_GROUP = 16  # GPTQ rows whose packed words are copied out together (a 64-byte line of uint32)  # the unused float arguments of the nibble unpackers
 
 # GGML block type -> the number the kernel branches on.
 FUSED_GGML: dict[str, int] = {
@@ -57,41 +70,33 @@ def _row_scale_inverse(row_scale, r):
 
 
 @numba.njit(**INLINE)
-def _accumulate_row(
-    d, r, inv, reference, reference_kind, has_reference, ref, seed, t, num, den, position, weighted, squared
-):
-    """num[t] and den[t] += row r's terms, d holding the suspect's decoded row (as `extract`)."""
+def _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, sums, position, terms):
+    """A block's sums (its [2 L] vector) += row r's terms, d holding the suspect's decoded row
+    (as `extract`: tile by tile, in column order)."""
     cols = d.shape[0]
-    code_length = num.shape[1]
-    base = r * cols
-    if has_reference:
-        decode_row(reference, r, reference_kind, ref)
-        for c in range(cols):
-            d[c] -= ref[c]
-    for c in range(cols):
-        # Zero differences add nothing; non-finite ones are dropped.
-        e = d[c] * inv if np.isfinite(d[c]) else 0.0
-        h = element_hash(seed, base + c)
-        position[c] = position_of(h, code_length)
-        weighted[c] = chip_of(h) * e
-        squared[c] = e * e
-    for c in range(cols):
-        p = position[c]
-        num[t, p] += weighted[c]
-        den[t, p] += squared[c]
+    code_length = np.uint32(sums.shape[0] // 2)
+    for c0 in range(0, cols, TILE):
+        n = min(TILE, cols - c0)
+        tile = d[c0 : c0 + n]
+        if has_reference:
+            decode_span(reference, r, c0, n, reference_kind, ref)
+            for i in range(n):
+                tile[i] -= ref[i]
+        weigh_tile(tile, n, counter_of(seed, r * cols + c0), inv, code_length, position, terms)
+        scatter_tile(n, position, terms, sums)
 
 
 @numba.njit(**PARALLEL)
-def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_reference, row_scale, seed, num, den):
+def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_reference, row_scale, seed, sums):
     rows = row_map.shape[0]
-    threads = num.shape[0]
+    threads = sums.shape[0]
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         d = np.empty(cols)
-        ref = np.empty(cols)
-        weighted = np.empty(cols)
-        squared = np.empty(cols)
-        position = np.empty(cols, dtype=np.int64)
+        ref = np.empty(TILE)
+        terms = np.empty(2 * TILE)
+        position = np.empty(TILE, dtype=np.uint32)
+        part = block_sums(sums, t)
         for r in range(t * chunk, min(rows, (t + 1) * chunk)):
             inv = _row_scale_inverse(row_scale, r)
             if inv == 0.0:
@@ -113,71 +118,121 @@ def _extract_ggml(qtype, raw, row_map, cols, reference, reference_kind, has_refe
                 _q5_k_row(raw, stored, d)
             else:
                 _q6_k_row(raw, stored, d)
-            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, t, num, den,
-                            position, weighted, squared)  # fmt: skip
+            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, part, position, terms)
+
+
+@numba.njit(**INLINE)
+def _gptq_row(qweight, bits, zeros, scales, g_idx, runs, r, words, out):
+    """Row r of a GPTQ weight into out: w[r, i] = (q[i, r] - zero[r, g(i)]) * scale[r, g(i)], each
+    step rounded to float32. 4-bit rows (their words already copied to `words`) go run by run of
+    inputs sharing a group (runs: where g_idx changes, then cols), 32 fields at a time where a
+    run allows; other widths field by field."""
+    cols = out.shape[0]
+    per = 32 // bits
+    if bits != 4:
+        mask = np.uint32((1 << bits) - 1)
+        for w in range(cols // per):
+            word = qweight[w, r]
+            for k in range(per):
+                i = w * per + k
+                g = g_idx[i]
+                q = np.float32((word >> np.uint32(k * bits)) & mask)
+                out[i] = (q - zeros[r, g]) * scales[r, g]
+        return
+    fields = words.view(np.uint8)  # little-endian words: field i is byte i // 2, low nibble first
+    for k in range(runs.shape[0] - 1):
+        first, stop = runs[k], runs[k + 1]
+        g = g_idx[first]
+        zero = zeros[r, g]
+        scale = scales[r, g]
+        vector_stop = first + (stop - first) // 32 * 32 if first % 32 == 0 else first
+        for c in range(first, vector_stop, 32):
+            gptq4_lanes(fields, c // 2, out, c, zero, scale)
+        for c in range(vector_stop, stop):
+            q = np.float32((words[c // 8] >> np.uint32(4 * (c % 8))) & np.uint32(15))
+            out[c] = (q - zero) * scale
 
 
 @numba.njit(**PARALLEL)
-def _extract_gptq(qweight, bits, zeros, scales, g_idx, reference, reference_kind, has_reference, row_scale,
-                  seed, num, den):  # fmt: skip
-    rows, groups = scales.shape
+def _extract_gptq(qweight, bits, zeros, scales, g_idx, runs, reference, reference_kind, has_reference, row_scale,
+                  seed, sums):  # fmt: skip
+    rows = scales.shape[0]
     cols = g_idx.shape[0]
-    per = 32 // bits
-    mask = np.uint32((1 << bits) - 1)
-    threads = num.shape[0]
+    threads = sums.shape[0]
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         d = np.empty(cols)
-        ref = np.empty(cols)
-        weighted = np.empty(cols)
-        squared = np.empty(cols)
-        position = np.empty(cols, dtype=np.int64)
-        for r in range(t * chunk, min(rows, (t + 1) * chunk)):
-            inv = _row_scale_inverse(row_scale, r)
-            if inv == 0.0:
-                continue
-            # w[r, i] = (q[i, r] - zero[r, g(i)]) * scale[r, g(i)], each step rounded to float32
-            for w in range(cols // per):
-                word = qweight[w, r]
-                for k in range(per):
-                    i = w * per + k
-                    g = g_idx[i]
-                    q = np.float32((word >> np.uint32(k * bits)) & mask)
-                    d[i] = (q - zeros[r, g]) * scales[r, g]
-            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, t, num, den,
-                            position, weighted, squared)  # fmt: skip
+        words = np.empty((_ROW_GROUP, qweight.shape[0]), dtype=np.uint32)
+        ref = np.empty(TILE)
+        terms = np.empty(2 * TILE)
+        position = np.empty(TILE, dtype=np.uint32)
+        part = block_sums(sums, t)
+        stop = min(rows, (t + 1) * chunk)
+        for first in range(t * chunk, stop, _ROW_GROUP):
+            group = min(_ROW_GROUP, stop - first)
+            if bits == 4:
+                # qweight is [words, rows]: one cache line holds a word of 16 neighbouring rows, so
+                # a group's words are copied out together (one row at a time, every line was
+                # fetched 16 times, at a stride that defeats the cache).
+                for w in range(qweight.shape[0]):
+                    line = qweight[w, first : first + group]
+                    for k in range(group):
+                        words[k, w] = line[k]
+            for k in range(group):
+                r = first + k
+                inv = _row_scale_inverse(row_scale, r)
+                if inv == 0.0:
+                    continue
+                _gptq_row(qweight, bits, zeros, scales, g_idx, runs, r, words[k], d)
+                _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, part, position,
+                                terms)  # fmt: skip
+
+
+@numba.njit(**INLINE)
+def _bnb4_row(data, code, absmax, blocksize, r, out):
+    """Row r of the flat bitsandbytes tensor into out: flat element j = r * cols + c is
+    code[nibble] * absmax[j // blocksize], its nibble in byte j // 2, high nibble first. Runs of
+    32 that start on a byte and lie in one block are decoded as vectors; the rest one by one."""
+    cols = out.shape[0]
+    start = r * cols
+    full = cols - cols % 32 if start % 2 == 0 else 0
+    for c in range(0, full, 32):
+        j = start + c
+        block = j // blocksize
+        if (j + 31) // blocksize == block:
+            bnb4_lanes(data, j // 2, code, out, c, absmax[block])
+        else:
+            _bnb4_elements(data, code, absmax, blocksize, start, c, c + 32, out)
+    _bnb4_elements(data, code, absmax, blocksize, start, full, cols, out)
+
+
+@numba.njit(**INLINE)
+def _bnb4_elements(data, code, absmax, blocksize, start, first, stop, out):
+    """out[c] for c in first..stop-1, one element at a time (flat element start + c)."""
+    for c in range(first, stop):
+        j = start + c
+        byte = np.int32(data[j >> 1])
+        q = (byte >> 4) if (j & 1) == 0 else (byte & 15)
+        out[c] = code[q] * absmax[j // blocksize]
 
 
 @numba.njit(**PARALLEL)
 def _extract_bnb4(data, code, absmax, blocksize, rows, cols, reference, reference_kind, has_reference,
-                  row_scale, seed, num, den):  # fmt: skip
-    threads = num.shape[0]
+                  row_scale, seed, sums):  # fmt: skip
+    threads = sums.shape[0]
     chunk = (rows + threads - 1) // threads
     for t in numba.prange(threads):
         d = np.empty(cols)
-        ref = np.empty(cols)
-        weighted = np.empty(cols)
-        squared = np.empty(cols)
-        position = np.empty(cols, dtype=np.int64)
+        ref = np.empty(TILE)
+        terms = np.empty(2 * TILE)
+        position = np.empty(TILE, dtype=np.uint32)
+        part = block_sums(sums, t)
         for r in range(t * chunk, min(rows, (t + 1) * chunk)):
             inv = _row_scale_inverse(row_scale, r)
             if inv == 0.0:
                 continue
-            # flat element j = r * cols + c: byte j // 2, high nibble first; block j // blocksize
-            c = 0
-            while c < cols:
-                j = r * cols + c
-                block = j // blocksize
-                stop = min(cols, (block + 1) * blocksize - r * cols)
-                scale = absmax[block]
-                for cc in range(c, stop):
-                    jj = j + cc - c
-                    byte = np.int32(data[jj >> 1])
-                    q = (byte >> 4) if (jj & 1) == 0 else (byte & 15)
-                    d[cc] = code[q] * scale
-                c = stop
-            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, t, num, den,
-                            position, weighted, squared)  # fmt: skip
+            _bnb4_row(data, code, absmax, blocksize, r, d)
+            _accumulate_row(d, r, inv, reference, reference_kind, has_reference, ref, seed, part, position, terms)
 
 
 # ------------------------------------------------------------------------------ checking wrappers
@@ -198,6 +253,8 @@ def _check_common(
         raise ValueError(f"row_scale has shape {row_scale.shape}, carrier has {rows} rows")
     if num.shape != den.shape or num.ndim != 1 or num.dtype != np.float64 or den.dtype != np.float64:
         raise ValueError("num and den must be float64 vectors of the code length")
+    if num.shape[0] > MAX_CODE_LENGTH:
+        raise ValueError(f"code length {num.shape[0]} is above {MAX_CODE_LENGTH} (positions are uint32)")
     if num.shape[0] == 0:
         raise ValueError("num and den must not be empty")
     if reference is None:
@@ -223,15 +280,13 @@ def _run(kernel, args: tuple, rows: int, cols: int, reference: np.ndarray | None
     if rows == 0 or cols == 0:
         return
     parts = max(1, min(EXTRACT_PARTS, rows))
-    part_num = np.zeros((parts, num.shape[0]))
-    part_den = np.zeros((parts, num.shape[0]))
+    sums = np.empty((parts, num.shape[0], 2))
     has_reference = reference is not None
     # Without a reference the kernel is given a dummy of the right type (it is never read).
     ref = reference if has_reference else np.empty((1, 1), dtype=np.float32)
     kernel(*args, ref, reference_kind if has_reference else FLOAT, has_reference, row_scale,
-           np.uint64(seed), part_num, part_den)  # fmt: skip
-    num += part_num.sum(axis=0)
-    den += part_den.sum(axis=0)
+           np.uint64(seed), sums)  # fmt: skip
+    fold_parts(sums, num, den)
 
 
 def extract_ggml(
@@ -309,7 +364,10 @@ def extract_gptq(
     if cols and (int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[1]):
         raise ValueError(f"g_idx points outside the {scales.shape[1]} groups")
     _check_common(rows, cols, reference, reference_kind, row_scale, num, den)
-    args = (qweight, bits, np.ascontiguousarray(zeros), np.ascontiguousarray(scales), g_idx)
+    # Where the group changes along the inputs (plus both ends): runs share a zero and a scale.
+    runs = np.concatenate(([0], np.flatnonzero(np.diff(g_idx)) + 1, [cols])).astype(np.int64)
+    args = (np.ascontiguousarray(qweight), bits, np.ascontiguousarray(zeros), np.ascontiguousarray(scales),
+            np.ascontiguousarray(g_idx), runs)  # fmt: skip
     _run(_extract_gptq, args, rows, cols, reference, reference_kind, row_scale, seed, num, den)
 
 
@@ -340,5 +398,5 @@ def extract_bnb4(
     if blocksize <= 0 or absmax.dtype != np.float32 or absmax.ndim != 1 or absmax.size < -(-numel // blocksize):
         raise ValueError(f"absmax must be float32 with one scale per block of {blocksize}")
     _check_common(rows, cols, reference, reference_kind, row_scale, num, den)
-    args = (data, code, absmax, np.int64(blocksize), np.int64(rows), np.int64(cols))
+    args = (np.ascontiguousarray(data), np.ascontiguousarray(code), absmax, np.int64(blocksize), np.int64(rows), np.int64(cols))
     _run(_extract_bnb4, args, rows, cols, reference, reference_kind, row_scale, seed, num, den)

@@ -14,6 +14,12 @@ against gguf's dequantizer bit for bit.
 
 import numba
 import numpy as np
+from llvmlite import binding, ir
+from numba import types
+from numba.core import cgutils
+from numba.core import config as numba_config
+from numba.core.errors import TypingError
+from numba.extending import intrinsic
 
 from weightmark.kernels.bits import f16_to_f64
 from weightmark.kernels.config import INLINE, PARALLEL
@@ -85,6 +91,150 @@ def _u32(raw, r, offset):
     )
 
 
+# Which 32 nibbles an unpacker takes, in what order: of 16 bytes, GGML's Q4_0/Q4_1 order (byte
+# j's low nibble at element j, its high one at j + 16) or GPTQ's little-endian words (low nibble
+# first); or of 32 bytes, only the low or only the high nibbles (Q4_K).
+SPLIT, LOW_FIRST, LOW_ONLY, HIGH_ONLY = 0, 1, 2, 3
+# What it makes of each nibble q (a, b: float32; the value widened to float64): Q4_0's
+# a * float32(q - 8), Q4_1's a * float32(q) + b, Q4_K's a * float32(q) - b, GPTQ's
+# (float32(q) - a) * b.
+_Q4_0_FORM, _Q4_1_FORM, _Q4_K_FORM, _GPTQ_FORM = 0, 1, 2, 3
+
+
+def _nibble_unpacker(order: int, form: int):
+    """An intrinsic (src, offset, out, at, a, b): 32 nibbles of the bytes at src[offset:], taken
+    and ordered by `order`, made into values by `form` and stored at out[at:at + 32] (in range,
+    unchecked). Written as explicit vector operations: a loop over a block's 16 bytes is fully
+    unrolled by LLVM and then left scalar. Each value takes the same float32 steps as the
+    scalar decoders, so the results are the same bits."""
+
+    @intrinsic
+    def unpack(typingctx, src, offset, out, at, a, b):
+        if not (isinstance(src, types.Array) and src.dtype == types.uint8 and src.ndim == 1 and src.layout == "C"):
+            raise TypingError("a nibble unpacker reads a C-contiguous 1-D uint8 array")
+        if out != types.Array(types.float64, 1, "C") or a != types.float32 or b != types.float32:
+            raise TypingError("a nibble unpacker writes a C-contiguous 1-D float64 array, a and b float32")
+
+        def codegen(context, builder, signature, args):
+            src_arg, offset_arg, out_arg, at_arg, a_arg, b_arg = args
+            i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+            v16, v32 = ir.VectorType(i32, 16), ir.VectorType(i32, 32)
+
+            def address(arg, index_arg, position, element):
+                array = context.make_array(signature.args[position])(context, builder, arg)
+                index = context.cast(builder, index_arg, signature.args[position + 1], types.intp)
+                return builder.bitcast(builder.gep(array.data, [index]), element.as_pointer())
+
+            def splat(value, vector_type):
+                lanes = builder.insert_element(ir.Constant(vector_type, None), value, ir.Constant(i32, 0))
+                return builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(i32, vector_type.count),
+                                                                        [0] * vector_type.count))  # fmt: skip
+
+            if order in (LOW_ONLY, HIGH_ONLY):
+                raw = builder.load(address(src_arg, offset_arg, 0, ir.VectorType(i8, 32)), align=1)
+                wide = builder.zext(raw, v32)
+                if order == LOW_ONLY:
+                    q = builder.and_(wide, ir.Constant(v32, [15] * 32))
+                else:
+                    q = builder.lshr(wide, ir.Constant(v32, [4] * 32))
+            else:
+                raw = builder.load(address(src_arg, offset_arg, 0, ir.VectorType(i8, 16)), align=1)
+                wide = builder.zext(raw, v16)
+                low = builder.and_(wide, ir.Constant(v16, [15] * 16))
+                high = builder.lshr(wide, ir.Constant(v16, [4] * 16))
+                mask = list(range(32)) if order == SPLIT else [k // 2 + (k % 2) * 16 for k in range(32)]
+                q = builder.shuffle_vector(low, high, ir.Constant(v32, mask))
+            v32f = ir.VectorType(f32, 32)
+            if form == _Q4_0_FORM:
+                value = builder.fmul(splat(a_arg, v32f), builder.sitofp(builder.sub(q, ir.Constant(v32, [8] * 32)), v32f))
+            elif form == _GPTQ_FORM:
+                value = builder.fmul(builder.fsub(builder.uitofp(q, v32f), splat(a_arg, v32f)), splat(b_arg, v32f))
+            elif form == _Q4_1_FORM:
+                value = builder.fadd(builder.fmul(splat(a_arg, v32f), builder.uitofp(q, v32f)), splat(b_arg, v32f))
+            else:
+                value = builder.fsub(builder.fmul(splat(a_arg, v32f), builder.uitofp(q, v32f)), splat(b_arg, v32f))
+            wide_value = builder.fpext(value, ir.VectorType(ir.DoubleType(), 32))
+            builder.store(wide_value, address(out_arg, at_arg, 2, wide_value.type), align=8)
+            return context.get_dummy_value()
+
+        return types.void(src, offset, out, at, a, b), codegen
+
+    return unpack
+
+
+# AVX-512's 16-lane permute, where numba targets this very machine (its cache is keyed by the CPU,
+# so code compiled here is not loaded on another) and the machine has it.
+_PERMUTE_16 = (
+    numba_config.CPU_NAME is None
+    and numba_config.CPU_FEATURES is None
+    and bool(binding.get_host_cpu_features().get("avx512f"))
+)
+
+
+@intrinsic
+def bnb4_lanes(typingctx, src, offset, code, out, at, scale):
+    """out[at:at + 32] = code[q] * scale (float32, widened) for the 32 nibbles of the bytes
+    src[offset:offset + 16], high nibble first (bitsandbytes' order), in range, unchecked. The
+    16-entry look-up is one AVX-512 permute per 16 values where numba compiles for this machine
+    and it has AVX-512, else a tree of selects on the nibble's bits (either way it picks, it does
+    not compute), then one float32 multiply per value, as code[q] * scale."""
+    if not (isinstance(src, types.Array) and src.dtype == types.uint8 and src.ndim == 1 and src.layout == "C"):
+        raise TypingError("bnb4_lanes reads a C-contiguous 1-D uint8 array")
+    if not (isinstance(code, types.Array) and code.dtype == types.float32 and code.ndim == 1 and code.layout == "C"):
+        raise TypingError("bnb4_lanes takes the code book as a C-contiguous float32 array of 16")
+    if out != types.Array(types.float64, 1, "C") or scale != types.float32:
+        raise TypingError("bnb4_lanes writes a C-contiguous float64 array and takes a float32 scale")
+
+    def codegen(context, builder, signature, args):
+        src_arg, offset_arg, code_arg, out_arg, at_arg, scale_arg = args
+        i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+        v16, v32, v32f = ir.VectorType(i32, 16), ir.VectorType(i32, 32), ir.VectorType(f32, 32)
+
+        def address(arg, position, index_arg, index_position, element):
+            array = context.make_array(signature.args[position])(context, builder, arg)
+            index = context.cast(builder, index_arg, signature.args[index_position], types.intp)
+            return builder.bitcast(builder.gep(array.data, [index]), element.as_pointer())
+
+        raw = builder.load(address(src_arg, 0, offset_arg, 1, ir.VectorType(i8, 16)), align=1)
+        wide = builder.zext(raw, v16)
+        low = builder.and_(wide, ir.Constant(v16, [15] * 16))
+        high = builder.lshr(wide, ir.Constant(v16, [4] * 16))
+        q = builder.shuffle_vector(high, low, ir.Constant(v32, [k // 2 + (k % 2) * 16 for k in range(32)]))
+        book = context.make_array(signature.args[2])(context, builder, code_arg).data
+        table = builder.load(builder.bitcast(book, ir.VectorType(f32, 16).as_pointer()), align=4)
+        if _PERMUTE_16:
+            # one vpermps per 16 lanes
+            v16f = ir.VectorType(f32, 16)
+            permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16]),
+                                                     "llvm.x86.avx512.permvar.sf.512")  # fmt: skip
+            halves = [builder.call(permute, [table, builder.shuffle_vector(q, q, ir.Constant(v16, list(range(h, h + 16))))])
+                      for h in (0, 16)]  # fmt: skip
+            looked_up = builder.shuffle_vector(halves[0], halves[1], ir.Constant(v32, list(range(32))))
+        else:
+            candidates = [builder.shuffle_vector(table, table, ir.Constant(v32, [k] * 32)) for k in range(16)]
+            for bit in range(4):
+                taken = builder.icmp_unsigned("!=", builder.and_(q, ir.Constant(v32, [1 << bit] * 32)),
+                                              ir.Constant(v32, [0] * 32))  # fmt: skip
+                candidates = [builder.select(taken, candidates[2 * k + 1], candidates[2 * k])
+                              for k in range(len(candidates) // 2)]  # fmt: skip
+            looked_up = candidates[0]
+        lanes = builder.insert_element(ir.Constant(v32f, None), scale_arg, ir.Constant(i32, 0))
+        scales = builder.shuffle_vector(lanes, lanes, ir.Constant(v32, [0] * 32))
+        value = builder.fpext(builder.fmul(looked_up, scales), ir.VectorType(ir.DoubleType(), 32))
+        builder.store(value, address(out_arg, 3, at_arg, 4, value.type), align=8)
+        return context.get_dummy_value()
+
+    return types.void(src, offset, code, out, at, scale), codegen
+
+
+_q4_0_block = _nibble_unpacker(SPLIT, _Q4_0_FORM)
+_q4_1_block = _nibble_unpacker(SPLIT, _Q4_1_FORM)
+_q4_k_low = _nibble_unpacker(LOW_ONLY, _Q4_K_FORM)
+_q4_k_high = _nibble_unpacker(HIGH_ONLY, _Q4_K_FORM)
+gptq4_lanes = _nibble_unpacker(LOW_FIRST, _GPTQ_FORM)
+_NO_OFFSET = np.float32(0.0)
+
+
 @numba.njit(**INLINE)
 def _q8_0_row(raw, r, out):
     """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
@@ -112,15 +262,9 @@ def _q8_0(raw, out):
 @numba.njit(**INLINE)
 def _q4_0_row(raw, r, out):
     """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
-    cols = out.shape[0]
-    for b in range(cols // 32):
-        o = b * 18
-        d = _f16(raw, r, o)
-        base = b * 32
-        for j in range(16):
-            q = np.int32(raw[r, o + 2 + j])
-            out[base + j] = d * np.float32((q & 15) - 8)
-            out[base + j + 16] = d * np.float32((q >> 4) - 8)
+    row = raw[r]
+    for b in range(out.shape[0] // 32):
+        _q4_0_block(row, b * 18 + 2, out, b * 32, _f16(raw, r, b * 18), _NO_OFFSET)
 
 
 @numba.njit(**PARALLEL)
@@ -140,16 +284,9 @@ def _q4_0(raw, out):
 @numba.njit(**INLINE)
 def _q4_1_row(raw, r, out):
     """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
-    cols = out.shape[0]
-    for b in range(cols // 32):
-        o = b * 20
-        d = _f16(raw, r, o)
-        m = _f16(raw, r, o + 2)
-        base = b * 32
-        for j in range(16):
-            q = np.int32(raw[r, o + 4 + j])
-            out[base + j] = d * np.float32(q & 15) + m
-            out[base + j + 16] = d * np.float32(q >> 4) + m
+    row = raw[r]
+    for b in range(out.shape[0] // 32):
+        _q4_1_block(row, b * 20 + 4, out, b * 32, _f16(raw, r, b * 20), _f16(raw, r, b * 20 + 2))
 
 
 @numba.njit(**PARALLEL)
@@ -253,25 +390,17 @@ def _scale_min_k4(raw, r, offset, j):
 @numba.njit(**INLINE)
 def _q4_k_row(raw, r, out):
     """Row r of raw into the 1-D out (the fused kernels' decoder; the same float32 steps)."""
-    cols = out.shape[0]
-    for b in range(cols // QK_K):
+    row = raw[r]
+    for b in range(out.shape[0] // QK_K):
         o = b * 144
         d = _f16(raw, r, o)
         dmin = _f16(raw, r, o + 2)
-        qs = o + 16
-        base = b * QK_K
         for c in range(4):  # 64 elements per chunk: 32 low nibbles, then 32 high nibbles
             sc1, m1 = _scale_min_k4(raw, r, o + 4, 2 * c)
             sc2, m2 = _scale_min_k4(raw, r, o + 4, 2 * c + 1)
-            d1 = d * sc1
-            d2 = d * sc2
-            min1 = dmin * m1
-            min2 = dmin * m2
-            y = base + 64 * c
-            for j in range(32):
-                q = np.int32(raw[r, qs + 32 * c + j])
-                out[y + j] = d1 * np.float32(q & 15) - min1
-                out[y + 32 + j] = d2 * np.float32(q >> 4) - min2
+            y = b * QK_K + 64 * c
+            _q4_k_low(row, o + 16 + 32 * c, out, y, d * sc1, dmin * m1)
+            _q4_k_high(row, o + 16 + 32 * c, out, y + 32, d * sc2, dmin * m2)
 
 
 @numba.njit(**PARALLEL)
