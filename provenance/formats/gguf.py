@@ -23,8 +23,11 @@ from weightmark.kernels.quant import BLOCK_LAYOUTS, dequantize
 from weightmark.moe import is_fused_experts, split_fused_experts
 
 from ..errors import FormatError, InputFileError
-from ..fsutil import fsync_dir, remove_path
+from ..fsutil import fsync_dir, remove_path, start_writeback
 from .base import TensorMeta
+
+# Tensors at least this large start their writeback as soon as they are written.
+_WRITEBACK_BYTES = 4 << 20
 
 __all__ = [
     "ROPE_PERMUTED_ARCHS",
@@ -969,6 +972,9 @@ def write_gguf(
             infos.append(_tensor_info_bytes(gguf_name, shape, int(ggml), offset))
             fh.write(memoryview(np.ascontiguousarray(data)).cast("B"))
             fh.write(bytes(_pad(data.nbytes, alignment)))
+            if data.nbytes >= _WRITEBACK_BYTES:  # to disk while the next tensor is encoded
+                fh.flush()
+                start_writeback(fh.fileno(), data_start + offset, data.nbytes)
             del array, data
         block = b"".join(infos)
         if len(block) != infos_end - infos_at:  # cannot happen: names and ranks are unchanged
