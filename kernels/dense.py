@@ -329,13 +329,12 @@ def fold_parts(sums: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
         _fold_columns(sums, num, den)
 
 
-# Extraction keeps code positions as uint32s (found by a 32 x 32-bit multiply-high).
+# Embed and extract find code positions by a 32 x 32-bit multiply-high (prng.short_position_of),
+# and extraction keeps them as uint32s.
 MAX_CODE_LENGTH = 2**32 - 1
 # Row blocks of extract's partial sums (per-block buffers are L float64s each).
 EXTRACT_PARTS = 64
 _GRID_DTYPE = np.dtype(np.uint16)
-# The embed kernels take the code position as a 32 x 32-bit product (prng.short_position_of).
-_MAX_CODE_LENGTH = 2**32 - 1
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -354,14 +353,23 @@ def _check_carrier(name: str, array: np.ndarray, kind: int) -> None:
         raise ValueError(f"{name}: unknown kind {kind}")
 
 
+def check_sums(num: np.ndarray, den: np.ndarray) -> None:
+    """num and den, which extraction adds into: float64 vectors of one code length, at most
+    MAX_CODE_LENGTH."""
+    if num.shape != den.shape or num.ndim != 1 or num.dtype != np.float64 or den.dtype != np.float64:
+        raise ValueError("num and den must be float64 vectors of the code length")
+    if num.shape[0] > MAX_CODE_LENGTH:
+        raise ValueError(f"code length {num.shape[0]} is above {MAX_CODE_LENGTH} (positions are uint32)")
+
+
 def _check_scale_and_code(rows: int, row_scale: np.ndarray, codeword: np.ndarray | None) -> None:
     if row_scale.shape != (rows,):
         raise ValueError(f"row_scale has shape {row_scale.shape}, carrier has {rows} rows")
     if codeword is not None:
         if codeword.ndim != 1 or codeword.size == 0 or codeword.dtype != np.int8:
             raise ValueError("codeword must be a non-empty 1-D int8 array of +-1")
-        if codeword.size > _MAX_CODE_LENGTH:
-            raise ValueError(f"codeword of {codeword.size} entries: at most {_MAX_CODE_LENGTH}")
+        if codeword.size > MAX_CODE_LENGTH:
+            raise ValueError(f"codeword of {codeword.size} entries: at most {MAX_CODE_LENGTH}")
 
 
 def embed(
@@ -419,10 +427,7 @@ def extract(
         _check_carrier("reference", reference, reference_kind)
         if reference.shape != suspect.shape:
             raise ValueError(f"reference shape {reference.shape} != suspect shape {suspect.shape}")
-    if num.shape != den.shape or num.ndim != 1 or num.dtype != np.float64 or den.dtype != np.float64:
-        raise ValueError("num and den must be float64 vectors of the code length")
-    if num.shape[0] > MAX_CODE_LENGTH:
-        raise ValueError(f"code length {num.shape[0]} is above {MAX_CODE_LENGTH} (positions are uint32)")
+    check_sums(num, den)
     if suspect.size == 0:
         return
     # A fixed number of row blocks whatever the thread count: the sums are then bit-identical

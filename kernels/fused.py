@@ -20,9 +20,9 @@ from weightmark.kernels.bits import BF16, F16, FLOAT, decode_span
 from weightmark.kernels.config import INLINE, PARALLEL
 from weightmark.kernels.dense import (
     EXTRACT_PARTS,
-    MAX_CODE_LENGTH,
     TILE,
     block_sums,
+    check_sums,
     fold_parts,
     scatter_tile,
     weigh_tile,
@@ -251,10 +251,7 @@ def _check_common(
 ) -> None:
     if row_scale.shape != (rows,):
         raise ValueError(f"row_scale has shape {row_scale.shape}, carrier has {rows} rows")
-    if num.shape != den.shape or num.ndim != 1 or num.dtype != np.float64 or den.dtype != np.float64:
-        raise ValueError("num and den must be float64 vectors of the code length")
-    if num.shape[0] > MAX_CODE_LENGTH:
-        raise ValueError(f"code length {num.shape[0]} is above {MAX_CODE_LENGTH} (positions are uint32)")
+    check_sums(num, den)
     if num.shape[0] == 0:
         raise ValueError("num and den must not be empty")
     if reference is None:
