@@ -153,3 +153,29 @@ def test_passphrase_protected_keys(tmp_path: Path) -> None:
     assert missing.returncode == 4 and "WEIGHTMARK_PASSPHRASE" in missing.stderr
     again = run_cli("init", "--home", str(home), env=secret)
     assert again.returncode == 4 and "already exist" in again.stderr
+
+
+def test_the_command_line_process_freezes_its_objects_but_a_caller_of_main_keeps_its_collector() -> None:
+    """As the process's own command (no argv) main leaves its objects out of the collections
+    of the interpreter's exit; called with argv from a longer-lived program it changes nothing."""
+    import gc
+    import subprocess
+    import sys
+
+    from weightmark.cli import main
+
+    code = ("import atexit, gc, sys\n"
+            "atexit.register(lambda: print(gc.get_freeze_count(), file=sys.stderr))\n"
+            "sys.argv = ['weightmark', '--version']\n"
+            "from weightmark.cli import main\n"
+            "main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("weightmark ")
+    assert int(r.stderr.strip().splitlines()[-1]) > 10_000  # typer's and weightmark's objects
+
+    before = gc.get_freeze_count()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code in (0, None)
+    assert gc.get_freeze_count() == before
