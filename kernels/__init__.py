@@ -7,8 +7,9 @@ numba's on-disk cache, on import (config.check_cache).
 
 from pathlib import Path
 
-from weightmark.kernels import dense as _dense
-from weightmark.kernels.config import check_cache
+# First: config sets numba's options (threads' wait policy, vector width) before numba is used.
+from weightmark.kernels.config import check_cache  # isort: skip
+from weightmark.kernels import dense as _dense  # isort: skip
 from weightmark.kernels.dense import (
     BF16,
     F16,

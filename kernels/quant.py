@@ -14,15 +14,14 @@ against gguf's dequantizer bit for bit.
 
 import numba
 import numpy as np
-from llvmlite import binding, ir
+from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.core import config as numba_config
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 from weightmark.kernels.bits import f16_to_f64
-from weightmark.kernels.config import INLINE, PARALLEL
+from weightmark.kernels.config import INLINE, PARALLEL, targets_host_with
 
 __all__ = ["BLOCK_LAYOUTS", "IQ4_NL_VALUES", "QUANTIZED", "dequantize"]
 
@@ -162,13 +161,8 @@ def _nibble_unpacker(order: int, form: int):
     return unpack
 
 
-# AVX-512's 16-lane permute, where numba targets this very machine (its cache is keyed by the CPU,
-# so code compiled here is not loaded on another) and the machine has it.
-_PERMUTE_16 = (
-    numba_config.CPU_NAME is None
-    and numba_config.CPU_FEATURES is None
-    and bool(binding.get_host_cpu_features().get("avx512f"))
-)
+# AVX-512's 16-lane permute, where numba targets this very machine and the machine has it.
+_PERMUTE_16 = targets_host_with("avx512f")
 
 
 @intrinsic
