@@ -16,7 +16,6 @@ CACHE = os.environ.get("WEIGHTMARK_NUMBA_CACHE", "1") != "0"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-
 def _wide_vectors() -> None:
     """On a CPU with AVX-512, let LLVM vectorise the kernels' loops 512 bits wide.
 
@@ -26,8 +25,8 @@ def _wide_vectors() -> None:
     F16 1.5x faster with the preference off (benchmarks/bench_kernels.py). Only the choice of
     vector width changes: each lane does the same integer and IEEE operations, so every output
     bit is the same. Numba reads NUMBA_CPU_FEATURES when it builds its code generator, so this
-    runs before any kernel; a user's own NUMBA_CPU_NAME, NUMBA_CPU_FEATURES or
-    NUMBA_ENABLE_AVX=0 is kept, and WEIGHTMARK_WIDE_VECTORS=0 turns it off.
+    runs before any kernel. Where the user set NUMBA_CPU_NAME, NUMBA_CPU_FEATURES or
+    NUMBA_ENABLE_AVX, numba's choice stands; WEIGHTMARK_WIDE_VECTORS=0 turns this off.
     """
     if os.environ.get("WEIGHTMARK_WIDE_VECTORS", "1") == "0" or any(
         name in os.environ for name in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "NUMBA_ENABLE_AVX")
@@ -63,6 +62,7 @@ def targets_host_with(feature: str) -> bool:
     import llvmlite.binding as llvm
 
     return bool(llvm.get_host_cpu_features().get(feature))
+
 
 SERIAL = dict(nogil=True, cache=CACHE)
 PARALLEL = dict(nogil=True, cache=CACHE, parallel=True)
