@@ -40,8 +40,8 @@ _PROBE = """
 import json, sys
 if sys.argv[1] == "numba-first":
     import numba
-import numba, numpy as np
 import weightmark.kernels
+import numba, numpy as np
 from numba.core import config
 
 @numba.njit(cache=False)
