@@ -84,6 +84,6 @@ def init(
             raise UsageError("the passphrase must have at least 8 characters")
     if registry is not None:
         check_url(registry)  # before any key is made
-    lab = Lab.init(home, passphrase, registry)
-    info(f"Lab home ready at {lab.home} (key id {lab.keys.key_id}).")
-    typer.echo(safe(lab.home))
+    with Lab.init(home, passphrase, registry) as lab:
+        info(f"Lab home ready at {lab.home} (key id {lab.keys.key_id}).")
+        typer.echo(safe(lab.home))
