@@ -113,15 +113,17 @@ def main(argv: list[str] | None = None) -> None:
 
     Without `argv` (the console script, `python -m weightmark`) the command is the process's
     only work, and what it has built is frozen out of the garbage collector twice: once its
-    modules are imported (the command's collections then skip them), and on the way out (the
-    interpreter's exit would otherwise walk numba's object graph in several full collections,
-    about 0.1 s of every command that ran a kernel). Nothing needs a collection at exit: files
-    are closed and synced by the `with` blocks that wrote them.
+    modules are imported (the command's collections then skip them), and on the way out, after
+    one collection of what the command built, so that every cycle it left is finalized as the
+    exit would (a connection closed, a file flushed). The exit itself would otherwise walk
+    numba's object graph in several full collections: 0.1 s of every command that ran a kernel,
+    against 0.03 s for the one collection.
     """
     try:
         _run(argv, freeze=argv is None)
     finally:
         if argv is None:
+            gc.collect()
             gc.freeze()
 
 

@@ -179,3 +179,26 @@ def test_the_command_line_process_freezes_its_objects_but_a_caller_of_main_keeps
         main(["--version"])
     assert exit_info.value.code in (0, None)
     assert gc.get_freeze_count() == before
+
+
+def test_cycles_a_command_leaves_are_finalized_before_the_process_freezes_its_objects() -> None:
+    """What a command drops in a reference cycle (say a registry connection) is still finalized
+    at exit, as the interpreter's own collections would have done before the freeze."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import weightmark.cli.app as cli_app\n"
+            "class Held:\n"
+            "    def __del__(self):\n"
+            "        print('finalized', file=sys.stderr)\n"
+            "@cli_app.app.command('cycle-probe')\n"
+            "def probe() -> None:\n"
+            "    held = Held()\n"
+            "    held.me = held\n"
+            "sys.argv = ['weightmark', 'cycle-probe']\n"
+            "from weightmark.cli import main\n"
+            "main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "finalized" in r.stderr
