@@ -120,14 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     against 0.03 s for the one collection.
     """
     try:
-        _run(argv, freeze=argv is None)
+        _run(argv)
     finally:
         if argv is None:
             gc.collect()
             gc.freeze()
 
 
-def _run(argv: list[str] | None, freeze: bool) -> None:
+def _run(argv: list[str] | None) -> None:
     import typer
 
     try:  # typer vendors click from 0.2x on; older releases use click itself
@@ -139,7 +139,7 @@ def _run(argv: list[str] | None, freeze: bool) -> None:
     from weightmark.cli.common import Settings
     from weightmark.errors import RegistryError, WeightmarkError
 
-    if freeze:
+    if argv is None:  # the process's own command: see main
         gc.freeze()
 
     args = _quiet_first(sys.argv[1:] if argv is None else list(argv))

@@ -34,40 +34,26 @@ def u32_as_f32(typingctx, bits):
     return types.float32(bits), codegen
 
 
-@intrinsic
-def f32_as_u32(typingctx, value):
-    """Reinterpret a float32 as uint32 (no conversion)."""
-    if value != types.float32:
-        raise TypingError("f32_as_u32 takes a float32")
+def _bitcast(source, target, name):
+    """An intrinsic `name`(value) reinterpreting a `source` value as `target` (same width, no
+    conversion)."""
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+    def cast(typingctx, value):
+        if value != source:
+            raise TypingError(f"{name} takes a {source}")
 
-    return types.uint32(types.float32), codegen
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(target))
 
+        return target(source), codegen
 
-@intrinsic
-def f64_as_u64(typingctx, value):
-    """Reinterpret a float64 as uint64 (no conversion)."""
-    if value != types.float64:
-        raise TypingError("f64_as_u64 takes a float64")
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.uint64))
-
-    return types.uint64(types.float64), codegen
+    cast.__name__ = cast.__qualname__ = name
+    return intrinsic(cast)
 
 
-@intrinsic
-def u64_as_f64(typingctx, bits):
-    """Reinterpret a uint64 as float64 (no conversion)."""
-    if bits != types.uint64:
-        raise TypingError("u64_as_f64 takes a uint64")
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float64))
-
-    return types.float64(types.uint64), codegen
+f32_as_u32 = _bitcast(types.float32, types.uint32, "f32_as_u32")
+f64_as_u64 = _bitcast(types.float64, types.uint64, "f64_as_u64")
+u64_as_f64 = _bitcast(types.uint64, types.float64, "u64_as_f64")
 
 
 _SIGN16 = np.uint16(0x8000)

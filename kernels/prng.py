@@ -32,18 +32,16 @@ def mix64(z):
 
 
 @numba.njit(**INLINE)
-def element_hash(seed, j):
-    """Keyed 64-bit hash of element j (flat index in the canonical [out, in] view)."""
-    return mix64(seed + (np.uint64(j) + _ONE) * GOLDEN)
+def counter_of(seed, j):
+    """The mix64 input of element j (element_hash is its mix64). Element j + 1's counter is
+    element j's plus GOLDEN, so a row's hashes need no multiply."""
+    return seed + (np.uint64(j) + _ONE) * GOLDEN
 
 
 @numba.njit(**INLINE)
-def counter_of(seed, j):
-    """The mix64 input of element j: element_hash(seed, j) == mix64(counter_of(seed, j)).
-
-    Element j + 1's counter is element j's plus GOLDEN, so a row's hashes need no multiply.
-    """
-    return seed + (np.uint64(j) + _ONE) * GOLDEN
+def element_hash(seed, j):
+    """Keyed 64-bit hash of element j (flat index in the canonical [out, in] view)."""
+    return mix64(counter_of(seed, j))
 
 
 @numba.njit(**INLINE)
@@ -83,7 +81,7 @@ def short_position_of(h, code_length):
 @numba.njit(**INLINE)
 def uniform_of(h):
     """Uniform in [0, 1) from bits 32..62, independent of the chip and position bits."""
-    return np.float64((h >> _S32) & _LOW31) * _U_SCALE
+    return np.float64(draw_of(h)) * _U_SCALE
 
 
 @numba.njit(**INLINE)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,22 +157,25 @@ def test_passphrase_protected_keys(tmp_path: Path) -> None:
     assert again.returncode == 4 and "already exist" in again.stderr
 
 
+def _main_as_the_process(setup: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """A fresh interpreter that runs `setup` (Python source), then main() with no argv, as the
+    console script does, on `weightmark ARGS`."""
+    code = f"{setup}\nimport sys\nsys.argv = ['weightmark', *{list(args)!r}]\nfrom weightmark.cli import main\nmain()\n"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return run
+
+
 def test_the_command_line_process_freezes_its_objects_but_a_caller_of_main_keeps_its_collector() -> None:
     """As the process's own command (no argv) main leaves its objects out of the collections
     of the interpreter's exit; called with argv from a longer-lived program it changes nothing."""
     import gc
-    import subprocess
-    import sys
 
     from weightmark.cli import main
 
-    code = ("import atexit, gc, sys\n"
-            "atexit.register(lambda: print(gc.get_freeze_count(), file=sys.stderr))\n"
-            "sys.argv = ['weightmark', '--version']\n"
-            "from weightmark.cli import main\n"
-            "main()\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = _main_as_the_process("import atexit, gc, sys\n"
+                             "atexit.register(lambda: print(gc.get_freeze_count(), file=sys.stderr))",
+                             "--version")
     assert r.stdout.startswith("weightmark ")
     assert int(r.stderr.strip().splitlines()[-1]) > 10_000  # typer's and weightmark's objects
 
@@ -184,21 +189,14 @@ def test_the_command_line_process_freezes_its_objects_but_a_caller_of_main_keeps
 def test_cycles_a_command_leaves_are_finalized_before_the_process_freezes_its_objects() -> None:
     """What a command drops in a reference cycle (say a registry connection) is still finalized
     at exit, as the interpreter's own collections would have done before the freeze."""
-    import subprocess
-    import sys
-
-    code = ("import sys\n"
-            "import weightmark.cli.app as cli_app\n"
-            "class Held:\n"
-            "    def __del__(self):\n"
-            "        print('finalized', file=sys.stderr)\n"
-            "@cli_app.app.command('cycle-probe')\n"
-            "def probe() -> None:\n"
-            "    held = Held()\n"
-            "    held.me = held\n"
-            "sys.argv = ['weightmark', 'cycle-probe']\n"
-            "from weightmark.cli import main\n"
-            "main()\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = _main_as_the_process("import sys\n"
+                             "import weightmark.cli.app as cli_app\n"
+                             "class Held:\n"
+                             "    def __del__(self):\n"
+                             "        print('finalized', file=sys.stderr)\n"
+                             "@cli_app.app.command('cycle-probe')\n"
+                             "def probe() -> None:\n"
+                             "    held = Held()\n"
+                             "    held.me = held",
+                             "cycle-probe")
     assert "finalized" in r.stderr

@@ -922,7 +922,6 @@ def _fsync_path(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-
 def write_like(
     src: Checkpoint,
     staging: pathlib.Path,
